@@ -1,0 +1,6 @@
+"""Pure-functional decoder models: configs, parameter trees, forward pass, generation, loading."""
+
+from refusal_jax.models.config import FAMILIES, ModelConfig, UnsupportedModelError
+from refusal_jax.models.core import ForwardOutput, KVCache, forward
+from refusal_jax.models.generate import Generation, Sampling, generate
+from refusal_jax.models.params import LayerParams, Params, abstract_params, init_params

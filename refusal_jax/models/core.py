@@ -1,0 +1,236 @@
+"""The shared decoder forward pass: a pure function of (params, tokens, intervention).
+
+Conventions fixed here once:
+- Batches are left padded: `tokens` [B, T] int32 with `valid` [B, T] bool (False at padding).
+  Each row's positions are `cumsum(valid) - 1` (continuing from the KV cache when one is given);
+  padding has position -1 and is never attended to.
+- Layers are stacked and scanned (`lax.scan`), so compile time does not grow with depth. Per-layer
+  differences (Gemma2's alternating sliding windows) are arrays scanned with the weights.
+- Interventions (see `refusal_jax.interventions`) are pytrees whose leaves have a leading layer
+  axis; they are scanned with the weights and called at the sites `resid_pre` (block input),
+  `attn_out`, `mlp_out` and `resid_post` of every layer. Their values are traced arrays, so
+  changing them never recompiles, and `jax.vmap` over them evaluates many at once.
+- Captures are the block inputs (`resid_pre`, after any intervention at that site) of every
+  layer at the requested token indices: [B, P, L, D].
+- Norms, attention softmax and logits are computed in float32; matmuls run in the params' dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+from refusal_jax.interventions import SiteContext
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.params import LayerParams, Params
+
+_MASKED = -1e30  # finite, so fully padded query rows stay NaN-free
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Rotated keys and values of every layer, filled left to right.
+
+    keys, values: [L, B, S, K, head_dim]; positions: [B, S] position of each slot's token
+    (-1 for empty slots and padding); next_position: [B] position of the next token of each row;
+    length: number of filled slots (the same for every row, since batches are left padded).
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    next_position: jax.Array
+    length: jax.Array
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                   positions=jnp.full((batch, max_len), -1, jnp.int32),
+                   next_position=jnp.zeros((batch,), jnp.int32),
+                   length=jnp.zeros((), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ForwardOutput:
+    logits: jax.Array | None  # [B, T, V] float32, or [B, V] with logits="last"
+    captures: jax.Array | None  # [B, P, L, D] resid_pre at capture_positions
+    cache: KVCache | None
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, config: ModelConfig) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + config.norm_eps)
+    if config.norm_weight_offset:  # Gemma: scale by (1 + w) in float32, then cast
+        return (normed * (config.norm_weight_offset + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight * normed.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, HF's rotate-half layout. x: [B, T, N, head_dim]; positions: [B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, head_dim / 2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention(q, k, v, q_positions, k_positions, window, config: ModelConfig) -> jax.Array:
+    """Grouped-query attention over keys selected by position (causal, valid, in window).
+
+    q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; q_positions [B, T], k_positions [B, S] (-1 = empty);
+    window: scalar int, 0 for global attention. Returns [B, T, H * Dh].
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * config.attention_scale
+    if config.attn_softcap is not None:
+        scores = jnp.tanh(scores / config.attn_softcap) * config.attn_softcap
+    qp, kp = q_positions[:, :, None], k_positions[:, None, :]  # [B, T, 1], [B, 1, S]
+    allowed = (kp >= 0) & (kp <= qp) & ((window == 0) | (qp - kp < window))
+    scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H * Dh)
+
+
+def _activation(x: jax.Array, config: ModelConfig) -> jax.Array:
+    if config.activation == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.silu(x)
+
+
+def _project(x, weight, bias=None):
+    y = x @ weight
+    return y if bias is None else y + bias
+
+
+def _apply(intervention, site: str, x: jax.Array, ctx: SiteContext) -> jax.Array:
+    return x if intervention is None else intervention.apply(site, x, ctx)
+
+
+def decoder_block(x: jax.Array, w: LayerParams, window: jax.Array, intervention: Any,
+                  ctx: SiteContext, k_cache: jax.Array | None, v_cache: jax.Array | None,
+                  cache_positions: jax.Array, cache_start: jax.Array, config: ModelConfig):
+    """One pre-norm decoder block. Returns (resid_post, resid_pre, new k cache, new v cache).
+
+    Without a cache, `k_cache`/`v_cache` are None and the block attends within `x` itself.
+    """
+    x = _apply(intervention, "resid_pre", x, ctx)
+    resid_pre = x
+    B, T, _ = x.shape
+    inv_freq = jnp.asarray(config.rope_inverse_frequencies())
+    h = rms_norm(x, w.attn_norm, config)
+    q = _project(h, w.q_proj, w.q_bias).reshape(B, T, config.n_heads, config.head_dim)
+    k = _project(h, w.k_proj, w.k_bias).reshape(B, T, config.n_kv_heads, config.head_dim)
+    v = _project(h, w.v_proj, w.v_bias).reshape(B, T, config.n_kv_heads, config.head_dim)
+    q = apply_rope(q, ctx.positions, inv_freq)
+    k = apply_rope(k, ctx.positions, inv_freq)
+    if k_cache is not None:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
+                                               (0, cache_start, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
+                                               (0, cache_start, 0, 0))
+        k, v = k_cache, v_cache
+    attn = attention(q, k, v, ctx.positions, cache_positions, window, config) @ w.o_proj
+    if config.post_norms:
+        attn = rms_norm(attn, w.post_attn_norm, config)
+    attn = _apply(intervention, "attn_out", attn, ctx)
+    x = x + attn
+    h = rms_norm(x, w.mlp_norm, config)
+    mlp = (_activation(h @ w.gate_proj, config) * (h @ w.up_proj)) @ w.down_proj
+    if config.post_norms:
+        mlp = rms_norm(mlp, w.post_mlp_norm, config)
+    mlp = _apply(intervention, "mlp_out", mlp, ctx)
+    x = _apply(intervention, "resid_post", x + mlp, ctx)
+    return x, resid_pre, k_cache, v_cache
+
+
+def embed_tokens(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.Array:
+    x = params.embed[tokens]
+    if config.scale_embeddings:  # Gemma; HF rounds the scale to the activation dtype
+        x = x * jnp.asarray(config.d_model**0.5, dtype=x.dtype)
+    return x
+
+
+def unembed(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
+    """Final norm and LM head; float32 logits."""
+    x = rms_norm(x, params.final_norm, config)
+    head = params.embed.T if params.lm_head is None else params.lm_head
+    logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+    if config.final_softcap is not None:
+        logits = jnp.tanh(logits / config.final_softcap) * config.final_softcap
+    return logits
+
+
+def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
+            intervention: Any = None, capture_positions: jax.Array | None = None,
+            cache: KVCache | None = None,
+            logits: Literal["all", "last", "none"] = "all") -> ForwardOutput:
+    """Runs the decoder on a left-padded batch.
+
+    Args:
+      tokens, valid: [B, T] token ids and non-padding mask (see module docstring).
+      intervention: None, or an intervention pytree with a leading layer axis on every leaf.
+      capture_positions: optional [B, P] token indices whose block inputs are returned.
+      cache: optional KV cache; the new tokens are written after its `length` filled slots.
+      logits: "all" positions, only the "last" one (what generation needs), or "none".
+    """
+    B, T = tokens.shape
+    if cache is None and T > config.max_context:
+        raise ValueError(f"sequence of {T} tokens exceeds the model's context of "
+                         f"{config.max_context}; shorten the prompts or raise max_context")
+    valid = valid.astype(bool)
+    start = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_position
+    positions = jnp.where(valid, start[:, None] + jnp.cumsum(valid, axis=1) - 1, -1)
+    ctx = SiteContext(positions=positions.astype(jnp.int32), valid=valid)
+    if cache is None:
+        cache_positions, cache_start = ctx.positions, jnp.zeros((), jnp.int32)
+        k_all = v_all = None
+    else:
+        cache_start = cache.length
+        cache_positions = jax.lax.dynamic_update_slice(cache.positions, ctx.positions,
+                                                       (0, cache_start))
+        k_all, v_all = cache.keys, cache.values
+    windows = jnp.asarray(config.layer_windows())
+
+    def layer(carry, xs):
+        x, k_all, v_all, index = carry
+        w, window, iv = xs
+        k_l = None if k_all is None else k_all[index]
+        v_l = None if v_all is None else v_all[index]
+        x, resid_pre, k_l, v_l = decoder_block(x, w, window, iv, ctx, k_l, v_l, cache_positions,
+                                               cache_start, config)
+        if k_all is not None:
+            k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, index, 0)
+            v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, index, 0)
+        captured = None
+        if capture_positions is not None:
+            captured = jnp.take_along_axis(resid_pre, capture_positions[:, :, None], axis=1)
+        return (x, k_all, v_all, index + 1), captured
+
+    x = embed_tokens(params, tokens, config)
+    (x, k_all, v_all, _), captures = jax.lax.scan(
+        layer, (x, k_all, v_all, jnp.zeros((), jnp.int32)),
+        (params.layers, windows, intervention))
+    if captures is not None:
+        captures = jnp.moveaxis(captures, 0, 2)  # [L, B, P, D] -> [B, P, L, D]
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(keys=k_all, values=v_all, positions=cache_positions,
+                            next_position=start + jnp.sum(valid, axis=1, dtype=jnp.int32),
+                            length=cache.length + T)
+    out_logits = None
+    if logits == "all":
+        out_logits = unembed(params, x, config)
+    elif logits == "last":
+        out_logits = unembed(params, x[:, -1], config)
+    return ForwardOutput(logits=out_logits, captures=captures, cache=new_cache)

@@ -1,0 +1,119 @@
+"""Jitted generation with a KV cache: one prefill, then a `lax.while_loop` of single-token steps.
+
+Shapes are static (the cache holds prompt + `max_new_tokens` slots), so a batch compiles once per
+(batch size, prompt bucket, max_new_tokens). The same intervention is active during prefill and
+every decode step. Greedy decoding is the default; temperature and top-p sampling take an
+explicit PRNG key, and their values are traced arrays (changing them does not recompile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.core import KVCache, forward
+from refusal_jax.models.params import Params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Generation:
+    """tokens: [B, max_new_tokens], `pad_id` after each row's stop; lengths: [B] tokens
+    generated per row, the stop token included."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampling:
+    """Temperature / nucleus sampling parameters (arrays, so sweeps do not recompile)."""
+
+    temperature: jax.Array
+    top_p: jax.Array
+
+    @classmethod
+    def create(cls, temperature: float = 1.0, top_p: float = 1.0) -> "Sampling":
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p};"
+                             " use sampling=None for greedy decoding")
+        return cls(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32))
+
+
+def _choose(logits: jax.Array, sampling: Sampling | None, key: jax.Array | None) -> jax.Array:
+    if sampling is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
+    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate(params, tokens, valid, intervention, stop_ids, pad_id, sampling, key, *,
+              config: ModelConfig, max_new_tokens: int) -> Generation:
+    B, T = tokens.shape
+    cache = KVCache.empty(config, B, T + max_new_tokens, params.embed.dtype)
+    out = forward(params, tokens, valid, config=config, intervention=intervention, cache=cache,
+                  logits="last")
+    first = _choose(out.logits, sampling, None if key is None else jax.random.fold_in(key, 0))
+    generated = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stop_ids)
+    lengths = jnp.ones((B,), jnp.int32)
+
+    def not_finished(state):
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def step_fn(state):
+        step, last, cache, done, generated, lengths = state
+        out = forward(params, last[:, None], jnp.ones((B, 1), bool), config=config,
+                      intervention=intervention, cache=cache, logits="last")
+        step_key = None if key is None else jax.random.fold_in(key, step)
+        token = jnp.where(done, pad_id, _choose(out.logits, sampling, step_key))
+        generated = jax.lax.dynamic_update_index_in_dim(generated, token, step, 1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, stop_ids)
+        return step + 1, token, out.cache, done, generated, lengths
+
+    state = (jnp.ones((), jnp.int32), first, out.cache, done, generated, lengths)
+    _, _, _, _, generated, lengths = jax.lax.while_loop(not_finished, step_fn, state)
+    return Generation(tokens=generated, lengths=lengths)
+
+
+def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
+             max_new_tokens: int, intervention: Any = None,
+             stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
+             sampling: Sampling | None = None, key: jax.Array | None = None) -> Generation:
+    """Generates up to `max_new_tokens` for a left-padded batch (greedy unless `sampling`).
+
+    Rows stop at the first token in `stop_ids` (default: the config's EOS ids); the loop ends
+    early once every row has stopped.
+    """
+    total = tokens.shape[1] + max_new_tokens
+    if total > config.max_context:
+        raise ValueError(f"prompt of {tokens.shape[1]} tokens + {max_new_tokens} new tokens exceeds"
+                         f" the model's context of {config.max_context}; shorten the prompts or "
+                         "generate fewer tokens")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if sampling is not None and key is None:
+        raise ValueError("sampling needs an explicit PRNG key (key=jax.random.key(seed))")
+    stop_ids = list(config.eos_token_ids if stop_ids is None else stop_ids)
+    if not stop_ids:
+        raise ValueError("no stop token: pass stop_ids or use a config with eos_token_ids")
+    pad_id = stop_ids[0] if pad_id is None else pad_id
+    return _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool),
+                     intervention, jnp.asarray(stop_ids, jnp.int32),
+                     jnp.asarray(pad_id, jnp.int32), sampling, key, config=config,
+                     max_new_tokens=max_new_tokens)

@@ -1,0 +1,119 @@
+"""KV-cache generation against recomputing the full forward at every step."""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_reference import ragged_batch, tiny_hf_model, to_ours
+from refusal_jax import interventions
+from refusal_jax.models.core import forward
+from refusal_jax.models.generate import Sampling, generate
+
+NEW_TOKENS = 8
+NEVER = 127
+# The package re-exports the `generate` function under the module's name.
+generate_module = importlib.import_module("refusal_jax.models.generate")  # a stop id; tests that need a stop pick one from the generated text
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name):
+    return to_ours(tiny_hf_model(name, seed=1))
+
+
+def _greedy_by_full_recompute(params, tokens, valid, config, intervention, n):
+    """Reference decoding: re-run the whole sequence without a cache at every step.
+
+    The sequence lives in a fixed buffer whose not-yet-generated tail is marked invalid (never
+    attended to), so the reference compiles once.
+    """
+    B, T = tokens.shape
+    tokens = np.concatenate([tokens, np.zeros((B, n), np.int32)], axis=1)
+    valid = np.concatenate([valid, np.zeros((B, n), bool)], axis=1)
+    run = jax.jit(forward, static_argnames=("config", "logits"))
+    for step in range(n):
+        logits = run(params, tokens, valid, config=config, intervention=intervention).logits
+        tokens[:, T + step] = np.argmax(logits[:, T + step - 1], axis=-1)
+        valid[:, T + step] = True
+    return tokens[:, T:]
+
+
+def _ablation(config, seed=0):
+    direction = jax.random.normal(jax.random.key(seed), (config.d_model,))
+    return interventions.directional_ablation(direction, n_layers=config.n_layers, layers=None)
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "gemma2_gqa_softcap_sliding"])
+@pytest.mark.parametrize("with_intervention", [False, True])
+def test_cached_greedy_generation_equals_full_recompute(name, with_intervention):
+    config, params = _model(name)
+    tokens, valid = ragged_batch(lengths=(9, 5, 2), vocab=config.vocab_size, seed=3)
+    intervention = _ablation(config) if with_intervention else None
+    out = generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                   intervention=intervention, stop_ids=[NEVER])
+    expected = _greedy_by_full_recompute(params, tokens, valid, config, intervention, NEW_TOKENS)
+    assert not np.any(expected == NEVER), "pick another never-generated stop id"
+    np.testing.assert_array_equal(out.tokens, expected)
+    np.testing.assert_array_equal(out.lengths, NEW_TOKENS)
+
+
+def test_intervention_changes_generation():
+    config, params = _model("llama3_gqa_rope_scaling")
+    tokens, valid = ragged_batch(lengths=(9, 5, 2), vocab=config.vocab_size, seed=3)
+    plain = generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                     stop_ids=[NEVER])
+    steered = interventions.activation_addition(
+        jnp.ones(config.d_model), 5.0, n_layers=config.n_layers, layers=[1])
+    pushed = generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                      intervention=steered, stop_ids=[NEVER])
+    assert np.any(np.asarray(plain.tokens) != np.asarray(pushed.tokens))
+
+
+def test_rows_stop_at_their_stop_token_and_are_padded_after():
+    config, params = _model("llama3_gqa_rope_scaling")
+    tokens, valid = ragged_batch(lengths=(9, 5, 2), vocab=config.vocab_size, seed=3)
+    free = np.asarray(generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                               stop_ids=[NEVER]).tokens)
+    stop = int(free[0, 2])
+    out = generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                   stop_ids=[stop], pad_id=0)
+    for row in range(len(tokens)):
+        hits = np.flatnonzero(free[row] == stop)
+        n = hits[0] + 1 if hits.size else NEW_TOKENS
+        assert out.lengths[row] == n
+        np.testing.assert_array_equal(out.tokens[row, :n], free[row, :n])
+        assert np.all(np.asarray(out.tokens[row, n:]) == 0)
+
+
+def test_sampling_is_reproducible_and_tiny_top_p_is_greedy():
+    config, params = _model("llama_mha")
+    tokens, valid = ragged_batch(lengths=(6, 4), vocab=config.vocab_size)
+    greedy = generate(params, tokens, valid, config=config, max_new_tokens=6, stop_ids=[NEVER])
+    run = lambda top_p, seed: generate(
+        params, tokens, valid, config=config, max_new_tokens=6, stop_ids=[NEVER],
+        sampling=Sampling.create(temperature=1.5, top_p=top_p), key=jax.random.key(seed)).tokens
+    np.testing.assert_array_equal(run(1e-6, 0), greedy.tokens)
+    np.testing.assert_array_equal(run(1.0, 7), run(1.0, 7))
+    assert np.any(np.asarray(run(1.0, 7)) != np.asarray(run(1.0, 8)))
+
+
+def test_new_intervention_values_reuse_the_compiled_generation():
+    config, params = _model("llama_mha")
+    tokens, valid = ragged_batch(lengths=(6, 4), vocab=config.vocab_size)
+    generate(params, tokens, valid, config=config, max_new_tokens=4, stop_ids=[NEVER],
+             intervention=_ablation(config, seed=0))
+    compiled = generate_module._generate._cache_size()
+    for seed in range(1, 4):
+        generate(params, tokens, valid, config=config, max_new_tokens=4, stop_ids=[NEVER],
+                 intervention=_ablation(config, seed=seed))
+    assert generate_module._generate._cache_size() == compiled
+
+
+def test_generation_longer_than_the_context_is_rejected():
+    config, params = _model("llama_mha")
+    tokens, valid = ragged_batch(lengths=(6,), vocab=config.vocab_size)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(params, tokens, valid, config=config, max_new_tokens=config.max_context)
