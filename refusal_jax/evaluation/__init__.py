@@ -1,0 +1,1 @@
+"""Evaluation of completions and logits: refusal metrics (`refusal`)."""
