@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
 from hf_reference import TINY_CONFIGS, hf_logits, ragged_batch, tiny_hf_model, to_ours
 from refusal_jax.models.config import ModelConfig, UnsupportedModelError
-from refusal_jax.models.convert import CheckpointMismatchError, params_from_hf
+from refusal_jax.models.checkpoints import save_hf_checkpoint
+from refusal_jax.models.convert import CheckpointMismatchError, params_from_hf, params_to_hf
 from refusal_jax.models.core import forward
 
 TOLERANCE = 1e-4
@@ -85,3 +87,15 @@ def test_prompt_longer_than_context_is_rejected():
     tokens = np.ones((1, config.max_context + 1), np.int32)
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
         forward(params, tokens, tokens > 0, config=config)
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa_bias", "gemma2_gqa_softcap_sliding"])
+def test_exported_checkpoint_loads_in_transformers_with_the_same_logits(name, tmp_path):
+    model, config, params = _model(name)
+    save_hf_checkpoint(tmp_path / "export", model.config.to_dict(), params_to_hf(config, params))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "export", attn_implementation="eager").eval()
+    tokens, valid = ragged_batch(vocab=config.vocab_size)
+    ours = forward(params, tokens, valid, config=config).logits
+    diff = np.abs(hf_logits(reloaded, tokens, valid) - np.asarray(ours))[valid]
+    assert diff.max() <= TOLERANCE, f"{name}: max |diff| {diff.max():.2e}"
