@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hf_reference import ragged_batch, tiny_hf_model, to_ours
 from refusal_jax import interventions
@@ -65,3 +66,11 @@ def test_ablation_removes_the_direction_from_every_block_input():
     along_ablated = np.abs(np.asarray(ablated.captures @ r_hat))[valid]
     assert along_plain.max() > 1e-2
     assert along_ablated.max() < 1e-5
+
+
+def test_intervention_built_for_another_model_is_rejected_clearly():
+    config, params = _model()
+    tokens, valid = ragged_batch(vocab=config.vocab_size)
+    wrong = interventions.directional_ablation(jnp.ones(config.d_model), n_layers=5, layers=None)
+    with pytest.raises(ValueError, match="built for 5 layers"):
+        forward(params, tokens, valid, config=config, intervention=wrong)

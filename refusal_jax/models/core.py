@@ -23,7 +23,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from refusal_jax.interventions import SiteContext
+from refusal_jax.interventions import SiteContext, check_compatible
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import LayerParams, Params
 
@@ -188,6 +188,8 @@ def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mode
     if cache is None and T > config.max_context:
         raise ValueError(f"sequence of {T} tokens exceeds the model's context of "
                          f"{config.max_context}; shorten the prompts or raise max_context")
+    if intervention is not None:
+        check_compatible(intervention, n_layers=config.n_layers, d_model=config.d_model)
     valid = valid.astype(bool)
     start = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_position
     positions = jnp.where(valid, start[:, None] + jnp.cumsum(valid, axis=1) - 1, -1)

@@ -13,6 +13,7 @@ mlp (d_ff), layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -113,9 +114,10 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32) -> Params:
     return map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(config))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "scale"))
 def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32,
                 scale: float = 0.02) -> Params:
-    """Random parameters (normal weights, norm weights near their identity value)."""
+    """Random parameters (normal weights, norm weights near their identity value), one compile."""
     specs = param_specs(config)
     leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
     keys = jax.random.split(key, len(leaves))
