@@ -1,0 +1,190 @@
+"""results.json schema and report.md, rendered from a fixture results dict."""
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+
+from refusal_jax import report
+from refusal_jax.evaluation import geometry, k_curve
+
+
+def row(name, harmful, harmless, **extra):
+    return {"name": name, "description": f"{name} at layer 5", "harmful_refusal_rate": harmful,
+            "harmless_refusal_rate": harmless, "n_harmful": 20, "n_harmless": 10, **extra}
+
+
+def fixture_results(plots=()):
+    """A complete results dict; the centroid position of the reflection (0.3) contradicts the
+    published finding on purpose."""
+    return {
+        "schema_version": report.SCHEMA_VERSION,
+        "model": "smollm2-135m-instruct",
+        "config": {"n_train": 32, "max_new_tokens": 64, "layers": [5, 6]},
+        "interventions": [
+            row("baseline", 0.9, 0.1, cross_entropy={"builtin": 3.0, "alpaca": 2.1},
+                judge_unsafe_rate=0.05, multiple_choice={"mmlu": 0.4},
+                centroid_axis_position=0.0, centroid_axis_position_harmless=1.0),
+            row("dim_ablation", 0.1, 0.1, kl=0.02, cross_entropy={"builtin": 3.01},
+                judge_unsafe_rate=0.7, centroid_axis_position=0.8),
+            row("dim_actadd", 0.05, 0.9, kl=0.3, cross_entropy={"builtin": 3.2}),
+            row("inlp_nullspace", 0.5, 0.1, kl=0.01, centroid_axis_position=0.52),
+            row("inlp_reflection", 0.2, 0.15, kl=0.05, centroid_axis_position=0.3),
+            row("leace", 0.6, 0.1, kl=0.0),
+        ],
+        "selections": [
+            {"method": "dim", "position": -1, "layer": 5, "bypass_score": -3.2,
+             "steering_score": 4.1, "kl_score": 0.02},
+            {"method": "inlp", "position": -2, "layer": 6, "n_directions": 7,
+             "first_direction_accuracy": 0.98},
+        ],
+        "geometry": {"position": -1, "layer": 5, "cosine_dim_inlp": 0.83,
+                     "principal_angles_deg": [12.5], "plots": list(plots[:1])},
+        "k_curve": {"intervention": "inlp_reflection", "baseline_harmful_refusal_rate": 0.9,
+                    "baseline_cross_entropy": 3.0, "plot": plots[1] if plots else None,
+                    "points": [{"k": 1, "harmful_refusal_rate": 0.5, "cross_entropy": 3.01},
+                               {"k": 2, "harmful_refusal_rate": 0.3, "cross_entropy": 3.04},
+                               {"k": 4, "harmful_refusal_rate": 0.2, "cross_entropy": 3.4}]},
+        "timings_s": {"extract": 12.5, "select": 40.0},
+        "notes": ["The reflection lands at 0.3 because the flips at two layers cancel."],
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    rng = np.random.default_rng(0)
+    harmful, harmless = rng.normal(size=(8, 6)) + 2, rng.normal(size=(8, 6)) - 2
+    (tmp_path / "plots").mkdir()
+    geometry.plot_view(tmp_path / "plots" / "geometry_pca.png",
+                       geometry.pca_plane(harmful, harmless), harmful, harmless,
+                       {"dim_ablation": (harmful * 0.5, None)}, title="fixture")
+    curve = report.validate_k_curve(fixture_results()["k_curve"])
+    k_curve.plot_k_curve(tmp_path / "plots" / "k_curve.png", curve)
+    return tmp_path
+
+
+PLOTS = ("plots/geometry_pca.png", "plots/k_curve.png")
+
+
+def test_write_report_renders_every_row_and_plot(workdir):
+    results = fixture_results(PLOTS)
+    results_path, report_path = report.write_report(workdir, results)
+    assert results_path == workdir / "results.json" and report_path == workdir / "report.md"
+    text = report_path.read_text()
+    assert text.startswith("# Refusal steering study: smollm2-135m-instruct\n")
+    for intervention in results["interventions"]:
+        assert f"| `{intervention['name']}` |" in text
+        assert f"- `{intervention['name']}`: {intervention['name']} at layer 5" in text
+    assert ("| intervention | harmful refusal rate | harmless induced-refusal rate | KL (harmless) "
+            "| CE builtin (nats) | CE alpaca (nats) | judge unsafe rate | mmlu acc. |") in text
+    assert ("| `baseline` | 0.90 (18/20) | 0.10 (1/10) | – | 3.000 | 2.100 | 0.05 | 0.40 | "
+            "0.00 | 1.00 |") in text
+    assert "| `dim_ablation` | 0.10 (2/20) | 0.10 (1/10) | 0.0200 | 3.010 | – | 0.70 | – |" in text
+    for plot in PLOTS:
+        assert f"]({plot})" in text and (workdir / plot).stat().st_size > 10_000
+    assert "What to expect" in text and results["notes"][0] in text
+    assert "no explanation is recorded" not in text
+    assert "Recommended: k = 2" in text
+    assert "| extract | 12.5 |" in text and '"max_new_tokens": 64' in text
+    assert not list(workdir.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_results_json_round_trips_and_matches_the_json_schema(workdir):
+    jsonschema = pytest.importorskip("jsonschema")
+    results = fixture_results(PLOTS)
+    results_path, _ = report.write_report(workdir, results)
+    stored = json.loads(results_path.read_text())
+    jsonschema.validate(stored, report.json_schema())
+    parsed = report.read_results(results_path)
+    assert parsed == report.validate_results(results)
+    assert parsed.interventions[1].kl == 0.02 and parsed.k_curve.points[2].k == 4
+    # a dataclass is accepted as well as a dict, with the same output
+    report.write_report(workdir, parsed)
+    assert json.loads(results_path.read_text()) == stored
+    # the schema and the validator reject the same mistakes
+    for mutate in (lambda r: r.pop("model"), lambda r: r.update(extra=1),
+                   lambda r: r["interventions"][0].update(kl="big"),
+                   lambda r: r["geometry"].update(plots="a.png")):
+        broken = copy.deepcopy(stored)
+        mutate(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, report.json_schema())
+        with pytest.raises(ValueError):
+            report.validate_results(broken)
+
+
+def test_expectation_checks():
+    checks = {finding: (verdict, evidence) for finding, verdict, evidence in
+              report.expectation_checks(report.validate_results(fixture_results()))}
+    assert checks["DiM directional ablation suppresses most refusals"][0] == "holds"
+    assert "0.90 -> 0.10 (89% of refusals removed)" in checks[
+        "DiM directional ablation suppresses most refusals"][1]
+    assert checks["INLP reflection suppresses most refusals"][0] == "holds"
+    assert checks["INLP nullspace projection suppresses fewer refusals than DiM ablation"][0] \
+        == "holds"
+    assert checks["DiM ActAdd induces refusals on harmless prompts"][0] == "holds"
+    assert checks["nullspace projection lands between the clusters"][0] == "holds"
+    assert checks["reflection lands in the opposite (harmless) cluster"][0] == "does not hold"
+    # rows that are missing are "not measured", never guessed
+    minimal = report.validate_results({"model": "m", "interventions": [row("baseline", 0.0, 0.0)]})
+    verdicts = {verdict for _, verdict, _ in report.expectation_checks(minimal)}
+    assert verdicts == {"not measured"}
+
+
+def test_unexplained_departures_are_flagged(tmp_path):
+    results = fixture_results()
+    results["notes"] = []
+    _, report_path = report.write_report(tmp_path, results)
+    assert ("**1 published finding(s) do not hold in this run, and no explanation is recorded"
+            in report_path.read_text())
+
+
+def test_recommended_k():
+    curve = report.validate_k_curve(fixture_results()["k_curve"])
+    assert curve.recommended_k().k == 2  # k = 4 refuses least but costs 0.4 nats
+    assert curve.recommended_k(max_increase=1.0).k == 4
+    assert curve.recommended_k(max_increase=0.001) is None
+
+
+def mutated(change):
+    results = fixture_results()
+    change(results)
+    return results
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.pop("model"), "results lacks the required field 'model'"),
+    (lambda r: r["interventions"][1].pop("n_harmful"),
+     r"results.interventions\[1\] lacks the required field 'n_harmful'"),
+    (lambda r: r.update(colour="red"), r"unknown field\(s\) \['colour'\]"),
+    (lambda r: r["interventions"][1].update(kl=math.nan),
+     r"results.interventions\[1\].kl is nan; results must be finite"),
+    (lambda r: r["interventions"][0].update(harmful_refusal_rate=1.2),
+     r"harmful_refusal_rate = 1.2 is not a rate"),
+    (lambda r: r["interventions"][2].update(name="baseline"), "duplicate names \\['baseline'\\]"),
+    (lambda r: r.update(schema_version=99), "schema_version is 99"),
+    (lambda r: r.update(interventions=[]), "interventions is empty"),
+    (lambda r: r["interventions"][1].update(kl=-0.5), "is negative"),
+    (lambda r: r["interventions"][0].update(n_harmful=0), "must be positive"),
+    (lambda r: r["interventions"][0].update(n_harmful=True), "must be an integer"),
+    (lambda r: r["config"].update(path=object()), "not JSON"),
+    (lambda r: r["k_curve"]["points"].reverse(), "distinct increasing k"),
+    (lambda r: r["interventions"][0].update(cross_entropy={"builtin": "3"}),
+     r"cross_entropy.builtin must be a number"),
+    (lambda r: r["geometry"].update(cosine_dim_inlp=None), "cosine_dim_inlp is null"),
+])
+def test_schema_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        report.validate_results(mutated(change))
+
+
+def test_write_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="workdir .* does not exist"):
+        report.write_report(tmp_path / "missing", fixture_results())
+    with pytest.raises(FileNotFoundError, match="geometry plot 'plots/none.png' does not exist"):
+        report.write_report(tmp_path, fixture_results(("plots/none.png", None)))
+    assert not (tmp_path / "results.json").exists()  # nothing written when rendering fails
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        report.read_results(tmp_path / "results.json")
