@@ -1,0 +1,490 @@
+"""Iterative nullspace projection (INLP; Ravfogel et al. 2020) as METHOD.md section 4 specifies.
+
+Conventions (fixed here once):
+- Labels: 1 = harmful, 0 = harmless.
+- Features are pair-major, ``(*pairs, n, D)``: the leading axes index (EOI position, layer) pairs
+  and every output keeps them in front. Activations captured as ``(n, P, L, D)`` become
+  ``(P, L, n, D)`` with :func:`pair_major`. The jitted core :func:`fit_inlp_split` takes one flat
+  leading pair axis, vmapped and stopped per pair by masks; that is the axis to shard.
+- ``N = max_directions`` slots per pair. Directions are kept in the order found: row ``i`` of
+  ``basis`` (``V`` in METHOD.md) is the ``i``-th accepted classifier normal, Gram-Schmidt
+  orthonormalised against the earlier rows and oriented so that harmful examples project higher
+  than harmless ones. Rows after the last accepted direction are zero, so shapes are static. The
+  nullspace projection is ``x - (x @ basis.T) @ basis``; no ``D x D`` matrix is formed anywhere.
+
+Each classifier is an L2-regularised logistic regression fitted with optax's L-BFGS (zoom line
+search) on the training split projected onto the current nullspace. It minimises
+``mean BCE + lam * ||w||^2`` with ``lam = 1 / (2 * C * n_train)`` and an unpenalised intercept:
+the optimum of scikit-learn's ``LogisticRegression(C=C)``. Raw residual activations have large,
+uneven feature scales, so the solver works on per-feature standardised features with the
+penalty rewritten for them (``w = u / scale``). That is an exact change of variables, so the
+optimum, and the classifier returned for the raw data, are unchanged; only the conditioning
+improves.
+
+Stop rule (default): stop at the first classifier whose dev accuracy is no better than the
+majority-class rate of the dev split plus ``accuracy_margin``; that classifier is not added.
+``reference=True`` reproduces the published code instead: a non-stratified dev split, the
+absolute rule "stop when accuracy < 0.55", and the failing classifier added before stopping.
+Both modes balance the classes to the smaller one before splitting, and both stop early when
+a classifier normal lies (numerically) inside the span of the earlier directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+K_POLICIES = ("none", "fixed", "acc99", "acc95")
+_POLICY_THRESHOLDS = {"acc99": 0.99, "acc95": 0.95}
+
+# Per-feature variances are floored at this fraction of their mean before standardising, so a
+# feature that is (nearly) constant, e.g. after a projection, gets a finite scale.
+_RELATIVE_VARIANCE_FLOOR = 1e-3
+# A new normal whose component orthogonal to the earlier directions is smaller than this
+# fraction of its norm carries no new direction; INLP stops there.
+_MIN_ORTHOGONAL_FRACTION = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Data split.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDevSplit:
+    """Indices into the example axis; both sorted ascending."""
+
+    train_index: np.ndarray
+    dev_index: np.ndarray
+
+
+def train_dev_split(labels: ArrayLike, *, dev_fraction: float = 0.2, stratified: bool = True,
+                    seed: int = 0) -> TrainDevSplit:
+    """Deterministic train/dev split of binary labels, balanced to the smaller class.
+
+    Both classes are first subsampled (seeded) to ``m = min(#label 0, #label 1)`` examples.
+    Stratified (default): ``max(2, round(dev_fraction * m))`` examples of each class go to dev,
+    so the dev majority rate is exactly 0.5. Non-stratified (the reference code's behaviour):
+    the ``2m`` examples are shuffled together and the first ``max(4, int(dev_fraction * 2m))``
+    form the dev split, whatever their labels.
+    """
+    labels = _validated_labels(labels)
+    if not 0.0 < dev_fraction < 1.0:
+        raise ValueError(f"dev_fraction must lie in (0, 1); got {dev_fraction}.")
+    harmful, harmless = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    per_class = min(harmful.size, harmless.size)
+    if per_class < 3:
+        raise ValueError(f"INLP needs at least 3 examples of each class for a train/dev split; got "
+                         f"{harmful.size} harmful and {harmless.size} harmless.")
+    rng = np.random.default_rng(seed)
+    harmful = rng.permutation(harmful)[:per_class]
+    harmless = rng.permutation(harmless)[:per_class]
+    if stratified:
+        dev_per_class = min(max(2, round(dev_fraction * per_class)), per_class - 1)
+        dev = np.concatenate([harmful[:dev_per_class], harmless[:dev_per_class]])
+        train = np.concatenate([harmful[dev_per_class:], harmless[dev_per_class:]])
+    else:
+        pooled = rng.permutation(np.concatenate([harmful, harmless]))
+        n_dev = max(4, int(dev_fraction * pooled.size))
+        dev, train = pooled[:n_dev], pooled[n_dev:]
+        if np.unique(labels[train]).size < 2:
+            raise ValueError("the non-stratified split left one class out of the training set; "
+                             "use more examples or another seed.")
+    return TrainDevSplit(train_index=np.sort(train), dev_index=np.sort(dev))
+
+
+def _validated_labels(labels: ArrayLike) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array of 0/1 values; got shape {labels.shape}.")
+    if labels.size and not np.all((labels == 0) | (labels == 1)):
+        raise ValueError("labels must contain only 0 (harmless) and 1 (harmful); got values "
+                         f"{np.unique(labels)[:10]}.")
+    return labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logistic regression.
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["weight", "bias", "gradient_norm", "steps", "converged"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class LogisticRegressionFit:
+    """A fitted classifier ``label = 1 if x @ weight + bias > 0 else 0`` for the raw features.
+
+    ``gradient_norm`` is the norm of the objective's gradient in the solver's standardised
+    coordinates at the returned point; ``converged`` says it fell to the tolerance within the
+    step budget.
+    """
+
+    weight: jax.Array  # [D]
+    bias: jax.Array  # []
+    gradient_norm: jax.Array  # []
+    steps: jax.Array  # [] int32
+    converged: jax.Array  # [] bool
+
+
+def _fit_logistic_regression(features: jax.Array, labels: jax.Array, inverse_regularization,
+                             max_steps, tolerance) -> LogisticRegressionFit:
+    """Traceable (vmappable) core of :func:`fit_logistic_regression` for one ``(n, D)`` problem."""
+    n = features.shape[0]
+    labels = labels.astype(jnp.float32)
+    center = jnp.mean(features, axis=0)
+    variance = jnp.var(features, axis=0)
+    scale = jnp.sqrt(variance + _RELATIVE_VARIANCE_FLOOR * jnp.mean(variance)
+                     + jnp.finfo(jnp.float32).tiny)
+    standardized = (features - center) / scale
+    # lam * ||w||^2 with w = u / scale.
+    penalty = 1.0 / (2.0 * inverse_regularization * n) / scale**2
+
+    def objective(params):
+        u, b = params
+        logits = standardized @ u + b
+        cross_entropy = jnp.mean(jax.nn.softplus(logits) - labels * logits)
+        return cross_entropy + jnp.sum(penalty * u**2)
+
+    solver = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
+    def keep_going(carry):
+        _, _, step, gradient_norm = carry
+        return (step < max_steps) & (gradient_norm > tolerance)
+
+    def solver_step(carry):
+        params, state, step, _ = carry
+        value, grad = value_and_grad(params, state=state)
+        updates, state = solver.update(grad, state, params, value=value, grad=grad,
+                                       value_fn=objective)
+        params = optax.apply_updates(params, updates)
+        return params, state, step + 1, optax.tree.norm(optax.tree.get(state, "grad"))
+
+    params = (jnp.zeros_like(center), jnp.zeros((), jnp.float32))
+    initial_norm = optax.tree.norm(jax.grad(objective)(params))
+    params, _, steps, gradient_norm = jax.lax.while_loop(
+        keep_going, solver_step, (params, solver.init(params), jnp.int32(0), initial_norm))
+    u, b = params
+    weight = u / scale
+    return LogisticRegressionFit(weight=weight, bias=b - center @ weight,
+                                 gradient_norm=gradient_norm, steps=steps,
+                                 converged=gradient_norm <= tolerance)
+
+
+@jax.jit
+def _fit_logistic_regression_jit(features, labels, inverse_regularization, max_steps, tolerance):
+    return _fit_logistic_regression(features, labels, inverse_regularization, max_steps, tolerance)
+
+
+def fit_logistic_regression(features: ArrayLike, labels: ArrayLike, *,
+                            inverse_regularization: float = 0.1, max_steps: int = 1000,
+                            tolerance: float = 1e-5) -> LogisticRegressionFit:
+    """Fits ``LogisticRegression(C=inverse_regularization)`` (L2, free intercept) to ``(n, D)``.
+
+    ``tolerance`` bounds the gradient norm in the standardised coordinates the solver uses;
+    ``max_steps`` bounds the L-BFGS iterations (each may evaluate the loss several times).
+    """
+    features = _validated_features(features, min_ndim=2)
+    if features.ndim != 2:
+        raise ValueError(f"features must be (n, D); got shape {features.shape}. Use fit_inlp for "
+                         "batched pairs, or jax.vmap.")
+    labels = _validated_labels(labels)
+    _check_matching(features, labels)
+    _check_solver_options(inverse_regularization, max_steps, tolerance)
+    return _fit_logistic_regression_jit(features, jnp.asarray(labels), inverse_regularization,
+                                        max_steps, tolerance)
+
+
+# ----------------------------------------------------------------------------------------------
+# INLP.
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["basis", "n_directions", "dev_accuracies", "majority_rate",
+                                "first_direction", "converged", "solver_steps"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class INLPResult:
+    """INLP output; ``...`` are the leading pair axes of the input features.
+
+    Attributes:
+      basis: ``[..., N, D]`` float32, ``V`` of METHOD.md: orthonormal rows in the order found,
+        zero rows from ``n_directions`` on.
+      n_directions: ``[...]`` int32, number of accepted directions.
+      dev_accuracies: ``[..., N]`` float32, dev accuracy of each classifier fitted: the accepted
+        ones and, at index ``n_directions`` (when ``< N``), the one that stopped the loop. In
+        reference mode the stopping classifier is accepted, so it is the last accepted one.
+        NaN for classifiers never fitted.
+      majority_rate: ``[...]`` float32, the majority-class rate of the dev split.
+      first_direction: ``[..., D]`` float32, unit normal of the first classifier (fitted on the
+        unprojected data), oriented so that harmful examples score higher; equals ``basis[0]``
+        when that classifier was accepted, and is reported even when it was not.
+      converged: ``[..., N]`` bool, whether each classifier's solver reached its tolerance
+        (False for classifiers never fitted).
+      solver_steps: ``[..., N]`` int32, L-BFGS iterations each classifier used.
+    """
+
+    basis: jax.Array
+    n_directions: jax.Array
+    dev_accuracies: jax.Array
+    majority_rate: jax.Array
+    first_direction: jax.Array
+    converged: jax.Array
+    solver_steps: jax.Array
+
+
+class _LoopState(NamedTuple):
+    iteration: jax.Array
+    active: jax.Array
+    n_directions: jax.Array
+    train_features: jax.Array  # projected onto the nullspace of the accepted directions
+    dev_features: jax.Array
+    basis: jax.Array
+    dev_accuracies: jax.Array
+    converged: jax.Array
+    solver_steps: jax.Array
+    first_direction: jax.Array
+
+
+def _orthogonal_complement(vector: jax.Array, basis: jax.Array) -> jax.Array:
+    """Component of ``vector`` orthogonal to the rows of ``basis`` (Gram-Schmidt, applied twice)."""
+    for _ in range(2):
+        vector = vector - (basis @ vector) @ basis
+    return vector
+
+
+def _project_out(features: jax.Array, unit_direction: jax.Array) -> jax.Array:
+    return features - jnp.outer(features @ unit_direction, unit_direction)
+
+
+def _class_mean_gap(projections: jax.Array, is_harmful: jax.Array) -> jax.Array:
+    harmful_mean = jnp.sum(jnp.where(is_harmful, projections, 0.0)) / jnp.sum(is_harmful)
+    harmless_mean = jnp.sum(jnp.where(is_harmful, 0.0, projections)) / jnp.sum(~is_harmful)
+    return harmful_mean - harmless_mean
+
+
+def _inlp_one_pair(train_features, train_labels, dev_features, dev_labels, *, max_directions,
+                   reference, inverse_regularization, accuracy_margin, reference_threshold,
+                   max_solver_steps, solver_tolerance) -> INLPResult:
+    dim = train_features.shape[-1]
+    harmful_rate = jnp.mean(dev_labels.astype(jnp.float32))
+    majority_rate = jnp.maximum(harmful_rate, 1.0 - harmful_rate)
+    is_harmful = train_labels == 1
+
+    def iterate(state: _LoopState) -> _LoopState:
+        # Accepted directions are contiguous, so state.iteration == state.n_directions here.
+        i = state.iteration
+        # Under vmap this body also runs for pairs that have stopped (their results are
+        # discarded); a zero step budget keeps them from lengthening the batched solver loop.
+        step_budget = jnp.where(state.active, max_solver_steps, 0)
+        fit = _fit_logistic_regression(state.train_features, train_labels, inverse_regularization,
+                                       step_budget, solver_tolerance)
+        predictions = (state.dev_features @ fit.weight + fit.bias > 0).astype(dev_labels.dtype)
+        accuracy = jnp.mean((predictions == dev_labels).astype(jnp.float32))
+        if reference:
+            passed = accuracy >= reference_threshold
+        else:
+            passed = accuracy > majority_rate + accuracy_margin
+
+        new_direction = _orthogonal_complement(fit.weight, state.basis)
+        norm = jnp.linalg.norm(new_direction)
+        spans_new_direction = norm > _MIN_ORTHOGONAL_FRACTION * jnp.linalg.norm(fit.weight)
+        unit = new_direction / jnp.where(spans_new_direction, norm, 1.0)
+        unit = jnp.where(spans_new_direction, unit, 0.0)
+        gap = _class_mean_gap(state.train_features @ unit, is_harmful)
+        unit = jnp.where(gap < 0, -unit, unit)
+        accept = (passed | reference) & spans_new_direction
+        accepted_unit = jnp.where(accept, unit, 0.0)  # projecting out zero changes nothing.
+        return _LoopState(
+            iteration=i + 1,
+            active=passed & spans_new_direction,
+            n_directions=state.n_directions + accept.astype(jnp.int32),
+            train_features=_project_out(state.train_features, accepted_unit),
+            dev_features=_project_out(state.dev_features, accepted_unit),
+            basis=state.basis.at[i].set(accepted_unit),
+            dev_accuracies=state.dev_accuracies.at[i].set(accuracy),
+            converged=state.converged.at[i].set(fit.converged),
+            solver_steps=state.solver_steps.at[i].set(fit.steps),
+            # With an empty basis the first unit is the classifier normal itself.
+            first_direction=jnp.where(i == 0, unit, state.first_direction),
+        )
+
+    initial = _LoopState(
+        iteration=jnp.int32(0), active=jnp.bool_(True), n_directions=jnp.int32(0),
+        train_features=train_features, dev_features=dev_features,
+        basis=jnp.zeros((max_directions, dim), jnp.float32),
+        dev_accuracies=jnp.full((max_directions,), jnp.nan, jnp.float32),
+        converged=jnp.zeros((max_directions,), bool),
+        solver_steps=jnp.zeros((max_directions,), jnp.int32),
+        first_direction=jnp.zeros((dim,), jnp.float32))
+    final = jax.lax.while_loop(lambda s: s.active & (s.iteration < max_directions), iterate,
+                               initial)
+    return INLPResult(basis=final.basis, n_directions=final.n_directions,
+                      dev_accuracies=final.dev_accuracies, majority_rate=majority_rate,
+                      first_direction=final.first_direction, converged=final.converged,
+                      solver_steps=final.solver_steps)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels, max_directions,
+                    reference, inverse_regularization, accuracy_margin, reference_threshold,
+                    max_solver_steps, solver_tolerance) -> INLPResult:
+    one_pair = functools.partial(
+        _inlp_one_pair, max_directions=max_directions, reference=reference,
+        inverse_regularization=inverse_regularization, accuracy_margin=accuracy_margin,
+        reference_threshold=reference_threshold, max_solver_steps=max_solver_steps,
+        solver_tolerance=solver_tolerance)
+    return jax.vmap(one_pair, in_axes=(0, None, 0, None))(
+        train_features, train_labels, dev_features, dev_labels)
+
+
+def fit_inlp_split(train_features: ArrayLike, train_labels: ArrayLike, dev_features: ArrayLike,
+                   dev_labels: ArrayLike, *, max_directions: int = 100, reference: bool = False,
+                   inverse_regularization: float = 0.1, accuracy_margin: float = 0.05,
+                   reference_threshold: float = 0.55, max_solver_steps: int = 1000,
+                   solver_tolerance: float = 1e-5) -> INLPResult:
+    """INLP on an existing split, jitted and vmapped over one leading pair axis (no input checks).
+
+    Args:
+      train_features: ``[pairs, n_train, D]`` float32.
+      train_labels: ``[n_train]`` 0/1, shared by all pairs.
+      dev_features: ``[pairs, n_dev, D]`` float32.
+      dev_labels: ``[n_dev]`` 0/1.
+      max_directions, reference: static (see :func:`fit_inlp`); the other options are traced
+        arguments, so changing them does not recompile.
+
+    Returns:
+      :class:`INLPResult` with leading axis ``[pairs]``.
+    """
+    return _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels,
+                           int(max_directions), bool(reference), inverse_regularization,
+                           accuracy_margin, reference_threshold, max_solver_steps,
+                           solver_tolerance)
+
+
+def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 100,
+             reference: bool = False, inverse_regularization: float = 0.1,
+             accuracy_margin: float = 0.05, reference_threshold: float = 0.55,
+             dev_fraction: float = 0.2, seed: int = 0, max_solver_steps: int = 1000,
+             solver_tolerance: float = 1e-5) -> INLPResult:
+    """Runs INLP for every pair at once.
+
+    Args:
+      features: ``[*pairs, n, D]`` (any number of leading pair axes, including none).
+      labels: ``[n]``, 1 = harmful, 0 = harmless.
+      max_directions: N, the most classifiers fitted per pair.
+      reference: reproduce the published code (non-stratified split, stop when accuracy <
+        ``reference_threshold``, failing classifier kept) instead of the default rule (stratified
+        split, stop when accuracy <= majority rate + ``accuracy_margin``, failing one dropped).
+      inverse_regularization: C of the logistic regressions.
+      dev_fraction, seed: the deterministic split, see :func:`train_dev_split`.
+      max_solver_steps, solver_tolerance: L-BFGS budget and gradient-norm tolerance.
+
+    Returns:
+      :class:`INLPResult` whose leaves lead with ``pairs``.
+    """
+    features = _validated_features(features, min_ndim=2)
+    labels = _validated_labels(labels)
+    _check_matching(features, labels)
+    _check_solver_options(inverse_regularization, max_solver_steps, solver_tolerance)
+    if not isinstance(max_directions, (int, np.integer)) or max_directions < 1:
+        raise ValueError(f"max_directions must be a positive integer; got {max_directions!r}.")
+    if accuracy_margin < 0:
+        raise ValueError(f"accuracy_margin must be >= 0; got {accuracy_margin}.")
+    split = train_dev_split(labels, dev_fraction=dev_fraction, stratified=not reference, seed=seed)
+    pair_shape, (n, dim) = features.shape[:-2], features.shape[-2:]
+    flat = features.reshape((-1, n, dim))
+    result = fit_inlp_split(
+        flat[:, split.train_index], jnp.asarray(labels[split.train_index]),
+        flat[:, split.dev_index], jnp.asarray(labels[split.dev_index]),
+        max_directions=int(max_directions), reference=reference,
+        inverse_regularization=inverse_regularization, accuracy_margin=accuracy_margin,
+        reference_threshold=reference_threshold, max_solver_steps=max_solver_steps,
+        solver_tolerance=solver_tolerance)
+    return jax.tree.map(lambda leaf: leaf.reshape(pair_shape + leaf.shape[1:]), result)
+
+
+def pair_major(activations: ArrayLike) -> jax.Array:
+    """``(n, *pairs, D)`` captured activations -> ``(*pairs, n, D)`` features."""
+    activations = jnp.asarray(activations)
+    if activations.ndim < 2:
+        raise ValueError(f"activations must be (n, ..., D); got shape {activations.shape}.")
+    return jnp.moveaxis(activations, 0, -2)
+
+
+# ----------------------------------------------------------------------------------------------
+# k policies.
+
+
+def select_k(result: INLPResult, policy: str = "none", k: int | None = None) -> jax.Array:
+    """Number of leading directions each pair keeps, ``[...]`` int32.
+
+    ``none``: all accepted directions. ``fixed``: ``min(k, n_directions)``. ``acc99`` /
+    ``acc95``: the number of accepted classifiers whose dev accuracy is at least 0.99 / 0.95
+    (a count, not a prefix length, as in the paper); the kept directions are always the first
+    ones in the order found.
+    """
+    if policy not in K_POLICIES:
+        raise ValueError(f"unknown k policy {policy!r}; choose one of {K_POLICIES}.")
+    if (policy == "fixed") != (k is not None):
+        raise ValueError("pass k exactly when policy='fixed' (got policy="
+                         f"{policy!r}, k={k!r}).")
+    if policy == "none":
+        return result.n_directions
+    if policy == "fixed":
+        if int(k) < 0:
+            raise ValueError(f"k must be >= 0; got {k}.")
+        return jnp.minimum(result.n_directions, k).astype(jnp.int32)
+    slots = jnp.arange(result.dev_accuracies.shape[-1])
+    accepted = slots < result.n_directions[..., None]
+    good = accepted & (result.dev_accuracies >= _POLICY_THRESHOLDS[policy])
+    return jnp.sum(good, axis=-1).astype(jnp.int32)
+
+
+def leading_basis(result: INLPResult, policy: str = "none", k: int | None = None) -> jax.Array:
+    """``result.basis`` with every row from the policy's k on set to zero, ``[..., N, D]``.
+
+    Zero rows do nothing in ``x - (x @ V.T) @ V``, so the masked basis can be used directly.
+    """
+    keep = select_k(result, policy, k)
+    slots = jnp.arange(result.basis.shape[-2])
+    return jnp.where((slots < keep[..., None])[..., None], result.basis, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks shared by the public entry points.
+
+
+def _validated_features(features: ArrayLike, *, min_ndim: int) -> jax.Array:
+    features = jnp.asarray(features)
+    if features.ndim < min_ndim:
+        raise ValueError(f"features must have at least {min_ndim} axes (..., n, D); got shape "
+                         f"{features.shape}.")
+    if not jnp.issubdtype(features.dtype, jnp.floating):
+        raise ValueError(f"features must be floating point; got {features.dtype}.")
+    if not bool(jnp.all(jnp.isfinite(features))):
+        raise ValueError("features contain NaN or inf values; check the activation capture.")
+    return features.astype(jnp.float32)
+
+
+def _check_matching(features: jax.Array, labels: np.ndarray) -> None:
+    if features.shape[-2] != labels.shape[0]:
+        raise ValueError(f"features have {features.shape[-2]} examples (axis -2 of shape "
+                         f"{features.shape}) but there are {labels.shape[0]} labels.")
+    if np.unique(labels).size < 2:
+        raise ValueError("labels must contain both classes (0 = harmless, 1 = harmful).")
+
+
+def _check_solver_options(inverse_regularization: float, max_steps: int, tolerance: float) -> None:
+    if not inverse_regularization > 0:
+        raise ValueError(f"inverse_regularization (C) must be > 0; got {inverse_regularization}.")
+    if max_steps < 1:
+        raise ValueError(f"the solver needs at least one step; got max_steps={max_steps}.")
+    if not tolerance >= 0:
+        raise ValueError(f"the solver tolerance must be >= 0; got {tolerance}.")
