@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -258,11 +258,7 @@ class SubspaceClamp:
     site_mask: Array
 
     def apply(self, site: str, x: Array, ctx: SiteContext) -> Array:
-        weight = _site_weight(self.site_mask, site, "SubspaceClamp")
-        _check_width(x, self.basis.shape[-1], "SubspaceClamp")
-        center = self.target if site in STREAM_SITES else 0.0
-        edit = _combine(_coordinates(x - center, self.basis), self.basis)
-        return (x - weight * edit).astype(x.dtype)
+        return _affine_erase(self, site, x, self.basis, self.basis, self.target)
 
 
 @jax.tree_util.register_dataclass
@@ -280,11 +276,19 @@ class ObliqueEraser:
     site_mask: Array
 
     def apply(self, site: str, x: Array, ctx: SiteContext) -> Array:
-        weight = _site_weight(self.site_mask, site, "ObliqueEraser")
-        _check_width(x, self.read.shape[-1], "ObliqueEraser")
-        center = self.mean if site in STREAM_SITES else 0.0
-        edit = _combine(_coordinates(x - center, self.read), self.write)
-        return (x - weight * edit).astype(x.dtype)
+        return _affine_erase(self, site, x, self.read, self.write, self.mean)
+
+
+def _affine_erase(
+    intervention: Any, site: str, x: Array, read: Array, write: Array, center: Array
+) -> Array:
+    """``x - ((x - center) @ read.T) @ write`` on the stream; only its linear part on writes."""
+    kind = type(intervention).__name__
+    weight = _site_weight(intervention.site_mask, site, kind)
+    _check_width(x, read.shape[-1], kind)
+    center = center if site in STREAM_SITES else 0.0
+    edit = _combine(_coordinates(x - center, read), write)
+    return (x - weight * edit).astype(x.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -335,14 +339,19 @@ def stack(interventions: Sequence[T]) -> T:
 _NON_VECTOR_FIELDS = frozenset({"site_mask", "coeff", "alpha", "position_start", "position_stop"})
 
 
-def check_compatible(intervention: object, *, n_layers: int, d_model: int) -> None:
+def check_compatible(
+    intervention: object, *, n_layers: int, d_model: int, allow_candidate_axis: bool = True
+) -> None:
     """Raise ValueError unless the intervention fits a model with ``n_layers`` and ``d_model``.
 
-    Works on a single intervention ([L, ...] leaves) and on a stacked one ([C, L, ...]).
+    Works on a single intervention ([L, ...] leaves) and, when ``allow_candidate_axis``, on a
+    stacked one ([C, L, ...]). The forward pass itself takes a single one (vmap over the rest).
     """
     if isinstance(intervention, Compose):
         for part in intervention.interventions:
-            check_compatible(part, n_layers=n_layers, d_model=d_model)
+            check_compatible(
+                part, n_layers=n_layers, d_model=d_model, allow_candidate_axis=allow_candidate_axis
+            )
         return
     if not hasattr(intervention, "apply"):
         raise ValueError(f"not an intervention (no apply method): {type(intervention).__name__}")
@@ -350,6 +359,11 @@ def check_compatible(intervention: object, *, n_layers: int, d_model: int) -> No
         return  # a user-defined intervention: its own apply is responsible for its shapes
     kind = type(intervention).__name__
     mask_shape = intervention.site_mask.shape
+    if not allow_candidate_axis and len(mask_shape) != 2:
+        raise ValueError(
+            f"{kind} has a leading candidate axis (site_mask {mask_shape}); the forward takes one "
+            "intervention: jax.vmap over the candidate axis to evaluate a stack"
+        )
     if mask_shape[-2:] != (n_layers, len(SITES)):
         raise ValueError(
             f"{kind} was built for {mask_shape[-2]} layers (site_mask {mask_shape}); the model has "

@@ -17,6 +17,9 @@ _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_
 TINY_CONFIGS = {
     "llama_mha": (transformers.LlamaConfig,
                   dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
+    "llama_linear_rope": (transformers.LlamaConfig, dict(
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=2.0))),
     "llama3_gqa_rope_scaling": (transformers.LlamaConfig, dict(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
@@ -27,9 +30,12 @@ TINY_CONFIGS = {
                                  head_dim=16)),
     "qwen2_gqa_bias": (transformers.Qwen2Config,
                        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_sliding_upper_layers": (transformers.Qwen2Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1)),
     "gemma_mqa": (transformers.GemmaConfig,
                   dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                       hidden_activation="gelu_pytorch_tanh")),
+                       hidden_act="gelu")),  # the released Gemma configs' legacy value
     "gemma2_gqa_softcap_sliding": (transformers.Gemma2Config, dict(
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
         query_pre_attn_scalar=24, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),

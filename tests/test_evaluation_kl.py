@@ -15,7 +15,7 @@ from refusal_jax.evaluation.kl import (
     mean_kl,
 )
 from refusal_jax.interventions import activation_addition
-from tests.hf_reference import ragged_batch, tiny_hf_model, to_ours
+from hf_reference import ragged_batch, tiny_hf_model, to_ours
 
 
 def reference_kl(p_logits, q_logits):

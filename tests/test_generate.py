@@ -14,9 +14,9 @@ from refusal_jax.models.core import forward
 from refusal_jax.models.generate import Sampling, generate
 
 NEW_TOKENS = 8
-NEVER = 127
+NEVER = 127  # a stop id; tests that need a stop pick one from the generated text
 # The package re-exports the `generate` function under the module's name.
-generate_module = importlib.import_module("refusal_jax.models.generate")  # a stop id; tests that need a stop pick one from the generated text
+generate_module = importlib.import_module("refusal_jax.models.generate")
 
 
 @functools.lru_cache(maxsize=None)

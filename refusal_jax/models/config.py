@@ -15,17 +15,17 @@ import numpy as np
 
 # HF `model_type` -> our family. Llama-like models (Llama-2/3, Yi, SmolLM2, Mistral) share one.
 FAMILIES = {
-        "llama": "llama",
-        "mistral": "llama",
-        "yi": "llama",
-        "qwen2": "qwen2",
-        "gemma": "gemma",
-        "gemma2": "gemma2",
+    "llama": "llama",
+    "mistral": "llama",
+    "yi": "llama",
+    "qwen2": "qwen2",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
 }
 
 
 class UnsupportedModelError(ValueError):
-        """Raised for an architecture refusal_jax does not implement."""
+    """Raised for an architecture refusal_jax does not implement."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +62,18 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in set(FAMILIES.values()):
             raise UnsupportedModelError(
-                    f"unknown family {self.family!r}; supported: {sorted(set(FAMILIES.values()))}")
+                f"unknown family {self.family!r}; supported: {sorted(set(FAMILIES.values()))}"
+            )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        self.rope_inverse_frequencies()  # unsupported rope scaling fails here, not inside jit
         if self.sliding_windows and len(self.sliding_windows) != self.n_layers:
-            raise ValueError(f"sliding_windows has {len(self.sliding_windows)} entries for "
-                                              f"{self.n_layers} layers")
+            raise ValueError(
+                f"sliding_windows has {len(self.sliding_windows)} entries for "
+                f"{self.n_layers} layers"
+            )
 
     @property
     def attention_scale(self) -> float:
@@ -81,7 +87,9 @@ class ModelConfig:
 
     def rope_inverse_frequencies(self) -> np.ndarray:
         """RoPE inverse frequencies (head_dim // 2,), with the config's scaling applied."""
-        exponents = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32) / self.head_dim
+        exponents = (
+            np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32) / self.head_dim
+        )
         inv_freq = 1.0 / (self.rope_theta**exponents)
         scaling = dict(self.rope_scaling)
         kind = scaling.get("rope_type", "default")
@@ -92,7 +100,8 @@ class ModelConfig:
         if kind == "llama3":
             return _llama3_inverse_frequencies(inv_freq, scaling)
         raise UnsupportedModelError(
-                f"rope scaling {kind!r} is not implemented; supported: default, linear, llama3")
+            f"rope scaling {kind!r} is not implemented; supported: default, linear, llama3"
+        )
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "ModelConfig":
@@ -100,8 +109,9 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in FAMILIES:
             raise UnsupportedModelError(
-                    f"architecture {model_type!r} is not supported; supported model_type values: "
-                    f"{sorted(FAMILIES)}. Add a family in refusal_jax/models/config.py (see WORKSPACE.md).")
+                f"architecture {model_type!r} is not supported; supported model_type values: "
+                f"{sorted(FAMILIES)}. Add a family in refusal_jax/models/config.py (see WORKSPACE.md)."
+            )
         family = FAMILIES[model_type]
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
@@ -115,36 +125,44 @@ class ModelConfig:
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         gemma = family in ("gemma", "gemma2")
         return cls(
-                family=family,
-                vocab_size=hf["vocab_size"],
-                d_model=hf["hidden_size"],
-                n_layers=hf["num_hidden_layers"],
-                n_heads=n_heads,
-                n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-                head_dim=head_dim,
-                d_ff=hf["intermediate_size"],
-                max_context=hf.get("max_position_embeddings", 2048),
-                norm_eps=hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5),
-                rope_theta=float(rope_theta),
-                rope_scaling=tuple(sorted(rope.items())) if rope.get("rope_type", "default") != "default"
-                else (),
-                tie_embeddings=hf.get("tie_word_embeddings", gemma),
-                qkv_bias=family == "qwen2",
-                activation=_activation(hf),
-                norm_weight_offset=1.0 if gemma else 0.0,
-                scale_embeddings=gemma,
-                post_norms=family == "gemma2",
-                attn_softcap=hf.get("attn_logit_softcapping") if family == "gemma2" else None,
-                final_softcap=hf.get("final_logit_softcapping") if family == "gemma2" else None,
-                query_scale=(hf["query_pre_attn_scalar"]**-0.5 if family == "gemma2" else None),
-                sliding_windows=_sliding_windows(hf, model_type),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=eos,
+            family=family,
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim,
+            d_ff=hf["intermediate_size"],
+            max_context=hf.get("max_position_embeddings", 2048),
+            norm_eps=hf.get("rms_norm_eps", 1e-6 if gemma else 1e-5),
+            rope_theta=float(rope_theta),
+            rope_scaling=tuple(sorted(rope.items()))
+            if rope.get("rope_type", "default") != "default"
+            else (),
+            tie_embeddings=hf.get("tie_word_embeddings", gemma),
+            qkv_bias=family == "qwen2",
+            activation=_activation(hf, model_type),
+            norm_weight_offset=1.0 if gemma else 0.0,
+            scale_embeddings=gemma,
+            post_norms=family == "gemma2",
+            attn_softcap=hf.get("attn_logit_softcapping", 50.0) if family == "gemma2" else None,
+            final_softcap=hf.get("final_logit_softcapping", 30.0) if family == "gemma2" else None,
+            query_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5 if family == "gemma2" else None,
+            sliding_windows=_sliding_windows(hf, model_type),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos,
         )
 
 
-def _activation(hf: Mapping[str, Any]) -> str:
-    name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+def _activation(hf: Mapping[str, Any], model_type: str) -> str:
+    # Gemma2 reads `hidden_activation`; the others read `hidden_act`. Gemma-1's released configs
+    # say "gelu", which transformers maps to the tanh approximation, and so do we.
+    if model_type == "gemma2":
+        name = hf.get("hidden_activation", "gelu_pytorch_tanh")
+    else:
+        name = hf.get("hidden_act", "gelu_pytorch_tanh" if model_type == "gemma" else "silu")
+    if model_type == "gemma" and name == "gelu":
+        name = "gelu_pytorch_tanh"
     if name in ("silu", "swish"):
         return "silu"
     if name in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"):
@@ -153,7 +171,7 @@ def _activation(hf: Mapping[str, Any]) -> str:
 
 
 def _sliding_windows(hf: Mapping[str, Any], model_type: str) -> tuple[int, ...]:
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", 4096 if model_type == "gemma2" else None)
     if model_type == "qwen2" and not hf.get("use_sliding_window", False):
         window = None
     if not window:
@@ -161,11 +179,15 @@ def _sliding_windows(hf: Mapping[str, Any], model_type: str) -> tuple[int, ...]:
     layer_types = hf.get("layer_types")
     n_layers = hf["num_hidden_layers"]
     if layer_types is None and model_type == "gemma2":
-        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+        layer_types = [
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)
+        ]
     if layer_types is None and model_type == "qwen2":
-        first_full = hf.get("max_window_layers", n_layers)
-        layer_types = ["sliding_attention" if i >= first_full else "full_attention"
-                                      for i in range(n_layers)]
+        first_sliding = hf.get("max_window_layers", n_layers)
+        layer_types = [
+            "sliding_attention" if i >= first_sliding else "full_attention"
+            for i in range(n_layers)
+        ]
     if layer_types is None:
         return (int(window),) * n_layers
     return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)

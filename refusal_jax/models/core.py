@@ -181,7 +181,8 @@ def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mode
       tokens, valid: [B, T] token ids and non-padding mask (see module docstring).
       intervention: None, or an intervention pytree with a leading layer axis on every leaf.
       capture_positions: optional [B, P] token indices whose block inputs are returned.
-      cache: optional KV cache; the new tokens are written after its `length` filled slots.
+      cache: optional KV cache; the new tokens are written after its `length` filled slots
+        (the caller keeps `length + T` within the cache: jit cannot check traced lengths).
       logits: "all" positions, only the "last" one (what generation needs), or "none".
     """
     B, T = tokens.shape
@@ -189,7 +190,11 @@ def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mode
         raise ValueError(f"sequence of {T} tokens exceeds the model's context of "
                          f"{config.max_context}; shorten the prompts or raise max_context")
     if intervention is not None:
-        check_compatible(intervention, n_layers=config.n_layers, d_model=config.d_model)
+        check_compatible(intervention, n_layers=config.n_layers, d_model=config.d_model,
+                         allow_candidate_axis=False)
+    if cache is not None and T > cache.keys.shape[2]:
+        raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.keys.shape[2]} slots; "
+                         "allocate KVCache.empty with max_len >= prompt + generated tokens")
     valid = valid.astype(bool)
     start = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_position
     positions = jnp.where(valid, start[:, None] + jnp.cumsum(valid, axis=1) - 1, -1)
