@@ -102,6 +102,29 @@ def _bucketed_length(length: int, length_bucket: LengthBucket) -> int:
     return -(-length // multiple) * multiple
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for left padding: the tokenizer's pad token, else its eos, else 0."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], *, length: int | None = None,
+             rows: int | None = None, pad_id: int = 0) -> Batch:
+    """Left-pads token lists into a [rows, length] `Batch` (defaults: one row each, the longest).
+
+    Rows beyond `token_lists` (fillers that keep a batch shape fixed) are entirely padding; the
+    forward pass keeps such rows finite, and callers ignore their outputs.
+    """
+    length = max(map(len, token_lists)) if length is None else length
+    rows = len(token_lists) if rows is None else rows
+    tokens = np.full((rows, length), pad_id, np.int32)
+    valid = np.zeros((rows, length), bool)
+    for row, ids in enumerate(token_lists):
+        if len(ids):
+            tokens[row, length - len(ids):] = ids
+            valid[row, length - len(ids):] = True
+    return Batch(tokens=tokens, valid=valid)
+
+
 class ChatFormat:
     """A tokenizer's chat template applied to single-turn instructions.
 
@@ -218,13 +241,8 @@ class ChatFormat:
                              f"shorten or drop them:\n{_list_prompts(too_long)}")
 
         length = min(_bucketed_length(max(map(len, token_lists)), length_bucket), limit)
-        pad_id = next((i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-                       if i is not None), 0)
-        tokens = np.full((len(token_lists), length), pad_id, np.int32)
-        valid = np.zeros((len(token_lists), length), bool)
-        for row, ids in enumerate(token_lists):
-            tokens[row, length - len(ids):] = ids
-            valid[row, length - len(ids):] = True
+        batch = left_pad(token_lists, length=length, pad_id=pad_token_id(self.tokenizer))
+        tokens = batch.tokens
 
         eoi_ok = np.all(tokens[:, length - self.n_eoi:] == np.asarray(self.eoi_token_ids), axis=1)
         merged = [f"#{row}: {_preview(instructions[row])}" for row in np.flatnonzero(~eoi_ok)]
@@ -233,7 +251,7 @@ class ChatFormat:
                              f"{self.tokenizer.convert_ids_to_tokens(list(self.eoi_token_ids))}; "
                              f"their end merges with the template text (strip trailing "
                              f"whitespace or punctuation):\n{_list_prompts(merged)}")
-        return Batch(tokens=tokens, valid=valid)
+        return batch
 
     def eoi_positions(self, batch: Batch) -> np.ndarray:
         """Column indices [B, n_eoi] int32 of the EOI tokens (for `capture_positions`)."""

@@ -1,1 +1,1 @@
-"""Evaluation of completions and logits: refusal metrics (`refusal`)."""
+"""Evaluation: refusal metrics, KL, cross-entropy, safety judge, multiple choice, geometry, k-curve."""

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.chat import ChatFormat
+from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import Params
@@ -87,25 +87,11 @@ class CrossEntropy:
         return math.exp(self.nats)
 
 
-def _left_pad(rows: Sequence[tuple[list[int], list[bool]]], length: int, pad_id: int):
-    tokens = np.full((len(rows), length), pad_id, np.int32)
-    valid = np.zeros((len(rows), length), bool)
-    targets = np.zeros((len(rows), length), bool)
-    for row, (ids, scored) in enumerate(rows):
-        tokens[row, length - len(ids):] = ids
-        valid[row, length - len(ids):] = True
-        targets[row, length - len(ids):] = scored
-    return tokens, valid, targets
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-
-
 def _scored_tokens(rows: list[tuple[list[int], list[bool]]], tokenizer: Any,
                    name: str) -> ScoredTokens:
-    tokens, valid, targets = _left_pad(rows, max(len(ids) for ids, _ in rows), _pad_id(tokenizer))
-    return ScoredTokens(tokens=tokens, valid=valid, targets=targets, name=name)
+    batch = left_pad([ids for ids, _ in rows], pad_id=pad_token_id(tokenizer))
+    targets = left_pad([scored for _, scored in rows]).tokens.astype(bool)
+    return ScoredTokens(tokens=batch.tokens, valid=batch.valid, targets=targets, name=name)
 
 
 def builtin_text() -> str:

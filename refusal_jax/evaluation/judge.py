@@ -30,7 +30,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.chat import ChatFormat
+from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
 from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.generate import generate
@@ -191,15 +191,9 @@ class SafetyJudge:
                              f"of {self.config.max_context} allows (minus {self.max_new_tokens} "
                              "new tokens); truncate the completions")
         length = min(length, room)
-        pad_id = next((i for i in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-                       if i is not None), 0)
-        tokens = np.full((self.batch_size, length), pad_id, np.int32)
-        valid = np.zeros((self.batch_size, length), bool)
-        valid[len(token_lists):, -1] = True  # filler rows: one token, so no row is empty
-        for row, ids in enumerate(token_lists):
-            tokens[row, length - len(ids):] = ids
-            valid[row, length - len(ids):] = True
-        return tokens, valid
+        batch = left_pad(token_lists, length=length, rows=self.batch_size,
+                         pad_id=pad_token_id(self.tokenizer))
+        return batch.tokens, batch.valid
 
     def _judge_batch(self, texts: list[str]) -> list[tuple[bool | None, str]]:
         tokens, valid = self._batch(texts)

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from refusal_jax.chat import ChatFormat
+from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
 from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import Params
@@ -251,20 +251,14 @@ def evaluate_multiple_choice(params: Params, questions: Sequence[Question], *,
     if longest > config.max_context:
         raise ValueError(f"a {n_shots}-shot prompt has {longest} tokens, more than the model's "
                          f"context of {config.max_context}; use fewer shots")
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None),
-                  0)
+    pad_id = pad_token_id(tokenizer)
     scores = np.zeros((len(questions), n_letters), np.float64)
     for start in range(0, len(questions), batch_size):
         chunk = token_lists[start:start + batch_size]
         length = min(-(-max(map(len, chunk)) // length_bucket) * length_bucket,
                      config.max_context)
-        tokens = np.full((batch_size, length), pad_id, np.int32)
-        valid = np.zeros((batch_size, length), bool)
-        valid[len(chunk):, -1] = True  # filler rows
-        for row, ids in enumerate(chunk):
-            tokens[row, length - len(ids):] = ids
-            valid[row, length - len(ids):] = True
-        logits = np.asarray(last_position_logits(params, tokens, valid, config=config,
+        batch = left_pad(chunk, length=length, rows=batch_size, pad_id=pad_id)
+        logits = np.asarray(last_position_logits(params, batch.tokens, batch.valid, config=config,
                                                  intervention=intervention))
         scores[start:start + len(chunk)] = logits[:len(chunk)][:, letters]
     n_choices = np.array([len(q.choices) for q in questions])
