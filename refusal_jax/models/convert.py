@@ -96,14 +96,14 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray],
         tensors = []
         for key in keys:
             if key not in state_dict:
-                problems.append(f"missing tensor {key} (expected shape {_hf_shape(expected, rule)})")
+                problems.append(f"missing tensor {key} (expected shape {hf_shape(expected, rule)})")
                 continue
             used.add(key)
             tensor = np.asarray(state_dict[key])
             tensor = tensor.T if rule.transpose else tensor
             if tensor.shape != expected:
-                problems.append(f"tensor {key} has shape {_hf_shape(tensor.shape, rule)}, "
-                                f"expected {_hf_shape(expected, rule)}")
+                problems.append(f"tensor {key} has shape {hf_shape(tensor.shape, rule)}, "
+                                f"expected {hf_shape(expected, rule)}")
                 continue
             tensors.append(tensor)
         if len(tensors) == len(keys):
@@ -111,7 +111,7 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray],
             flat[rule.path] = jnp.asarray(stacked, dtype=dtype)
     tied_copy = {"lm_head.weight"} if config.tie_embeddings else set()
     unexpected = sorted(k for k in set(state_dict) - used - tied_copy
-                        if not k.endswith(_NON_PARAMETER_SUFFIXES))
+                        if not k.endswith(NON_PARAMETER_SUFFIXES))
     problems += [f"unexpected tensor {key}" for key in unexpected]
     if problems:
         raise CheckpointMismatchError(
@@ -122,10 +122,10 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray],
 
 
 # Buffers that older checkpoints carry but that are not parameters.
-_NON_PARAMETER_SUFFIXES = ("rotary_emb.inv_freq",)
+NON_PARAMETER_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _hf_shape(shape: tuple[int, ...], rule: WeightRule) -> tuple[int, ...]:
+def hf_shape(shape: tuple[int, ...], rule: WeightRule) -> tuple[int, ...]:
     return tuple(reversed(shape)) if rule.transpose else tuple(shape)
 
 

@@ -1,0 +1,486 @@
+"""Scale-out with JAX's SPMD runtime: a `Mesh`, logical-axis rules and `NamedSharding`s.
+
+Conventions (fixed here once):
+- The mesh has three axes, always in this order: ``data`` (batch and candidate parallelism),
+  ``fsdp`` (weights sharded on their ``embed`` axis, batch sharded too) and ``model`` (tensor
+  parallelism over heads, MLP width and vocabulary). Configs give the mesh shape as a mapping
+  such as ``{"data": -1, "model": 4}``; missing axes have size 1 and one axis may be -1 (the
+  devices left over). Every axis is `AxisType.Auto`: jit propagates shardings from the inputs
+  and XLA inserts the collectives, so the model code carries no sharding annotations.
+- Every weight declares its logical axes once, in `refusal_jax.models.params.param_specs`
+  (vocab, embed, q_heads, kv_heads, mlp, layers). Activations use ``batch``; the leading axes of
+  the embarrassingly parallel work use ``candidates`` (a vmapped intervention sweep) and
+  ``pairs`` (INLP's flat (position, layer) axis). A logical axis of None is replicated.
+- `Rules` map each logical axis to a mesh axis, a tuple of mesh axes, or None (replicated).
+  Every dimension must be divisible by the mesh axes it is split over, and a mesh axis may
+  shard at most one dimension of an array; both are checked here with errors that name the
+  weight. Pad a leading axis with `pad_leading_axis` when it does not divide.
+- Weights load straight into their sharded layout (`load_sharded_params`): the checkpoint is
+  read one tensor at a time, each host transfers only the slices its devices own, and stacked
+  layer weights are filled in place one layer at a time, so no host ever holds more than one
+  checkpoint tensor.
+
+Precision (`DtypePolicy`): bfloat16 is safe for weights and activations (the residual stream,
+matmuls, the KV cache and captured activations); float32 is kept wherever numbers are compared
+or fitted: RMSNorm statistics, attention softmax and logits (core.py), DiM means and INLP fits
+(the directions package casts its inputs to float32), the refusal-score log-odds (evaluation),
+KL divergence and cross-entropy (computed from float32 logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from refusal_jax.models.checkpoints import Source, iter_hf_tensors
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.convert import (
+    NON_PARAMETER_SUFFIXES,
+    CheckpointMismatchError,
+    WeightRule,
+    hf_shape,
+    weight_map,
+)
+from refusal_jax.models.core import KVCache
+from refusal_jax.models.params import Params, init_params, param_specs
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Mapping[str, MeshAxes]
+
+DEFAULT_RULES: Rules = types.MappingProxyType({
+    # Weights (logical axes declared in params.py).
+    "vocab": "model",
+    "embed": "fsdp",
+    "q_heads": "model",
+    "kv_heads": "model",
+    "mlp": "model",
+    "layers": None,
+    # Activations and the leading axes of parallel work.
+    "batch": ("data", "fsdp"),
+    "candidates": ("data", "fsdp"),
+    "pairs": ("data", "fsdp", "model"),
+})
+
+# Logical axes of the KV cache's keys/values [L, B, S, K, head_dim] and of captures [B, P, L, D].
+KV_CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", None, "kv_heads", None)
+CAPTURE_AXES: tuple[str | None, ...] = ("batch", None, None, None)
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------
+# Meshes.
+
+
+def mesh_shape(shape: Mapping[str, int] | Sequence[int], n_devices: int) -> tuple[int, int, int]:
+    """Resolves a config's mesh shape to (data, fsdp, model) sizes for `n_devices` devices."""
+    if isinstance(shape, Mapping) or hasattr(shape, "items"):  # also an ml_collections dict
+        shape = dict(shape.items())
+        unknown = sorted(set(shape) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"unknown mesh axes {unknown}; the mesh axes are {MESH_AXES}.")
+        sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    else:
+        sizes = [int(size) for size in shape]
+        if len(sizes) != len(MESH_AXES):
+            raise ValueError(f"a mesh shape needs {len(MESH_AXES)} sizes {MESH_AXES}; got {sizes}.")
+    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"mesh sizes must be positive, with at most one -1; got "
+                         f"{_describe(sizes)}.")
+    if -1 in sizes:
+        known = math.prod(size for size in sizes if size != -1)
+        if n_devices % known:
+            raise ValueError(f"{n_devices} devices cannot be split into a mesh "
+                             f"{_describe(sizes)}: {known} does not divide {n_devices}.")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(
+            f"mesh {_describe(sizes)} needs {math.prod(sizes)} devices but {n_devices} are "
+            "available; change the mesh shape (one axis may be -1), or on CPU simulate devices "
+            "with XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax.")
+    return tuple(sizes)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] = types.MappingProxyType({"data": -1}),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, model) mesh over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(shape, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def abstract_mesh(shape: Mapping[str, int] | Sequence[int], n_devices: int) -> AbstractMesh:
+    """A device-free mesh of `n_devices`, for planning layouts of machines not at hand."""
+    return AbstractMesh(mesh_shape(shape, n_devices), MESH_AXES,
+                        axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _describe(sizes: Sequence[int]) -> str:
+    return " x ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes, strict=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical axes -> PartitionSpec -> NamedSharding.
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules = DEFAULT_RULES
+                    ) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have these logical names."""
+    used: dict[str, str] = {}
+    spec = []
+    for logical in logical_axes:
+        if logical is None:
+            spec.append(None)
+            continue
+        if logical not in rules:
+            raise ValueError(f"no sharding rule for logical axis {logical!r}; add it to the rules "
+                             "(None replicates it).")
+        target = rules[logical]
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        for name in names:
+            if name not in MESH_AXES:
+                raise ValueError(f"rule {logical!r} -> {target!r} names mesh axis {name!r}; the "
+                                 f"mesh axes are {MESH_AXES}.")
+            if name in used:
+                raise ValueError(f"mesh axis {name!r} would shard both {used[name]!r} and "
+                                 f"{logical!r} of an array with axes {tuple(logical_axes)}; map "
+                                 "one of them to another mesh axis or to None.")
+            used[name] = logical
+        spec.append(target if isinstance(target, str) or target is None else tuple(target))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh | AbstractMesh, shape: Sequence[int],
+                   logical_axes: Sequence[str | None], rules: Rules = DEFAULT_RULES,
+                   name: str = "array") -> NamedSharding:
+    """The sharding of an array of `shape`, checking that every split dimension divides."""
+    if len(shape) != len(logical_axes):
+        raise ValueError(f"{name} has shape {tuple(shape)} but logical axes "
+                         f"{tuple(logical_axes)}.")
+    spec = logical_to_spec(logical_axes, rules)
+    for dim, (size, logical, axes) in enumerate(zip(shape, logical_axes, spec, strict=True)):
+        split = _split_count(mesh, axes)
+        if size % split:
+            raise ValueError(
+                f"{name} of shape {tuple(shape)}: dimension {dim} ({logical!r}, size {size}) is "
+                f"split over mesh axes {axes!r} of total size {split}, which does not divide it; "
+                f"choose a mesh whose {axes!r} size divides {size}, or map {logical!r} to None.")
+    return NamedSharding(mesh, spec)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh | AbstractMesh,
+                    rules: Rules = DEFAULT_RULES) -> Params:
+    """A `NamedSharding` for every weight, derived from `param_specs(config)` and the rules."""
+    named = leaves_by_path(param_specs(config))
+    shardings = {path: named_sharding(mesh, spec.shape, spec.logical_axes, rules, f"weight {path}")
+                 for path, spec in named.items()}
+    return _replace_leaves(param_specs(config), shardings)
+
+
+def abstract_sharded_params(config: ModelConfig, mesh: Mesh | AbstractMesh, dtype=jnp.float32,
+                            rules: Rules = DEFAULT_RULES) -> Params:
+    """`jax.eval_shape` of the sharded initialiser: shapes, dtypes and shardings, no memory."""
+    shardings = param_shardings(config, mesh, rules)
+    init = functools.partial(init_params, config, dtype=dtype)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
+def kv_cache_shardings(config: ModelConfig, mesh: Mesh | AbstractMesh, batch: int, length: int,
+                       rules: Rules = DEFAULT_RULES) -> KVCache:
+    """Shardings of a `KVCache` of `batch` rows and `length` slots (batch and kv heads split)."""
+    kv_shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    kv = named_sharding(mesh, kv_shape, KV_CACHE_AXES, rules, "KV cache")
+    row = named_sharding(mesh, (batch, length), ("batch", None), rules, "KV cache positions")
+    vector = named_sharding(mesh, (batch,), ("batch",), rules, "KV cache next positions")
+    return KVCache(keys=kv, values=kv, positions=row, next_position=vector,
+                   length=NamedSharding(mesh, PartitionSpec()))
+
+
+def capture_sharding(config: ModelConfig, mesh: Mesh | AbstractMesh, batch: int, n_positions: int,
+                     rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of captured activations [B, P, L, D] (split over the batch)."""
+    shape = (batch, n_positions, config.n_layers, config.d_model)
+    return named_sharding(mesh, shape, CAPTURE_AXES, rules, "captures")
+
+
+# ----------------------------------------------------------------------------------------------
+# Placing arrays.
+
+
+def put_global(value: np.ndarray | jax.Array, sharding: NamedSharding) -> jax.Array:
+    """A global array from a value every process holds in full; each host sends only its slices."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def shard_params(params: Params, config: ModelConfig, mesh: Mesh,
+                 rules: Rules = DEFAULT_RULES) -> Params:
+    """Re-lays out parameters that are already in memory (small models, tests)."""
+    return jax.tree.map(put_global, params, param_shardings(config, mesh, rules))
+
+
+def init_sharded_params(config: ModelConfig, key: jax.Array, mesh: Mesh, dtype=jnp.float32,
+                        rules: Rules = DEFAULT_RULES, scale: float = 0.02) -> Params:
+    """Random parameters (`init_params`) created directly in their sharded layout."""
+    init = jax.jit(functools.partial(init_params, config, dtype=dtype, scale=scale),
+                   out_shardings=param_shardings(config, mesh, rules))
+    return init(key)
+
+
+def leading_axis_sharding(mesh: Mesh, shape: Sequence[int], logical_axis: str,
+                          rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding that splits axis 0 of an array of `shape` along `logical_axis`'s mesh axes."""
+    return named_sharding(mesh, shape, (logical_axis,) + (None,) * (len(shape) - 1), rules,
+                          f"leading {logical_axis!r} axis")
+
+
+def shard_leading_axis(tree: T, mesh: Mesh, logical_axis: str, rules: Rules = DEFAULT_RULES) -> T:
+    """Places every leaf of `tree` with its axis 0 split along `logical_axis` (e.g. "pairs").
+
+    Every leaf must have the same leading size, divisible by the mesh axes (see
+    `pad_leading_axis`).
+    """
+    _leading_size(tree, "shard_leading_axis")
+    return jax.tree.map(
+        lambda leaf: put_global(leaf, leading_axis_sharding(mesh, np.shape(leaf), logical_axis,
+                                                            rules)), tree)
+
+
+def shard_batch(tree: T, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> T:
+    """Places a batch (tokens, valid, capture positions, ...) with its rows split over `batch`."""
+    return shard_leading_axis(tree, mesh, "batch", rules)
+
+
+def pad_leading_axis(tree: T, multiple: int) -> tuple[T, int]:
+    """Pads axis 0 of every leaf (on the host, as numpy) to a multiple of `multiple` by
+    repeating its last entry.
+
+    Returns the padded tree and the original size; the padded entries are valid inputs (copies),
+    so they compute finite results that the caller drops with ``[:size]``.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1; got {multiple}.")
+    size = _leading_size(tree, "pad_leading_axis")
+    if size == 0:
+        raise ValueError("cannot pad an empty leading axis; there must be at least one entry.")
+    extra = -size % multiple
+
+    def pad(leaf):
+        leaf = np.asarray(leaf)
+        return np.concatenate([leaf, np.repeat(leaf[-1:], extra, axis=0)], axis=0)
+
+    return (jax.tree.map(pad, tree) if extra else tree), size
+
+
+def _leading_size(tree: Any, caller: str) -> int:
+    sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(tree)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"{caller} needs leaves that share one leading axis; got leading sizes "
+                         f"{sorted(sizes, key=str)}.")
+    return sizes.pop()
+
+
+def axis_size(mesh: Mesh | AbstractMesh, logical_axis: str, rules: Rules = DEFAULT_RULES) -> int:
+    """How many ways `logical_axis` is split on `mesh` (the multiple to pad it to)."""
+    return _split_count(mesh, logical_to_spec((logical_axis,), rules)[0])
+
+
+def _split_count(mesh: Mesh | AbstractMesh, axes: MeshAxes) -> int:
+    """Number of pieces a dimension mapped to `axes` (one PartitionSpec entry) is split into."""
+    names = (axes,) if isinstance(axes, str) else axes or ()
+    return math.prod(mesh.shape[name] for name in names)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a checkpoint straight into its sharded layout.
+
+# Checkpoint tensors that are not parameters (as in convert.py).
+
+
+def load_sharded_params(source: Source, config: ModelConfig, mesh: Mesh, *, dtype=jnp.float32,
+                        rules: Rules = DEFAULT_RULES, gguf_file: str | None = None) -> Params:
+    """Loads a checkpoint tensor by tensor, shard file by shard file, into sharded `Params`.
+
+    Uses convert.py's `weight_map` (HF name, transpose) for every tensor. Each process reads the
+    checkpoint's tensors one at a time and transfers only the slices its own devices hold
+    (`jax.make_array_from_callback`); a stacked layer weight is allocated sharded and filled in
+    place, one layer at a time, and no tensor outlives its turn. Every missing, unexpected or
+    mis-shaped tensor is collected and reported together in one `CheckpointMismatchError`, as
+    `params_from_hf` does.
+    """
+    loader = _ShardedLoader(config, mesh, rules, jnp.dtype(dtype))
+    for name, tensor in iter_hf_tensors(source, gguf_file=gguf_file, dtype=None):
+        loader.add(name, tensor)
+        del tensor  # the next tensor is read only once this one is gone
+    return loader.finish()
+
+
+class _ShardedLoader:
+    """Places checkpoint tensors, one at a time, into their slots of sharded `Params`."""
+
+    def __init__(self, config: ModelConfig, mesh: Mesh, rules: Rules, dtype: jnp.dtype):
+        self.config, self.mesh, self.dtype = config, mesh, dtype
+        self.specs = leaves_by_path(param_specs(config))
+        self.shardings = leaves_by_path(param_shardings(config, mesh, rules))
+        self.table: dict[str, tuple[WeightRule, int | None]] = {}
+        for rule in weight_map(config):
+            if rule.stacked:
+                self.table.update({rule.hf_key.format(i=i): (rule, i)
+                                   for i in range(config.n_layers)})
+            else:
+                self.table[rule.hf_key] = (rule, None)
+        self.loaded: dict[str, jax.Array] = {}
+        self.filled: dict[str, set[int]] = {}
+        self.seen: set[str] = set()  # checkpoint names found, whether they fit or not
+        self.problems: list[str] = []
+
+    def add(self, name: str, tensor: np.ndarray) -> None:
+        if name not in self.table:
+            tied_copy = self.config.tie_embeddings and name == "lm_head.weight"
+            if not (tied_copy or name.endswith(NON_PARAMETER_SUFFIXES)):
+                self.problems.append(f"unexpected tensor {name}")
+            return
+        self.seen.add(name)
+        rule, layer = self.table[name]
+        full_shape = self.specs[rule.path].shape
+        expected = full_shape if layer is None else full_shape[1:]
+        value = tensor.T if rule.transpose else tensor
+        if value.shape != expected:
+            self.problems.append(f"tensor {name} has shape {tensor.shape}, expected "
+                                 f"{hf_shape(expected, rule)}")
+            return
+        value = value.astype(self.dtype)
+        sharding = self.shardings[rule.path]
+        if layer is None:
+            self.loaded[rule.path] = put_global(value, sharding)
+            return
+        if rule.path not in self.loaded:
+            self.loaded[rule.path] = _sharded_zeros(full_shape, self.dtype, sharding)
+            self.filled[rule.path] = set()
+        layer_value = put_global(value, NamedSharding(self.mesh, PartitionSpec(*sharding.spec[1:])))
+        self.loaded[rule.path] = _layer_setter(sharding)(self.loaded[rule.path], layer_value,
+                                                         jnp.int32(layer))
+        self.filled[rule.path].add(layer)
+
+    def finish(self) -> Params:
+        for hf_key, (rule, layer) in self.table.items():
+            if hf_key in self.seen:
+                continue
+            full_shape = self.specs[rule.path].shape
+            shape = full_shape if layer is None else full_shape[1:]
+            self.problems.append(f"missing tensor {hf_key} (expected shape "
+                                 f"{hf_shape(shape, rule)})")
+        if self.problems:
+            config = self.config
+            raise CheckpointMismatchError(
+                f"checkpoint does not match the {config.family} config ({config.n_layers} layers, "
+                f"d_model={config.d_model}); {len(self.problems)} problem(s):\n  "
+                + "\n  ".join(self.problems))
+        return _replace_leaves(param_specs(self.config), self.loaded)
+
+
+def _sharded_zeros(shape: tuple[int, ...], dtype: jnp.dtype, sharding: NamedSharding) -> jax.Array:
+    return _zeros_maker(shape, dtype, sharding)()
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_maker(shape: tuple[int, ...], dtype: jnp.dtype,
+                 sharding: NamedSharding) -> Callable[[], jax.Array]:
+    """Jitted zeros created directly in their sharded layout (one compile per layout)."""
+    return jax.jit(functools.partial(jnp.zeros, shape, dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_setter(sharding: NamedSharding) -> Callable[..., jax.Array]:
+    """Jitted in-place (donated) write of one layer into a stacked, sharded weight."""
+
+    def set_layer(stacked, value, layer):
+        return jax.lax.dynamic_update_index_in_dim(stacked, value, layer, 0)
+
+    return jax.jit(set_layer, donate_argnums=0, out_shardings=sharding)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes per device.
+
+
+def planned_bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds for a tree of sharded `jax.ShapeDtypeStruct`s (even shardings)."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree))
+
+
+def addressable_bytes(tree: Any) -> dict[jax.Device, int]:
+    """Bytes each local device actually holds for a tree of `jax.Array`s."""
+    totals: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision.
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DtypePolicy:
+    """Where bfloat16 may be used; everything else listed in the module docstring is float32.
+
+    params: dtype of the weights, hence of the matmuls, the residual stream, the KV cache and
+      the activations as captured ("bfloat16" halves memory and doubles throughput on TPUs and
+      GPUs; RMSNorm statistics, attention softmax and logits stay float32 inside the forward).
+    captures: dtype in which captured activations are stored for the direction estimators
+      (DiM means and INLP fits run in float32 whatever is stored).
+    """
+
+    params: str = "float32"
+    captures: str = "float32"
+
+    def __post_init__(self):
+        for field in ("params", "captures"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(f"DtypePolicy.{field} must be one of {sorted(_DTYPES)}; got "
+                                 f"{getattr(self, field)!r} (float16 overflows in the residual "
+                                 "stream of several families).")
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(_DTYPES[self.params])
+
+    @property
+    def captures_dtype(self) -> jnp.dtype:
+        return jnp.dtype(_DTYPES[self.captures])
+
+
+# ----------------------------------------------------------------------------------------------
+# Params <-> {"embed": ..., "layers.q_proj": ...}.
+
+
+def leaves_by_path(tree: Params) -> dict[str, Any]:
+    """The present (non-None) leaves of a Params-shaped tree by dotted path ("layers.q_proj")."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(key.name for key in path): leaf for path, leaf in flat}
+
+
+def _replace_leaves(template: Params, values: Mapping[str, Any]) -> Params:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree_util.tree_unflatten(
+        treedef, [values[".".join(key.name for key in path)] for path, _ in flat])
+
