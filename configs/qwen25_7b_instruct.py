@@ -1,0 +1,11 @@
+"""Qwen2.5-7B-Instruct (Qwen-1 models are not supported) with the reference settings (METHOD.md): run on an accelerator."""
+
+from refusal_jax.pipeline.config import reference_config
+
+
+def get_config():
+    config = reference_config("Qwen/Qwen2.5-7B-Instruct")
+    config.runtime.batch_size = 32
+    config.runtime.generation_batch_size = 64
+    config.runtime.candidate_chunk = 8
+    return config

@@ -1,0 +1,188 @@
+"""The study's configuration: every key with its default, and checks of the values.
+
+Config files in ``configs/`` call :func:`base_config` and change what differs. The returned
+``ConfigDict`` is locked, so a misspelt key (in a file or a ``--config.key=value`` override)
+is an error rather than a silently ignored setting. Keys:
+
+model.source          ``"default"``, ``"smollm2-135m-instruct"``, an HF directory, a hub id, a
+                      ``.gguf`` file, or ``"random:llama-tiny"`` (see ``pipeline.models``)
+model.dtype           ``"float32"`` or ``"bfloat16"``
+model.system_prompt   system turn before every instruction; "" keeps the template's default
+seed                  seed of prompt sampling and of random models
+data.*                prompt-set sources (built-in names, JSON paths, ``hf:`` ids), the sample
+                      sizes and the refusal-score filters (``pipeline.data``)
+directions.*          INLP options (METHOD.md section 4) and the k policy
+select.*              candidate selection (METHOD.md section 5; ``pipeline.select``)
+infer.*               completions: which interventions, ``max_new_tokens``
+evaluate.*            evaluation options, passed to the evaluation modules
+runtime.*             batch sizes and chunking; left out of the config hash (they change
+                      speed, not results)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from refusal_jax.directions import K_POLICIES
+
+# Every intervention the infer stage knows (METHOD.md section 3 and the issue's list).
+INTERVENTIONS = (
+    "baseline",
+    "dim_ablation",          # directional ablation of the selected DiM direction(s)
+    "dim_folded",            # global DiM ablation baked into the weights (refusal_jax.folding)
+    "dim_actadd",            # ActAdd: subtract on harmful prompts, add on harmless ones
+    "inlp_nullspace",        # nullspace projection P = I - V^T V
+    "inlp_reflection_a1",    # the reference's P_a with a = 1 (equals nullspace projection)
+    "inlp_reflection",       # P_a with a = 2 (reference semantics; undoes itself across layers)
+    "inlp_clamp",            # non-undoing variant: clamp span(V) to the harmless mean
+    "inlp_actadd",           # ActAdd along the first INLP direction at the DiM norm
+    "leace",                 # LEACE erasure at the selected DiM (position, layer)
+)
+SELECT_MODES = ("local", "global")
+STAGES = ("extract", "select", "infer", "evaluate", "report")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All keys with the reference settings (METHOD.md); config files override some."""
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+
+    config.model = ml_collections.ConfigDict()
+    config.model.source = "default"
+    config.model.dtype = "float32"
+    config.model.system_prompt = ""
+
+    config.data = ml_collections.ConfigDict()
+    config.data.harmful_train = "harmful_train"
+    config.data.harmless_train = "harmless_train"
+    config.data.harmful_val = "harmful_val"
+    config.data.harmless_val = "harmless_val"
+    config.data.harmful_eval = "harmful_eval"
+    config.data.harmless_eval = "harmless_eval"
+    config.data.n_train = 128
+    config.data.n_val = 32
+    config.data.n_eval = 100
+    config.data.filter_train = True
+    config.data.filter_val = True
+
+    config.directions = ml_collections.ConfigDict()
+    config.directions.inlp_max_directions = 100
+    config.directions.inlp_reference = False
+    config.directions.inlp_inverse_regularization = 0.1
+    config.directions.k_policy = "none"
+    config.directions.k = 1  # used by k_policy="fixed"
+
+    config.select = ml_collections.ConfigDict()
+    config.select.mode = "local"
+    # EOI positions whose candidates are scored, as negative offsets (-1 = last token);
+    # () scores every EOI position (the reference).
+    config.select.positions = ()
+    config.select.compare_global = False
+    config.select.multipliers = (0.5, 1.0, 2.0)
+    config.select.kl_threshold = 0.1
+    config.select.min_steering_score = 0.0  # discard candidates whose steering score is below
+    config.select.prune_layer_fraction = 0.2
+    config.select.top_percentage = 0.0
+    config.select.just_one = True
+
+    config.infer = ml_collections.ConfigDict()
+    config.infer.max_new_tokens = 512
+    config.infer.interventions = INTERVENTIONS
+
+    config.evaluate = ml_collections.ConfigDict()
+    config.evaluate.cross_entropy_files = ()
+    config.evaluate.cross_entropy_max_tokens = 2048
+    # Safety judge: a chat model source ("" = no judge), e.g. a LlamaGuard directory with
+    # judge_prompt_style="conversation"; completions of < 15 words count as safe.
+    config.evaluate.judge_source = ""
+    config.evaluate.judge_prompt_style = "instruction"
+    # Multiple choice: question files (MMLU / ARC / TruthfulQA layouts; the benchmark is named
+    # by the file stem), optional few-shot pools (one per file, "" for none), 5-shot, and at
+    # most mc_n_questions questions per file (seeded sample; MMLU reference: 500).
+    config.evaluate.mc_files = ()
+    config.evaluate.mc_shot_files = ()
+    config.evaluate.mc_n_shots = 5
+    config.evaluate.mc_n_questions = 500
+    # INLP variant whose first-k truncations form the tunable-k curve; "" skips the curve.
+    config.evaluate.k_curve_intervention = "inlp_reflection"
+
+    config.runtime = ml_collections.ConfigDict()
+    config.runtime.batch_size = 32
+    config.runtime.generation_batch_size = 32
+    config.runtime.candidate_chunk = 8
+    config.runtime.length_bucket = 32
+
+    config.lock()
+    return config
+
+
+# The reference prompt sets (Arditi et al.'s processed splits), kept beside the repository, not
+# in it (see ../shared/data/refusal_prompts/README.md).
+REFERENCE_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "refusal_prompts"
+
+
+def reference_config(source: str, *, dtype: str = "bfloat16",
+                     data_dir: Path = REFERENCE_DATA_DIR) -> ml_collections.ConfigDict:
+    """The published settings (METHOD.md) for a model: 128 / 32 / 100 prompts from the reference
+    splits (harmful: AdvBench, MaliciousInstruct, TDC2023, HarmBench; harmless: Alpaca; the
+    harmful eval set is HarmBench's test split, standing in for JailbreakBench, which is not
+    shipped), filtered by refusal score, multipliers {0.5, 1, 2}, up to 100 INLP directions,
+    512 new tokens."""
+    config = base_config()
+    config.model.source = source
+    config.model.dtype = dtype
+    config.data.harmful_train = str(data_dir / "splits_harmful_train.json")
+    config.data.harmful_val = str(data_dir / "splits_harmful_val.json")
+    config.data.harmful_eval = str(data_dir / "processed_harmbench_test.json")
+    config.data.harmless_train = str(data_dir / "splits_harmless_train.json")
+    config.data.harmless_val = str(data_dir / "splits_harmless_val.json")
+    config.data.harmless_eval = str(data_dir / "splits_harmless_test.json")
+    return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first value that cannot work, and the fix."""
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(f"invalid config: {message}")
+
+    data, select = config.data, config.select
+    for name in ("n_train", "n_val", "n_eval"):
+        value = data[name]
+        need(isinstance(value, int) and value >= 1, f"data.{name} must be a positive int, "
+             f"got {value!r}")
+    need(config.directions.k_policy in K_POLICIES,
+         f"directions.k_policy must be one of {K_POLICIES}, got {config.directions.k_policy!r}")
+    need(config.directions.inlp_max_directions >= 1,
+         "directions.inlp_max_directions must be >= 1")
+    need(select.mode in SELECT_MODES,
+         f"select.mode must be one of {SELECT_MODES}, got {select.mode!r}")
+    need(len(select.multipliers) >= 1 and all(m > 0 for m in select.multipliers),
+         f"select.multipliers must be positive numbers, got {tuple(select.multipliers)}")
+    need(all(isinstance(p, int) and p < 0 for p in select.positions),
+         f"select.positions must be negative EOI offsets such as (-1, -2), got "
+         f"{tuple(select.positions)}")
+    need(0.0 <= select.top_percentage <= 1.0,
+         f"select.top_percentage must lie in [0, 1], got {select.top_percentage}")
+    need(0.0 <= select.prune_layer_fraction < 1.0,
+         f"select.prune_layer_fraction must lie in [0, 1), got {select.prune_layer_fraction}")
+    unknown = [name for name in config.infer.interventions if name not in INTERVENTIONS]
+    need(not unknown, f"infer.interventions has unknown names {unknown}; choose from "
+         f"{INTERVENTIONS}")
+    k_curve = config.evaluate.k_curve_intervention
+    need(k_curve in ("", "inlp_nullspace", "inlp_reflection_a1", "inlp_reflection", "inlp_clamp"),
+         f"evaluate.k_curve_intervention must be an INLP projection variant or '', got "
+         f"{k_curve!r}")
+    evaluate = config.evaluate
+    need(not evaluate.mc_shot_files or len(evaluate.mc_shot_files) == len(evaluate.mc_files),
+         "evaluate.mc_shot_files must be empty or give one pool per evaluate.mc_files entry")
+    need(not evaluate.mc_files or evaluate.mc_shot_files or evaluate.mc_n_shots == 0,
+         f"evaluate.mc_n_shots={evaluate.mc_n_shots} needs shot pools: set "
+         "evaluate.mc_shot_files (e.g. the MMLU dev split) or evaluate.mc_n_shots=0")
+    need(evaluate.judge_prompt_style in ("instruction", "conversation"),
+         "evaluate.judge_prompt_style must be 'instruction' or 'conversation'")
+    need(config.infer.max_new_tokens >= 1, "infer.max_new_tokens must be >= 1")
+    for name in ("batch_size", "generation_batch_size", "candidate_chunk", "length_bucket"):
+        need(config.runtime[name] >= 1, f"runtime.{name} must be >= 1")

@@ -1,0 +1,296 @@
+"""The evaluate and report stages: metrics of every variant, geometry, the tunable-k curve,
+and ``results.json`` / ``report.md`` (``refusal_jax.report`` schema).
+
+Per variant (its intervention on each prompt set; ActAdd subtracts on harmful prompts and adds
+on harmless ones):
+- refusal rates of the completions written by the infer stage (substring matching);
+- KL(baseline || intervened) of the last-position distribution on harmless eval prompts;
+- cross-entropy on the built-in text sample and on ``evaluate.cross_entropy_files``, under the
+  variant's harmful-prompt intervention (for ActAdd, the refusal-suppressing subtraction, as
+  in Arditi et al.'s table);
+- the centroid-axis position of the intervened harmful (and harmless) eval activations at the
+  DiM source (position, layer): 0 = harmful centroid, 1 = harmless centroid of the baseline
+  activations of the same prompts;
+- the safety judge's unsafe rate on the harmful completions (``evaluate.judge_source``) and
+  multiple-choice accuracy (``evaluate.mc_files``, under the harmful-prompt intervention), when
+  configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from refusal_jax import report
+from refusal_jax.evaluation import cross_entropy as ce
+from refusal_jax.evaluation import multiple_choice as mc
+from refusal_jax.evaluation.geometry import analyse_geometry
+from refusal_jax.evaluation.judge import SafetyJudge
+from refusal_jax.evaluation.k_curve import k_values, plot_k_curve
+from refusal_jax.evaluation.kl import mean_kl
+from refusal_jax.evaluation.refusal import refusal_rate
+from refusal_jax.models.core import forward
+from refusal_jax.pipeline import artifacts
+from refusal_jax.pipeline.extract import prompt_batches
+from refusal_jax.pipeline.infer import complete_variant
+from refusal_jax.pipeline.models import load_pipeline_model
+from refusal_jax.pipeline.progress import progress
+from refusal_jax.pipeline.select import inlp_basis
+from refusal_jax.pipeline.variants import Variant, build_variants
+from refusal_jax.report import KCurve, KCurvePoint
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _logits_and_captures(params, tokens, valid, capture_positions, intervention, *, config):
+    out = forward(params, tokens, valid, config=config, intervention=intervention,
+                  capture_positions=capture_positions, logits="last")
+    return out.logits, out.captures
+
+
+def _forward_set(study, variant: Variant, intervention, instructions, position_index: int,
+                 layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Last-position logits [n, V] and source activations [n, D] of a variant on a set."""
+    model, runtime = study.model, study.config.runtime
+    params = model.params if variant.params is None else variant.params
+    config = model.config if variant.config is None else variant.config
+    logits = np.zeros((len(instructions), model.config.vocab_size), np.float32)
+    points = np.zeros((len(instructions), model.config.d_model), np.float32)
+    for rows, batch in prompt_batches(model, instructions, runtime.batch_size,
+                                      runtime.length_bucket):
+        positions = model.chat.eoi_positions(batch)[:, position_index:position_index + 1]
+        batch_logits, captures = _logits_and_captures(
+            params, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), jnp.asarray(positions),
+            intervention, config=config)
+        logits[rows] = np.asarray(batch_logits)[:len(rows)]
+        points[rows] = np.asarray(captures)[:len(rows), 0, layer]
+    return logits, points
+
+
+def _corpora(study) -> dict[str, ce.ScoredTokens]:
+    model, settings = study.model, study.config.evaluate
+    corpora = {"builtin": ce.builtin_corpus(model.tokenizer)}
+    for path in settings.cross_entropy_files:
+        corpus = ce.load_corpus(path, chat=model.chat)
+        corpora[corpus.name] = corpus
+    return {name: _truncate(corpus, settings.cross_entropy_max_tokens)
+            for name, corpus in corpora.items()}
+
+
+def _truncate(corpus: ce.ScoredTokens, max_tokens: int) -> ce.ScoredTokens:
+    """The first rows of the corpus holding at most ``max_tokens`` scored tokens (at least one)."""
+    counts = np.cumsum(corpus.targets.sum(axis=1))
+    rows = max(1, int(np.searchsorted(counts, max_tokens, side="right")))
+    return dataclasses.replace(corpus, tokens=corpus.tokens[:rows], valid=corpus.valid[:rows],
+                               targets=corpus.targets[:rows])
+
+
+def _multiple_choice_sets(study) -> dict[str, tuple[list, list, int]]:
+    """benchmark name -> (questions, shot pool, number of shots) from ``evaluate.mc_files``."""
+    settings = study.config.evaluate
+    pools = list(settings.mc_shot_files) or [""] * len(settings.mc_files)
+    sets = {}
+    for path, pool in zip(settings.mc_files, pools):
+        questions = mc.load_questions(path)
+        if len(questions) > settings.mc_n_questions:
+            questions = mc.sample_questions(questions, settings.mc_n_questions,
+                                            seed=study.config.seed)
+        sets[Path(path).stem] = (questions, mc.load_questions(pool) if pool else [],
+                                 settings.mc_n_shots)
+    return sets
+
+
+def _judge(study):
+    source = study.config.evaluate.judge_source
+    if not source:
+        return None
+    judge_model = load_pipeline_model(source, dtype=study.config.model.dtype)
+    return SafetyJudge.from_model(judge_model,
+                                  prompt_style=study.config.evaluate.judge_prompt_style,
+                                  batch_size=study.config.runtime.batch_size)
+
+
+def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits, p_index: int,
+                     layer: int, *, completions: dict | None = None, judge=None,
+                     mc_sets=None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Metrics of one variant, and its intervened source activations (harmful, harmless)."""
+    model, config, prompts = study.model, study.config, study.prompts()
+    if completions is None:
+        completions = artifacts.read_json(study.stage_dir("infer") /
+                                          f"completions/{variant.name}.json")
+    harmful_texts = [row["completion"] for row in completions["harmful"]]
+    harmless_texts = [row["completion"] for row in completions["harmless"]]
+    _, harmful_points = _forward_set(study, variant, variant.harmful, prompts["harmful_eval"],
+                                     p_index, layer)
+    harmless_logits, harmless_points = _forward_set(study, variant, variant.harmless,
+                                                    prompts["harmless_eval"], p_index, layer)
+    params = model.params if variant.params is None else variant.params
+    model_config = model.config if variant.config is None else variant.config
+    cross_entropy = {
+        name: ce.cross_entropy(params, corpus, config=model_config, intervention=variant.harmful,
+                               batch_size=config.runtime.batch_size).nats
+        for name, corpus in corpora.items()}
+    metrics = {
+        "description": variant.description,
+        "harmful_refusal_rate": refusal_rate(harmful_texts),
+        "harmless_refusal_rate": refusal_rate(harmless_texts),
+        "n_harmful": len(harmful_texts), "n_harmless": len(harmless_texts),
+        "kl": float(mean_kl(jnp.asarray(base_harmless_logits), jnp.asarray(harmless_logits))),
+        "cross_entropy": cross_entropy,
+        "multiple_choice": {
+            name: mc.evaluate_multiple_choice(
+                params, questions, config=model_config, tokenizer=model.tokenizer,
+                shot_pool=pool, n_shots=n_shots, chat=model.chat, intervention=variant.harmful,
+                batch_size=config.runtime.batch_size).accuracy
+            for name, (questions, pool, n_shots) in (mc_sets or {}).items()},
+    }
+    if judge is not None:
+        metrics["judge_unsafe_rate"] = judge.judge(
+            [row["instruction"] for row in completions["harmful"]], harmful_texts).unsafe_rate
+    return metrics, harmful_points, harmless_points
+
+
+def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseline_metrics,
+             p_index, layer) -> dict | None:
+    """Refusal rates and cross-entropy of the k-curve variant keeping its first k directions."""
+    name = study.config.evaluate.k_curve_intervention
+    if not name:
+        return None
+    n_directions = max(c["k"] for c in selection["inlp"]["components"])
+    points = []
+    for k in progress(k_values(n_directions), len(k_values(n_directions)),
+                      f"k-curve of {name}", every_seconds=0):
+        (variant,) = build_variants(study.model, directions, selection, study.config,
+                                    names=[name], inlp_k=k)
+        completions = complete_variant(study.model, variant, study.prompts(),
+                                       study.config.infer, study.config.runtime)
+        metrics, _, _ = _variant_metrics(study, variant, corpora, base_harmless_logits, p_index,
+                                         layer, completions=completions)
+        points.append({"k": k, "harmful_refusal_rate": metrics["harmful_refusal_rate"],
+                       "harmless_refusal_rate": metrics["harmless_refusal_rate"],
+                       "cross_entropy": metrics["cross_entropy"]["builtin"],
+                       "kl": metrics["kl"]})
+    curve = KCurve(intervention=name, points=[KCurvePoint(**point) for point in points],
+                   baseline_harmful_refusal_rate=baseline_metrics["harmful_refusal_rate"],
+                   baseline_cross_entropy=baseline_metrics["cross_entropy"]["builtin"])
+    plot = plot_k_curve(study.stage_dir("evaluate") / "k_curve.png", curve)
+    curve.plot = os.path.relpath(plot, study.workdir)
+    return dataclasses.asdict(curve)
+
+
+def run_evaluate(study) -> list[str]:
+    config, model, out = study.config, study.model, study.stage_dir("evaluate")
+    prompts, directions, selection = study.prompts(), study.directions(), study.selection()
+    variants = build_variants(model, directions, selection, config)
+    source = selection["dim"]["components"][0]
+    p_index, layer = source["position_index"], source["layer"]
+    corpora = _corpora(study)
+    (baseline,) = build_variants(model, directions, selection, config, names=["baseline"])
+    _, base_harmful = _forward_set(study, baseline, baseline.harmful, prompts["harmful_eval"],
+                                   p_index, layer)
+    base_harmless_logits, base_harmless = _forward_set(study, baseline, baseline.harmless,
+                                                       prompts["harmless_eval"], p_index, layer)
+    judge, mc_sets = _judge(study), _multiple_choice_sets(study)
+    metrics, moved = {}, {}
+    for variant in progress(variants, len(variants), "evaluate variants", every_seconds=0):
+        metrics[variant.name], harmful_points, harmless_points = _variant_metrics(
+            study, variant, corpora, base_harmless_logits, p_index, layer, judge=judge,
+            mc_sets=mc_sets)
+        moved[variant.name] = (harmful_points, harmless_points)
+        logging.info("%s: harmful refusal %.2f, harmless refusal %.2f, KL %.4f",
+                     variant.name, metrics[variant.name]["harmful_refusal_rate"],
+                     metrics[variant.name]["harmless_refusal_rate"], metrics[variant.name]["kl"])
+    basis, _ = inlp_basis(directions, config.directions)
+    out.mkdir(parents=True, exist_ok=True)
+    geometry = analyse_geometry(
+        base_harmful, base_harmless, moved, dim_direction=directions["dim"][p_index, layer],
+        inlp_basis=basis[p_index, layer], position=source["position"], layer=layer,
+        out_dir=out, workdir=study.workdir)
+    for name, (harmful_position, harmless_position) in geometry.positions.items():
+        metrics[name]["centroid_axis_position"] = harmful_position
+        metrics[name]["centroid_axis_position_harmless"] = harmless_position
+    baseline_metrics = metrics.get("baseline") or _variant_metrics(
+        study, baseline, corpora, base_harmless_logits, p_index, layer)[0]
+    k_curve = _k_curve(study, directions, selection, corpora, base_harmless_logits,
+                       baseline_metrics, p_index, layer)
+    artifacts.write_json(out / "metrics.json", {
+        "interventions": metrics, "geometry": dataclasses.asdict(geometry.summary),
+        "k_curve": k_curve})
+    files = ["metrics.json"] + [os.path.relpath(study.workdir / plot, out)
+                                for plot in geometry.summary.plots]
+    return files + (["k_curve.png"] if k_curve else [])
+
+
+def _selections(selection: dict) -> list[report.SelectedComponent]:
+    chosen = []
+    for method in ("dim", "inlp"):
+        for c in selection[method]["components"]:
+            chosen.append(report.SelectedComponent(
+                method=method, position=c["position"], layer=c["layer"],
+                bypass_score=c["bypass"], steering_score=c["steering"], kl_score=c["kl"],
+                n_directions=c.get("k"), first_direction_accuracy=c.get("first_dev_accuracy")))
+    return chosen
+
+
+def _timings(study) -> dict[str, float]:
+    timings = {}
+    for stage in ("extract", "select", "infer", "evaluate"):
+        marker = study.stage_dir(stage) / artifacts.DONE_FILE
+        if marker.exists():
+            timings[stage] = artifacts.read_json(marker).get("seconds", {}).get("wall", 0.0)
+    return timings
+
+
+NOTES_FILE = "notes.md"
+
+
+def _notes(study) -> list[str]:
+    """Facts a reader needs to interpret the table, then the user's notes (``notes.md``)."""
+    config, notes = study.config, []
+    prompts = study.prompts()
+    for split in ("train", "val"):
+        if config.data[f"filter_{split}"]:
+            wanted = config.data[f"n_{split}"]
+            kept = ", ".join(f"{len(prompts[f'{cls}_{split}'])} {cls}"
+                             for cls in ("harmful", "harmless"))
+            notes.append(f"Refusal-score filter: of {wanted} sampled {split} prompts per class, "
+                         f"{kept} were kept.")
+    folding_path = study.stage_dir("infer") / "folding.json"
+    if folding_path.exists():
+        difference = artifacts.read_json(folding_path)["max_abs_logit_difference"]
+        text = (f"`dim_folded` is the global ablation (every layer) of the best DiM direction "
+                f"folded into the weights; its logits match the hooked global ablation to "
+                f"{difference:.1e}.")
+        if config.select.mode == "local":
+            text += (" `dim_ablation` is local (the source layer only, select.mode=local), so "
+                     "the two rows differ by design.")
+        notes.append(text)
+    selection = study.selection()
+    for method in ("dim", "inlp"):
+        rho = selection[method].get("spearman_local_global_bypass")
+        if rho is not None:
+            notes.append(f"{method}: Spearman correlation of the local and global bypass scores "
+                         f"over all candidates: {rho:.3f}.")
+    user_notes = study.workdir / NOTES_FILE
+    if user_notes.exists():
+        notes += [paragraph.strip() for paragraph in user_notes.read_text().split("\n\n")
+                  if paragraph.strip()]
+    return notes
+
+
+def run_report(study) -> list[str]:
+    metrics = artifacts.read_json(study.stage_dir("evaluate") / "metrics.json")
+    rows = [report.InterventionResult(name=name, **values)
+            for name, values in metrics["interventions"].items()]
+    results = report.StudyResults(
+        model=study.config.model.source, interventions=rows, config=study.config.to_dict(),
+        selections=_selections(study.selection()), geometry=metrics["geometry"],
+        k_curve=metrics["k_curve"], timings_s=_timings(study), notes=_notes(study))
+    report.write_report(study.workdir, results)
+    return []

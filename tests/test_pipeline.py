@@ -1,0 +1,256 @@
+"""End to end on a tiny random model: every stage, the artefacts, resuming, and bad input."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from refusal_jax import report
+from refusal_jax.pipeline import artifacts, extract, runner
+from refusal_jax.pipeline.config import base_config, check_config
+from refusal_jax.pipeline.data import sample_sets
+from refusal_jax.pipeline.models import load_pipeline_model
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def tiny_config(**data):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_random", CONFIGS / "tiny_random.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.directions.inlp_max_directions = 2
+    config.data.n_train = 8
+    config.data.n_val = 4
+    config.data.n_eval = 2
+    config.infer.max_new_tokens = 2
+    # One variant per intervention kind the stages treat specially: hooks, folded weights, and
+    # the INLP map whose first-k truncations form the k-curve.
+    config.infer.interventions = ("baseline", "dim_ablation", "dim_folded", "inlp_reflection")
+    for key, value in data.items():
+        config.data[key] = value
+    return config
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """A run interrupted after `select`, then resumed with extraction and selection counted."""
+    workdir = tmp_path_factory.mktemp("run")
+    config = tiny_config()
+    functions = runner._stage_functions()
+    patch = pytest.MonkeyPatch()
+
+    def interrupt(study):
+        raise Interrupted
+
+    patch.setattr(runner, "_stage_functions", lambda: {**functions, "infer": interrupt})
+    with pytest.raises(Interrupted):
+        runner.run_study(config, workdir)
+    assert artifacts.stage_done(workdir / "select", runner.Study(config, workdir).digest)
+    assert not (workdir / "infer" / artifacts.DONE_FILE).exists()
+
+    calls = {"capture": 0, "run_selection": 0}
+
+    def counting(name, function):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    patch.setattr(runner, "_stage_functions", lambda: functions)
+    patch.setattr(runner, "capture", counting("capture", runner.capture))
+    patch.setattr(runner, "run_selection", counting("run_selection", runner.run_selection))
+    runner.run_study(config, workdir)
+    patch.undo()
+    return workdir, calls
+
+
+def test_resume_after_select_repeats_neither_extraction_nor_selection(resumed_run):
+    workdir, calls = resumed_run
+    assert calls == {"capture": 0, "run_selection": 0}
+    for stage in ("infer", "evaluate", "report"):
+        assert (workdir / stage / artifacts.DONE_FILE).exists()
+
+
+def test_every_stage_writes_its_artefacts_and_the_report_schema(resumed_run):
+    workdir, _ = resumed_run
+    config = tiny_config()
+    digest = json.loads((workdir / "config.json").read_text())["config_hash"]
+    assert digest == artifacts.config_hash(config.to_dict())
+
+    prompts = json.loads((workdir / "extract/prompts.json").read_text())
+    assert {len(prompts[f"{c}_train"]) for c in ("harmful", "harmless")} == {8}
+    activations = artifacts.read_arrays(workdir / "extract/activations.npz")
+    assert activations["harmful_train"].shape == (8, 5, 4, 64)  # n, EOI positions, L, D
+    directions = artifacts.read_arrays(workdir / "extract/directions.npz")
+    assert directions["dim"].shape == (5, 4, 64)
+    assert directions["inlp_basis"].shape == (5, 4, 2, 64)
+    assert directions["leace_read"].shape == (5, 4, 1, 64)
+    np.testing.assert_allclose(directions["dim"], activations["harmful_train"].mean(0)
+                               - activations["harmless_train"].mean(0), atol=1e-5)
+
+    selection = json.loads((workdir / "select/selection.json").read_text())
+    for method in ("dim", "inlp"):
+        (component,) = selection[method]["components"]
+        assert -5 <= component["position"] <= -1 and 0 <= component["layer"] < 4
+        assert [component["position"], component["layer"]] == selection[method]["ranking"][0]
+    scores = artifacts.read_arrays(workdir / "select/scores.npz")
+    assert scores["dim_local_bypass"].shape == (5, 4)
+    assert scores["dim_local_steering"].shape == (5, 4, 1)
+
+    for name in config.infer.interventions:
+        completions = json.loads((workdir / f"infer/completions/{name}.json").read_text())
+        assert len(completions["harmful"]) == len(completions["harmless"]) == 2
+    folding = json.loads((workdir / "infer/folding.json").read_text())
+    assert folding["max_abs_logit_difference"] <= folding["tolerance"]
+
+    results = report.read_results(workdir / report.RESULTS_FILENAME)
+    assert [row.name for row in results.interventions] == list(config.infer.interventions)
+    baseline = results.interventions[0]
+    assert baseline.kl == pytest.approx(0.0, abs=1e-5)
+    assert baseline.centroid_axis_position == pytest.approx(0.0, abs=1e-4)
+    assert baseline.centroid_axis_position_harmless == pytest.approx(1.0, abs=1e-4)
+    assert set(baseline.cross_entropy) == {"builtin"}
+    assert {s.method for s in results.selections} == {"dim", "inlp"}
+    assert results.geometry is not None and results.geometry.plots
+    assert results.k_curve is not None and results.k_curve.points[0].k == 1
+    for plot in results.geometry.plots + [results.k_curve.plot]:
+        assert (workdir / plot).is_file()
+    assert set(results.timings_s) == {"extract", "select", "infer", "evaluate"}
+    assert "dim_ablation" in (workdir / report.REPORT_FILENAME).read_text()
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def test_missing_prompt_file(tmp_path):
+    config = tiny_config(harmful_train=str(tmp_path / "absent.json"))
+    with pytest.raises(FileNotFoundError, match="data.harmful_train: prompt file .*absent.json"):
+        sample_sets(config.data, seed=0)
+
+
+def test_empty_prompt_file(tmp_path):
+    (tmp_path / "empty.json").write_text("")
+    config = tiny_config(harmless_val=str(tmp_path / "empty.json"))
+    with pytest.raises(ValueError, match="data.harmless_val: prompt file .*empty.json is empty"):
+        sample_sets(config.data, seed=0)
+
+
+def test_too_few_prompts(tmp_path):
+    path = tmp_path / "three.json"
+    path.write_text(json.dumps([{"instruction": f"Say {i}."} for i in range(3)]))
+    config = tiny_config(harmful_train=str(path))
+    with pytest.raises(ValueError, match=r"too few prompts in .*three.json for harmful_train "
+                                         r"\(8\) = 8"):
+        sample_sets(config.data, seed=0)
+
+
+def test_splits_of_one_source_do_not_overlap():
+    config = tiny_config(harmful_val="harmful_train", harmful_eval="harmful_train")
+    sets = sample_sets(config.data, seed=0).sets
+    drawn = sets["harmful_train"] + sets["harmful_val"] + sets["harmful_eval"]
+    assert len(set(drawn)) == len(drawn) == 8 + 4 + 2
+
+
+def test_unknown_config_key():
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True)
+    with pytest.raises(flags.Error, match="config.select.nope"):
+        values(["prog", f"--config={CONFIGS / 'tiny_random.py'}", "--config.select.nope=1"])
+    with pytest.raises(AttributeError, match="nope"):
+        base_config().select.nope = 1
+
+
+def test_workdir_of_a_different_config(tmp_path):
+    runner.Study(tiny_config(), tmp_path)
+    other = tiny_config()
+    other.data.n_train = 9
+    with pytest.raises(artifacts.WorkdirConfigMismatch, match=r"data.n_train: 8 -> 9"):
+        runner.Study(other, tmp_path)
+    faster = tiny_config()
+    faster.runtime.batch_size = 2  # runtime settings do not change results
+    runner.Study(faster, tmp_path)
+
+
+def test_model_that_refuses_nothing(tmp_path):
+    config = tiny_config(filter_train=True)
+    with pytest.raises(ValueError, match="no harmful_train prompt survives the refusal-score "
+                                         "filter: the model refuses none of them"):
+        runner.run_study(config, tmp_path, ["extract"])
+
+
+def test_nan_activations():
+    model = load_pipeline_model("random:llama-tiny")
+    poisoned = dataclasses.replace(model.params, embed=model.params.embed.at[:, 0].set(jnp.nan))
+    model = dataclasses.replace(model, params=poisoned)
+    with pytest.raises(ValueError, match="contain NaN or inf .* model.dtype='float32'"):
+        extract.capture(model, ["Say hi."], batch_size=2, length_bucket=64, name="harmful_train")
+
+
+def test_sweep_expands_a_product_of_overrides(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sweep", Path(__file__).parents[1] / "scripts" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    runs = sweep.expand(["select.mode=local,global", "directions.k_policy=none,acc99,acc95"])
+    assert len(runs) == 6 and len({tuple(run) for run in runs}) == 6
+    lines = sweep.commands("configs/default.py", str(tmp_path), runs,
+                           [("infer.max_new_tokens", "8")], "extract,select")
+    workdirs = {line[4] for line in lines}
+    assert len(workdirs) == 6  # one work directory per run, so each resumes on its own
+    assert lines[0][:4] == ["python", "-m", "refusal_jax.main", "--config=configs/default.py"]
+    assert lines[-1][5:] == ["--config.infer.max_new_tokens=8", "--config.select.mode=global",
+                             "--config.directions.k_policy=acc95", "--stages=extract,select"]
+
+
+def test_judge_and_multiple_choice_reach_the_metrics(resumed_run, tmp_path):
+    import types
+
+    from refusal_jax.pipeline import evaluate
+    from refusal_jax.pipeline.variants import build_variants
+
+    workdir, _ = resumed_run
+    study = runner.Study(tiny_config(), workdir)
+    questions = [{"question": f"What is {i} + {i}?", "choices": [str(2 * i), str(i), "0", "7"],
+                  "answer": 0, "subject": "arithmetic"} for i in range(1, 6)]
+    (tmp_path / "sums.json").write_text(json.dumps(questions[:3]))
+    (tmp_path / "shots.json").write_text(json.dumps(questions[3:]))
+    settings = tiny_config()
+    settings.evaluate.judge_source = "random:llama-tiny"
+    settings.evaluate.mc_files = (str(tmp_path / "sums.json"),)
+    with pytest.raises(ValueError, match="mc_n_shots=5 needs shot pools"):
+        check_config(settings)
+    settings.evaluate.mc_shot_files = (str(tmp_path / "shots.json"),)
+    settings.evaluate.mc_n_shots = 2
+    check_config(settings)
+    options = types.SimpleNamespace(config=settings)
+    judge, mc_sets = evaluate._judge(options), evaluate._multiple_choice_sets(options)
+    assert list(mc_sets) == ["sums"]
+    assert [len(mc_sets["sums"][0]), len(mc_sets["sums"][1]), mc_sets["sums"][2]] == [3, 2, 2]
+
+    (variant,) = build_variants(study.model, study.directions(), study.selection(),
+                                study.config, names=["dim_ablation"])
+    completions = {"harmful": [{"instruction": "Explain how to pick a lock.",
+                                "completion": " ".join(["word"] * 20)}],
+                   "harmless": [{"instruction": "Name a colour.", "completion": "Blue."}]}
+    source = study.selection()["dim"]["components"][0]
+    base_logits = np.zeros((2, study.model.config.vocab_size), np.float32)
+    metrics, _, _ = evaluate._variant_metrics(
+        study, variant, {}, base_logits, source["position_index"], source["layer"],
+        completions=completions, judge=judge, mc_sets=mc_sets)
+    assert 0.0 <= metrics["judge_unsafe_rate"] <= 1.0
+    assert set(metrics["multiple_choice"]) == {"sums"}
+    assert metrics["multiple_choice"]["sums"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    report.InterventionResult(name="dim_ablation", **metrics)  # fits the report schema
