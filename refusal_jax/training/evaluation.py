@@ -1,0 +1,60 @@
+"""Behavioural checks of a (tuned) model: substring refusal rates on named prompt sets, and the
+cross-entropy of held-out base-model completions (the capability-preservation check).
+
+The cross-entropy is the mean negative log-likelihood per reply token of fixed completions
+(the base model's greedy answers to held-out harmless prompts), so base and tuned models are
+scored on exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+
+from refusal_jax.evaluation.refusal import is_refusal
+from refusal_jax.models.loading import Model
+from refusal_jax.models.params import Params
+from refusal_jax.training.completions import decode_replies, greedy_completions
+from refusal_jax.training.examples import Example, encode_examples
+from refusal_jax.training.objective import token_nll
+
+_token_nll = jax.jit(token_nll, static_argnames=("config",))
+
+
+def refusal_rate_of_replies(model: Model, replies: Sequence[Sequence[int]]) -> float:
+    """Fraction of replies (token ids) containing a refusal substring."""
+    return float(np.mean([is_refusal(text) for text in decode_replies(model.chat, replies)]))
+
+
+def refusal_rates(model: Model, sets: Mapping[str, Sequence[str]], *, max_new_tokens: int,
+                  batch_size: int = 32, params: Params | None = None) -> dict[str, float]:
+    """Substring refusal rate of greedy completions on each named set of instructions."""
+    return {name: refusal_rate_of_replies(model, greedy_completions(
+                model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                params=params))
+            for name, instructions in sets.items()}
+
+
+def completion_cross_entropy(model: Model, instructions: Sequence[str],
+                             completions: Sequence[Sequence[int]], *, seq_len: int,
+                             batch_size: int = 16, params: Params | None = None) -> float:
+    """Mean NLL per token of `completions` (token ids) after their instructions."""
+    if len(instructions) != len(completions):
+        raise ValueError(f"{len(instructions)} instructions but {len(completions)} completions")
+    params = model.params if params is None else params
+    examples = [Example(text, tuple(ids), "completion")
+                for text, ids in zip(instructions, completions)]
+    examples += [examples[-1]] * (-len(examples) % batch_size)  # fixed batch shape
+    total, count = 0.0, 0.0
+    for start in range(0, len(instructions), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = encode_examples(model.chat, chunk, seq_len=seq_len,
+                                context_length=model.config.max_context)
+        nll, n = _token_nll(params, batch.tokens, batch.valid, batch.loss_mask,
+                            config=model.config)
+        keep = min(batch_size, len(instructions) - start)  # drop the repeated padding rows
+        total += float(np.sum(np.asarray(nll)[:keep]))
+        count += float(np.sum(np.asarray(n)[:keep]))
+    return total / count

