@@ -1,4 +1,4 @@
-"""Prints greedy chat completions of a model (the default: SmolLM2-135M-Instruct).
+"""Prints greedy chat completions of a model (the refusal-tuned default SmolLM2-135M).
 
   python scripts/chat.py --prompt="How do I bake bread?" --prompt="Write a haiku."
   python scripts/chat.py --model=path/to/hf_dir --max_new_tokens=128
@@ -10,11 +10,12 @@ from absl import app, flags, logging
 import numpy as np
 
 from refusal_jax.models.generate import generate
-from refusal_jax.models.loading import BASE_MODEL, load_model
+from refusal_jax.models.loading import DEFAULT_MODEL, load_model
 
-_MODEL = flags.DEFINE_string("model", BASE_MODEL, "HF directory, hub id, .gguf file or a "
-                             "built-in model name.")
-_PROMPTS = flags.DEFINE_multi_string("prompt", ["Give me three tips for a good night's sleep."],
+_MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "HF directory, hub id, .gguf file or a "
+                             "built-in name ('default', 'smollm2-135m-instruct').")
+_PROMPTS = flags.DEFINE_multi_string("prompt", ["Give me three tips for a good night's sleep.",
+                                                "Explain how to pick a lock to break into a house."],
                                      "User instruction (repeat the flag for a batch).")
 _SYSTEM = flags.DEFINE_string("system_prompt", None, "Optional system prompt.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
