@@ -1,0 +1,136 @@
+"""Benchmark refusal_jax against the PyTorch stack the published refusal pipelines use.
+
+Runs, for one model (default SmolLM2-135M-Instruct; `random:<preset>` for a random-initialised
+Llama-shaped model), the sections named by --sections:
+
+  capture     activations at the EOI positions of every layer (our jitted forward with
+              capture_positions vs transformers with forward pre-hooks), and plain forward logits
+  inlp        INLP over (position, layer) pairs: ours (vmapped) vs the torch L-BFGS and
+              scikit-learn per-pair loops of scripts/inlp_baselines.py, on real activations
+              (by default 6 pairs spread over the grid and N=20; --inlp_pairs=0
+              --inlp_max_directions=100 is the full comparison, long on a 2-core CPU)
+  selection   a bypass-score sweep over candidate directions: one vmapped compiled call vs
+              hooks and one transformers forward pass per candidate
+  generation  greedy generation with and without all-layer directional ablation: ours vs
+              transformers `generate` with hooks
+  pipeline    the end-to-end pipeline's stage times (a hook around `python -m refusal_jax.main`;
+              not run by default)
+  scaling     capture / selection / generation vs prompts, length, layers and width on random
+              models; a table and a PNG plot
+
+Peak RSS is recorded for every step (the memory columns). Every time is the median of
+--repeats runs after --warmup runs, with min and max; speed-ups are baseline / ours, run by
+run, from interleaved runs. Our code is compiled ahead of time and its compile time reported
+apart. torch runs with one intra-op thread per available core; XLA uses its default pool (one
+thread per core), so both use the same cores. Results: a Markdown table on stdout, everything
+in --out (JSON) and the scaling plot beside it (.png).
+
+  python scripts/benchmark.py --out=benchmark.json
+  python scripts/benchmark.py --sections=inlp --inlp_pairs=0 --inlp_max_directions=100 \
+      --inlp_baseline_pairs=6 --out=inlp_full.json
+  python scripts/benchmark.py --platform=gpu --model=random:1b --dtype=bfloat16 --out=gpu.json
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SECTIONS = ("capture", "inlp", "selection", "generation", "pipeline", "scaling")
+# The reference-size pipeline takes longer than everything else together: ask for it by name.
+DEFAULT_SECTIONS = ("capture", "inlp", "selection", "generation", "scaling")
+
+FLAGS = flags.FLAGS
+_FLAGS_BEFORE = set(FLAGS)
+flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON results ('' for none).")
+flags.DEFINE_string("plot", "", "PNG of the scaling section (default: --out with .png).")
+flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "JAX platform; torch runs on the same one.")
+flags.DEFINE_string("model", "smollm2-135m-instruct",
+                    "A refusal_jax.models.loading source, or random:<tiny|small|1b|8b>.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations dtype.")
+flags.DEFINE_list("sections", list(DEFAULT_SECTIONS), f"Sections to run, from {SECTIONS}.")
+flags.DEFINE_integer("warmup", 1, "Untimed runs before the timed ones.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per figure.")
+flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: the number of available cores).")
+flags.DEFINE_enum("torch_attention", "sdpa", ["sdpa", "eager"], "transformers attention.")
+flags.DEFINE_string("prompts_dir", None, "Prompt splits folder (default ../shared/data/"
+                    "refusal_prompts beside the repository; built-in sets if it is absent).")
+flags.DEFINE_integer("random_prompt_length", 48, "Prompt length of random models.")
+flags.DEFINE_integer("capture_batch", 32, "Prompts per capture / forward call.")
+flags.DEFINE_integer("inlp_prompts", 128, "Harmful and harmless training prompts (each).")
+flags.DEFINE_integer("extract_batch", 32, "Prompts per call when extracting INLP activations.")
+flags.DEFINE_integer("inlp_max_directions", 20, "N, the most INLP classifiers per pair (the "
+                     "reference uses 100; the default keeps the run short, for all three alike).")
+flags.DEFINE_integer("inlp_pairs", 6, "(position, layer) pairs INLP runs on, spread over the "
+                     "grid; 0: all of them (the full comparison; long on a 2-core CPU).")
+flags.DEFINE_integer("inlp_baseline_pairs", 0, "Run the per-pair baselines on only this many "
+                     "of those pairs and extrapolate their time (labelled); 0: all of them.")
+flags.DEFINE_integer("inlp_repeats", 1, "Timed runs of the INLP comparisons (ours is compiled "
+                     "ahead of time and not warmed up; baselines warm up on one pair).")
+flags.DEFINE_integer("selection_candidates", 6, "Candidate directions in the measured sweep.")
+flags.DEFINE_integer("selection_prompts", 8, "Harmful validation prompts per candidate.")
+flags.DEFINE_integer("selection_chunk", 0, "Candidates per vmapped chunk (0: all at once).")
+flags.DEFINE_integer("generation_batch", 16, "Prompts per generation call.")
+flags.DEFINE_integer("generation_new_tokens", 64, "New tokens per prompt.")
+flags.DEFINE_list("scaling_axes", ["prompts", "length", "layers", "width"], "Scaling axes.")
+flags.DEFINE_string("scaling_prompts", "2,8,32", "Prompt counts of the scaling section.")
+flags.DEFINE_string("scaling_length", "16,64,256", "Sequence lengths of the scaling section.")
+flags.DEFINE_string("scaling_layers", "1,4,16", "Layer counts of the scaling section.")
+flags.DEFINE_string("scaling_width", "128,256,1024", "Widths of the scaling section.")
+flags.DEFINE_integer("scaling_new_tokens", 8, "New tokens in the scaling section's generation.")
+flags.DEFINE_integer("scaling_repeats", 2, "Timed runs per scaling figure.")
+flags.DEFINE_string("pipeline_module", "refusal_jax.main", "The pipeline's entry module.")
+flags.DEFINE_string("pipeline_flags", "--config=configs/default.py --workdir={workdir}",
+                    "Its command line flags ({workdir}: a fresh temporary folder).")
+flags.DEFINE_integer("pipeline_timeout_s", 3600, "Time limit of the pipeline run.")
+BENCHMARK_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)
+
+
+def _check_flags() -> None:
+    unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
+    if unknown:
+        raise app.UsageError(f"unknown sections {unknown}; choose from {SECTIONS}")
+    if FLAGS.warmup < 0 or FLAGS.inlp_pairs < 0 or FLAGS.inlp_baseline_pairs < 0:
+        raise app.UsageError("--warmup, --inlp_pairs and --inlp_baseline_pairs must be >= 0")
+    for name in ("repeats", "capture_batch", "inlp_prompts", "extract_batch",
+                 "inlp_max_directions", "inlp_repeats", "selection_candidates",
+                 "selection_prompts", "generation_batch", "generation_new_tokens",
+                 "scaling_new_tokens", "scaling_repeats", "random_prompt_length"):
+        if getattr(FLAGS, name) < 1:
+            raise app.UsageError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    _check_flags()
+    import jax
+
+    jax.config.update("jax_platforms", "cuda" if FLAGS.platform == "gpu" else "cpu")
+    import torch
+
+    from bench_lib import runner
+    from bench_lib.measure import available_cores
+
+    torch.set_num_threads(FLAGS.threads or available_cores())
+    settings = {name: FLAGS[name].value for name in BENCHMARK_FLAGS}
+    start = time.time()
+    result = runner.run_all(FLAGS, settings)
+    result["command"] = shlex.join(["python", "scripts/benchmark.py", *sys.argv[1:]])
+    result["started_at"] = datetime.datetime.fromtimestamp(start).isoformat(timespec="seconds")
+    result["wall_s"] = round(time.time() - start, 1)
+    print(runner.markdown(result))
+    if FLAGS.out:
+        Path(FLAGS.out).write_text(json.dumps(runner.to_json(result), indent=1))
+        print(f"\nwrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
