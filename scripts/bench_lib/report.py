@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bench_lib.measure import PairTiming, PeakRSS, Stats, Timing
+from bench_lib.measure import PairTiming, PeakRSS, Stats
 
 SCHEMA_VERSION = 1
 
@@ -23,9 +23,11 @@ def _rounded(seconds: float | None) -> float | None:
 
 @dataclasses.dataclass
 class Row:
+    """One measured step (see the module docstring); `memory` maps "ours" / "baseline" to peaks."""
+
     section: str
     step: str
-    ours: Stats | None
+    ours: Stats
     baseline: Stats | None = None
     baseline_label: str = ""
     speedup: Stats | None = None
@@ -47,11 +49,6 @@ class Row:
                    details={"first_call_s": {"ours": _rounded(pair.ours.first_call_s),
                                              "baseline": _rounded(pair.baseline.first_call_s)},
                             **(details or {})})
-
-    @classmethod
-    def from_single(cls, section: str, step: str, timing: Timing, **kwargs) -> "Row":
-        return cls(section=section, step=step, ours=timing.seconds,
-                   memory={"ours": timing.memory}, **kwargs)
 
     def throughput(self, stats: Stats | None) -> Stats | None:
         if stats is None or not self.work:
