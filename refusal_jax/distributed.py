@@ -12,6 +12,8 @@ as one mesh. Conventions:
 - Results are gathered in full on every host (`gather`), and artefacts are written by process 0
   only (`write_once`), after which all processes wait at a barrier so that no host reads an
   artefact before it exists.
+- A `Placement` bundles the mesh and rules of a run (or none: one device) behind one interface,
+  so pipeline code has a single path for one device, one host with many, and many hosts.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
@@ -139,6 +142,8 @@ def global_batch(local: T, mesh: Mesh, n_rows: int,
 
 def agree_on_max(value: int) -> int:
     """The largest of every process's `value` (e.g. the padded prompt length of its rows)."""
+    if jax.process_count() == 1:
+        return int(value)
     values = multihost_utils.process_allgather(np.asarray(value, np.int64))
     return int(np.max(values))
 
@@ -173,3 +178,71 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# The placement of a run.
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where a run's arrays live: on one device (``mesh`` None) or split over a mesh.
+
+    On a mesh, weights follow `rules` (`sharding.param_shardings`), batch rows are split over
+    ``batch``, INLP's flat (position, layer) axis over ``pairs`` and stacked selection
+    candidates over ``candidates``. Every method also works without a mesh, where it places
+    arrays as ``jnp.asarray`` would, so stages have one code path.
+    """
+
+    mesh: Mesh | None = None
+    rules: sharding.Rules = dataclasses.field(default_factory=lambda: sharding.DEFAULT_RULES)
+
+    @classmethod
+    def from_config(cls, mesh: str, rules: str = "") -> "Placement":
+        """The placement of the config strings ``runtime.mesh`` and ``runtime.sharding_rules``
+        ("" = one device); builds the mesh over every device of every process."""
+        if not mesh.strip():
+            if rules.strip():
+                raise ValueError(f"runtime.sharding_rules={rules!r} needs a mesh; set "
+                                 "runtime.mesh too (e.g. 'data=-1'), or clear the rules.")
+            return cls()
+        return cls(sharding.make_mesh(sharding.parse_mesh(mesh)), sharding.parse_rules(rules))
+
+    def describe(self) -> str:
+        if self.mesh is None:
+            return "one device, no mesh"
+        sizes = " x ".join(f"{axis}={size}" for axis, size in self.mesh.shape.items())
+        return f"mesh {sizes} over {jax.process_count()} process(es)"
+
+    def multiple(self, logical_axis: str) -> int:
+        """How many ways `logical_axis` is split (1 without a mesh): its sizes must divide."""
+        if self.mesh is None:
+            return 1
+        return sharding.axis_size(self.mesh, logical_axis, self.rules)
+
+    def rows(self, n_rows: int) -> slice:
+        """The rows of an [n_rows, ...] batch that this process reads and encodes."""
+        if self.mesh is None:
+            return slice(0, n_rows)
+        return process_rows(self.mesh, n_rows, self.rules)
+
+    def batch(self, local: T, n_rows: int) -> T:
+        """Global [n_rows, ...] arrays from this process's `rows` of them."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, local)
+        return global_batch(local, self.mesh, n_rows, self.rules)
+
+    def leading(self, tree: T, logical_axis: str) -> tuple[T, int]:
+        """(`tree` with axis 0 padded to a multiple of `multiple(logical_axis)` and split over
+        it, the unpadded size); every process passes the whole tree. Drop the padded entries of
+        the results with ``[:size]`` (see `sharding.pad_leading_axis`)."""
+        padded, size = sharding.pad_leading_axis(tree, self.multiple(logical_axis))
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, padded), size
+        return sharding.shard_leading_axis(padded, self.mesh, logical_axis, self.rules), size
+
+    def params(self, params, config):
+        """`params` laid out by the rules (unchanged without a mesh)."""
+        if self.mesh is None:
+            return params
+        return sharding.shard_params(params, config, self.mesh, self.rules)

@@ -6,6 +6,12 @@
 Stages write their artefacts in ``--workdir`` and are skipped when already done for the same
 config, so rerunning an interrupted command resumes it. A work directory belongs to one config:
 running another config there is refused (use a new ``--workdir``).
+
+On several hosts (a TPU pod, GPU nodes), start the same command on every host with the
+start-up flags of ``refusal_jax.distributed`` (``--distributed_auto``, or
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``), a mesh
+(``--config.runtime.mesh=data=-1,model=4``) and a ``--workdir`` that every host sees; see
+WORKSPACE.md, "Launching a sweep on a TPU pod".
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from refusal_jax import distributed
 from refusal_jax.pipeline.config import STAGES
 from refusal_jax.pipeline.runner import run_study
 
@@ -27,6 +34,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    distributed.initialize_from_flags()  # before anything touches a device
     run_study(_CONFIG.value, _WORKDIR.value, _STAGES.value)
 
 

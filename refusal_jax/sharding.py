@@ -131,6 +131,57 @@ def _describe(sizes: Sequence[int]) -> str:
     return " x ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes, strict=True))
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=-1,model=4"`` -> ``{"data": -1, "model": 4}`` (the config's ``runtime.mesh``)."""
+    shape = {}
+    for item in _items(text, "mesh"):
+        axis, _, size = item.partition("=")
+        axis = axis.strip()
+        if axis not in MESH_AXES:
+            raise ValueError(f"mesh {text!r}: unknown mesh axis {axis!r}; the mesh axes are "
+                             f"{MESH_AXES}, e.g. 'data=-1,model=4'.")
+        if axis in shape:
+            raise ValueError(f"mesh {text!r} gives the size of {axis!r} twice.")
+        try:
+            shape[axis] = int(size)
+        except ValueError:
+            raise ValueError(f"mesh {text!r}: the size of {axis!r} must be an integer (-1 for "
+                             f"the devices left over); got {size.strip()!r}.") from None
+    return shape
+
+
+def parse_rules(text: str, base: Rules = DEFAULT_RULES) -> Rules:
+    """`base` with the overrides in `text` (the config's ``runtime.sharding_rules``).
+
+    ``"embed=none,batch=data+fsdp"`` replicates the model width and splits batches over
+    ``data`` x ``fsdp``: each item names a logical axis of `base`, then ``none`` or mesh axes
+    joined by ``+``. The empty string gives `base` unchanged.
+    """
+    rules = dict(base)
+    for item in _items(text, "sharding rule") if text.strip() else ():
+        logical, _, target = item.partition("=")
+        logical, target = logical.strip(), target.strip()
+        if logical not in base:
+            raise ValueError(f"sharding rule {item!r} names logical axis {logical!r}; the "
+                             f"logical axes are {sorted(base)}.")
+        names = () if target.lower() == "none" else tuple(n.strip() for n in target.split("+"))
+        unknown = [name for name in names if name not in MESH_AXES]
+        if unknown or (not names and target.lower() != "none"):
+            raise ValueError(f"sharding rule {item!r}: map {logical!r} to 'none' or to mesh axes "
+                             f"from {MESH_AXES} joined by '+', e.g. 'batch=data+fsdp'.")
+        rules[logical] = None if not names else names[0] if len(names) == 1 else names
+    return types.MappingProxyType(rules)
+
+
+def _items(text: str, what: str) -> list[str]:
+    items = [item for item in text.split(",") if item.strip()]
+    malformed = [item for item in items if "=" not in item]
+    if not items or malformed:
+        raise ValueError(f"{what} {text!r} must be comma-separated 'name=value' items, e.g. "
+                         "'data=-1,model=4' or 'embed=none,batch=data+fsdp'.")
+    return items
+
+
 # ----------------------------------------------------------------------------------------------
 # Logical axes -> PartitionSpec -> NamedSharding.
 
@@ -200,8 +251,18 @@ def abstract_sharded_params(config: ModelConfig, mesh: Mesh | AbstractMesh, dtyp
 
 
 def kv_cache_shardings(config: ModelConfig, mesh: Mesh | AbstractMesh, batch: int, length: int,
-                       rules: Rules = DEFAULT_RULES) -> KVCache:
-    """Shardings of a `KVCache` of `batch` rows and `length` slots (batch and kv heads split)."""
+                       rules: Rules = DEFAULT_RULES, *, replicate_indivisible: bool = False
+                       ) -> KVCache:
+    """Shardings of a `KVCache` of `batch` rows and `length` slots (batch and kv heads split).
+
+    With `replicate_indivisible`, the rows or KV heads are replicated instead of split when the
+    mesh axes of ``batch`` / ``kv_heads`` do not divide their number (e.g. 2 KV heads on a
+    model axis of 4); otherwise that raises.
+    """
+    if replicate_indivisible:
+        sizes = {"batch": batch, "kv_heads": config.n_kv_heads}
+        rules = {**rules, **{axis: None for axis, size in sizes.items()
+                             if size % axis_size(mesh, axis, rules)}}
     kv_shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
     kv = named_sharding(mesh, kv_shape, KV_CACHE_AXES, rules, "KV cache")
     row = named_sharding(mesh, (batch, length), ("batch", None), rules, "KV cache positions")

@@ -218,8 +218,10 @@ def _measure_inlp() -> dict:
 def measured(tmp_path_factory) -> dict:
     """Runs the two 8-device measurements side by side; {"model": ..., "inlp": ...}."""
     workdir = tmp_path_factory.mktemp("sharded")
+    repository = str(Path(__file__).resolve().parents[1])  # importable without an install
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+                   [repository, *filter(None, [os.environ.get("PYTHONPATH")])]))
     runs = {part: subprocess.Popen([sys.executable, __file__, part, str(workdir / f"{part}.json")],
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)

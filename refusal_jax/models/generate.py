@@ -4,16 +4,23 @@ Shapes are static (the cache holds prompt + `max_new_tokens` slots), so a batch 
 (batch size, prompt bucket, max_new_tokens). The same intervention is active during prefill and
 every decode step. Greedy decoding is the default; temperature and top-p sampling take an
 explicit PRNG key, and their values are traced arrays (changing them does not recompile).
+
+On a mesh (``mesh=``), the KV cache is constrained to its layout from the sharding rules: rows
+over ``batch``, KV heads over ``model``; an axis whose mesh split does not divide it (e.g. 2 KV
+heads on a model axis of 4) is replicated instead (`sharding.kv_cache_shardings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jax.sharding import Mesh
 
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import KVCache, forward
@@ -59,11 +66,21 @@ def _choose(logits: jax.Array, sampling: Sampling | None, key: jax.Array | None)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _constrain(cache: KVCache, cache_shardings: tuple | None) -> KVCache:
+    """`cache` with its layout pinned (`cache_shardings`: its leaves' NamedShardings, in order)."""
+    if cache_shardings is None:
+        return cache
+    layout = jax.tree.unflatten(jax.tree.structure(cache), cache_shardings)
+    return jax.lax.with_sharding_constraint(cache, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_shardings"))
 def _generate(params, tokens, valid, intervention, stop_ids, pad_id, sampling, key, *,
-              config: ModelConfig, max_new_tokens: int) -> Generation:
+              config: ModelConfig, max_new_tokens: int,
+              cache_shardings: tuple | None) -> Generation:
     B, T = tokens.shape
-    cache = KVCache.empty(config, B, T + max_new_tokens, params.embed.dtype)
+    cache = _constrain(KVCache.empty(config, B, T + max_new_tokens, params.embed.dtype),
+                       cache_shardings)
     out = forward(params, tokens, valid, config=config, intervention=intervention, cache=cache,
                   logits="last")
     first = _choose(out.logits, sampling, None if key is None else jax.random.fold_in(key, 0))
@@ -84,9 +101,10 @@ def _generate(params, tokens, valid, intervention, stop_ids, pad_id, sampling, k
         generated = jax.lax.dynamic_update_index_in_dim(generated, token, step, 1)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stop_ids)
-        return step + 1, token, out.cache, done, generated, lengths
+        return step + 1, token, _constrain(out.cache, cache_shardings), done, generated, lengths
 
-    state = (jnp.ones((), jnp.int32), first, out.cache, done, generated, lengths)
+    state = (jnp.ones((), jnp.int32), first, _constrain(out.cache, cache_shardings), done,
+             generated, lengths)
     _, _, _, _, generated, lengths = jax.lax.while_loop(not_finished, step_fn, state)
     return Generation(tokens=generated, lengths=lengths)
 
@@ -94,11 +112,14 @@ def _generate(params, tokens, valid, intervention, stop_ids, pad_id, sampling, k
 def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
              max_new_tokens: int, intervention: Any = None,
              stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
-             sampling: Sampling | None = None, key: jax.Array | None = None) -> Generation:
+             sampling: Sampling | None = None, key: jax.Array | None = None,
+             mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None) -> Generation:
     """Generates up to `max_new_tokens` for a left-padded batch (greedy unless `sampling`).
 
     Rows stop at the first token in `stop_ids` (default: the config's EOS ids); the loop ends
-    early once every row has stopped.
+    early once every row has stopped. With `mesh` (the one `params` and the batch live on), the
+    KV cache is laid out by `rules` (default `sharding.DEFAULT_RULES`; see the module
+    docstring).
     """
     total = tokens.shape[1] + max_new_tokens
     if total > config.max_context:
@@ -113,7 +134,14 @@ def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mod
     if not stop_ids:
         raise ValueError("no stop token: pass stop_ids or use a config with eos_token_ids")
     pad_id = stop_ids[0] if pad_id is None else pad_id
+    cache_shardings = None
+    if mesh is not None:
+        from refusal_jax import sharding  # not at the top: sharding imports this package
+
+        cache_shardings = tuple(jax.tree.leaves(sharding.kv_cache_shardings(
+            config, mesh, tokens.shape[0], total, sharding.DEFAULT_RULES if rules is None
+            else rules, replicate_indivisible=True)))
     return _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool),
                      intervention, jnp.asarray(stop_ids, jnp.int32),
                      jnp.asarray(pad_id, jnp.int32), sampling, key, config=config,
-                     max_new_tokens=max_new_tokens)
+                     max_new_tokens=max_new_tokens, cache_shardings=cache_shardings)

@@ -11,8 +11,13 @@ Every file is written to a temporary name in the same directory and moved into p
 counts as done only when its ``DONE.json`` names the current config hash and every file it lists
 exists; an interrupted stage is therefore redone from its start.
 
-The config hash covers every key except the ``runtime`` section (batch sizes, chunking), which
-changes how fast a run goes but not what it computes.
+The config hash covers every key except the ``runtime`` section (batch sizes, chunking, the
+device mesh), which changes how fast a run goes but not what it computes; a run may therefore
+resume on another mesh.
+
+With several processes (a pod), every process computes the same values, only process 0 writes
+each file, and all processes wait at a barrier until it is written
+(``distributed.write_once``), so any process may read it next.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from refusal_jax import distributed
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE.json"
@@ -53,9 +60,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Writes ``value`` as indented JSON, atomically."""
+    """Writes ``value`` as indented JSON, atomically, once (process 0)."""
     text = json.dumps(value, indent=2, sort_keys=False, default=_json_default)
-    _atomic_write_bytes(Path(path), (text + "\n").encode("utf-8"))
+    distributed.write_once(f"write {path}", _atomic_write_bytes, Path(path),
+                           (text + "\n").encode("utf-8"))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -63,8 +71,12 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
-    """Writes named arrays to one ``.npz`` file, atomically (temp file + ``os.replace``)."""
-    path = Path(path)
+    """Writes named arrays to one ``.npz`` file, atomically (temp file + ``os.replace``), once
+    (process 0)."""
+    distributed.write_once(f"write {path}", _write_npz, Path(path), arrays)
+
+
+def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
     os.close(handle)

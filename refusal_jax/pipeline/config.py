@@ -15,8 +15,15 @@ directions.*          INLP options (METHOD.md section 4) and the k policy
 select.*              candidate selection (METHOD.md section 5; ``pipeline.select``)
 infer.*               completions: which interventions, ``max_new_tokens``
 evaluate.*            evaluation options, passed to the evaluation modules
-runtime.*             batch sizes and chunking; left out of the config hash (they change
-                      speed, not results)
+runtime.*             batch sizes, chunking and the device mesh; left out of the config hash
+                      (they change speed, not results)
+runtime.mesh          "" (one device, no mesh) or the (data, fsdp, model) mesh sizes as
+                      ``"data=-1,model=4"`` (missing axes 1, one may be -1: the devices left
+                      over; see ``refusal_jax.sharding``). Batch sizes must be multiples of
+                      the devices the batch is split over (data x fsdp), and so must
+                      ``candidate_chunk``.
+runtime.sharding_rules  overrides of ``sharding.DEFAULT_RULES``, e.g. ``"embed=none,batch=data"``
+                      (logical axis = ``none`` or mesh axes joined by ``+``); "" keeps them
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import ml_collections
 
+from refusal_jax import sharding
 from refusal_jax.directions import K_POLICIES
 
 # Every intervention the infer stage knows (METHOD.md section 3 and the issue's list).
@@ -113,6 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.runtime.generation_batch_size = 32
     config.runtime.candidate_chunk = 8
     config.runtime.length_bucket = 32
+    config.runtime.mesh = ""
+    config.runtime.sharding_rules = ""
 
     config.lock()
     return config
@@ -184,5 +194,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(evaluate.judge_prompt_style in ("instruction", "conversation"),
          "evaluate.judge_prompt_style must be 'instruction' or 'conversation'")
     need(config.infer.max_new_tokens >= 1, "infer.max_new_tokens must be >= 1")
+    runtime = config.runtime
     for name in ("batch_size", "generation_batch_size", "candidate_chunk", "length_bucket"):
-        need(config.runtime[name] >= 1, f"runtime.{name} must be >= 1")
+        need(runtime[name] >= 1, f"runtime.{name} must be >= 1")
+    need(runtime.mesh.strip() or not runtime.sharding_rules.strip(),
+         f"runtime.sharding_rules={runtime.sharding_rules!r} needs a mesh: set runtime.mesh "
+         "(e.g. 'data=-1') or clear the rules")
+    if runtime.mesh.strip():
+        try:
+            sharding.parse_mesh(runtime.mesh)
+            sharding.parse_rules(runtime.sharding_rules)
+        except ValueError as error:
+            raise ValueError(f"invalid config: runtime.mesh / runtime.sharding_rules: "
+                             f"{error}") from None

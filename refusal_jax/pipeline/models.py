@@ -5,21 +5,32 @@
 ``"random:<name>"``, which builds a randomly initialised model of a preset shape in-process with
 a small BPE tokenizer trained on the built-in prompt sets and a ChatML chat template. Random
 models are for tests and smoke runs: they need no download and run in seconds.
+
+With a mesh (``placement``), the weights are laid out by its sharding rules. Checkpoints (HF
+directories, hub ids, ``.gguf`` files) are then read tensor by tensor straight into that layout
+(``sharding.load_sharded_params``), so no host holds the whole model; the named sources
+(``"default"``, its base model) are small and carry a LoRA adapter to merge, so they and random
+models are built in memory first and then re-laid out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
+from refusal_jax import sharding
 from refusal_jax.chat import ChatFormat
 from refusal_jax.data import BUILTIN_SETS, load_instructions, load_refusals
+from refusal_jax.distributed import Placement
+from refusal_jax.models.checkpoints import load_hf_config
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.loading import Model, load_model
+from refusal_jax.models.loading import BASE_MODEL, DEFAULT_MODEL, ORGANISM, Model, load_model
 from refusal_jax.models.params import ParamSpec, Params, map_specs, param_specs
+from refusal_jax.tokenizer import load_tokenizer
 
 RANDOM_PREFIX = "random:"
 # name -> ModelConfig keyword arguments (vocab_size comes from the tokenizer).
@@ -84,12 +95,32 @@ def random_model(name: str, *, seed: int = 0, dtype=jnp.float32,
 
 
 def load_pipeline_model(source: str, *, dtype: str = "float32", system_prompt: str | None = None,
-                        seed: int = 0) -> Model:
-    """The model named by ``source`` (see the module docstring)."""
+                        seed: int = 0, placement: Placement | None = None) -> Model:
+    """The model named by ``source``, its weights laid out by ``placement`` (see the module
+    docstring; default: one device)."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     jnp_dtype = jnp.dtype(dtype)
+    placement = placement or Placement()
     if source.startswith(RANDOM_PREFIX):
-        return random_model(source[len(RANDOM_PREFIX):], seed=seed, dtype=jnp_dtype,
-                            system_prompt=system_prompt)
-    return load_model(source, dtype=jnp_dtype, system_prompt=system_prompt)
+        model = random_model(source[len(RANDOM_PREFIX):], seed=seed, dtype=jnp_dtype,
+                             system_prompt=system_prompt)
+    elif placement.mesh is not None and source not in (DEFAULT_MODEL, ORGANISM, BASE_MODEL):
+        return _load_sharded(source, jnp_dtype, system_prompt, placement)
+    else:
+        model = load_model(source, dtype=jnp_dtype, system_prompt=system_prompt)
+    return dataclasses.replace(model, params=placement.params(model.params, model.config))
+
+
+def _load_sharded(source: str, dtype, system_prompt: str | None, placement: Placement) -> Model:
+    """A checkpoint read straight into the placement's layout (as `load_model` otherwise)."""
+    hf_config = load_hf_config(source)
+    config = ModelConfig.from_hf_config(hf_config)
+    tokenizer = load_tokenizer(source)
+    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
+        config = dataclasses.replace(config, eos_token_ids=(tokenizer.eos_token_id,))
+    params = sharding.load_sharded_params(source, config, placement.mesh, dtype=dtype,
+                                          rules=placement.rules)
+    return Model(config=config, params=params, tokenizer=tokenizer,
+                 chat=ChatFormat(tokenizer, system_prompt), hf_config=hf_config,
+                 source=str(source))

@@ -11,6 +11,12 @@ A stage runs only when its ``DONE.json`` does not name the current config hash; 
 earlier stages wrote, so any stage can be rerun alone once its inputs exist. The report stage
 is cheap and always reruns, so notes added to ``notes.md`` in the work directory (explanations
 of results, one paragraph per note) reach the report.
+
+Devices: ``runtime.mesh`` (see ``pipeline.config``) places the run on a mesh of every device of
+every process (``distributed.Placement``): the weights are loaded into their sharded layout,
+prompt batches are split over ``data`` x ``fsdp`` (each process encoding only its own rows),
+INLP's (position, layer) pairs over every device, and the KV cache of generation like the batch.
+Results are gathered to every process and each artefact is written once, by process 0.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from refusal_jax.distributed import Placement
 from refusal_jax.pipeline import artifacts
 from refusal_jax.pipeline.config import STAGES, check_config
 from refusal_jax.pipeline.data import refusal_filter, sample_sets
@@ -47,11 +54,27 @@ class Study:
         self.digest = artifacts.bind_workdir(self.workdir, config.to_dict())
 
     @functools.cached_property
+    def placement(self) -> Placement:
+        """The devices of the run (``runtime.mesh``); checks that the batch sizes split evenly."""
+        runtime = self.config.runtime
+        placement = Placement.from_config(runtime.mesh, runtime.sharding_rules)
+        for name, axis in (("batch_size", "batch"), ("generation_batch_size", "batch"),
+                           ("candidate_chunk", "candidates")):
+            multiple = placement.multiple(axis)
+            if runtime[name] % multiple:
+                raise ValueError(
+                    f"runtime.{name}={runtime[name]} must be a multiple of {multiple}, the number "
+                    f"of devices the {axis} axis is split over on the {placement.describe()}; "
+                    f"change runtime.{name} or runtime.mesh")
+        logging.info("devices: %s", placement.describe())
+        return placement
+
+    @functools.cached_property
     def model(self):
         model = self.config.model
         return load_pipeline_model(model.source, dtype=model.dtype,
                                    system_prompt=model.system_prompt or None,
-                                   seed=self.config.seed)
+                                   seed=self.config.seed, placement=self.placement)
 
     def stage_dir(self, stage: str) -> Path:
         return self.workdir / stage
@@ -70,7 +93,7 @@ def run_extract(study: Study) -> list[str]:
     config, model, out = study.config, study.model, study.stage_dir("extract")
     sets = sample_sets(config.data, config.seed).sets
     runtime = dict(batch_size=config.runtime.batch_size,
-                   length_bucket=config.runtime.length_bucket)
+                   length_bucket=config.runtime.length_bucket, placement=study.placement)
     activations, scores = {}, {}
     for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
         activations[name], scores[name] = capture(model, sets[name], name=name, **runtime)
@@ -84,7 +107,7 @@ def run_extract(study: Study) -> list[str]:
             sets[name] = [text for text, kept in zip(sets[name], keep) if kept]
             activations[name], scores[name] = activations[name][keep], scores[name][keep]
     directions = fit_directions(activations["harmful_train"], activations["harmless_train"],
-                                config.directions, seed=config.seed)
+                                config.directions, seed=config.seed, placement=study.placement)
     artifacts.write_json(out / "prompts.json", sets)
     artifacts.write_json(out / "baseline_scores.json",
                          {name: values.tolist() for name, values in scores.items()})
@@ -116,7 +139,8 @@ def run_infer(study: Study) -> list[str]:
         if path.exists() and artifacts.read_json(path).get("config_hash") == study.digest:
             logging.info("completions of %s exist; skipped", variant.name)
         else:
-            completions = complete_variant(model, variant, prompts, config.infer, config.runtime)
+            completions = complete_variant(model, variant, prompts, config.infer, config.runtime,
+                                           placement=study.placement)
             artifacts.write_json(path, {"config_hash": study.digest, "name": variant.name,
                                         "description": variant.description, **completions})
         files.append(relative)
