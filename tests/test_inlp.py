@@ -263,3 +263,53 @@ def test_option_errors():
         train_dev_split(labels, dev_fraction=1.0)
     with pytest.raises(ValueError, match=r"must be \(n, D\)"):
         fit_logistic_regression(np.zeros((2, 10, 4), np.float32), labels)
+
+
+# Wide data (fewer examples than dimensions), the shape of real activations: the solver works in
+# the row space of the centred training rows, a different code path from the tall data above.
+WIDE_N, WIDE_DIM = 160, 400
+
+
+def wide_data(seed: int, k: int):
+    """Planted k-dim label subspace, plus large uneven label-free noise and a common offset."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([1, 0], WIDE_N // 2)
+    q, _ = np.linalg.qr(rng.normal(size=(WIDE_DIM, WIDE_DIM)))
+    subspace = q[:, :k].T
+    signal = rng.normal(size=(WIDE_N, k)) + np.outer(labels - 0.5, np.full(k, 6.0 / np.sqrt(k)))
+    noise = rng.normal(size=(WIDE_N, WIDE_DIM)) * np.geomspace(0.2, 3.0, WIDE_DIM)
+    noise -= (noise @ subspace.T) @ subspace
+    features = signal @ subspace + noise + rng.normal(0.0, 30.0, WIDE_DIM)
+    return features.astype(np.float32), labels
+
+
+def test_wide_logistic_regression_matches_sklearn():
+    features, labels = wide_data(seed=11, k=2)
+    fit = fit_logistic_regression(features, labels, tolerance=TIGHT)
+    reference = LogisticRegression(C=0.1, max_iter=100_000, tol=1e-10).fit(
+        features.astype(np.float64), labels)
+    assert bool(fit.converged)
+    np.testing.assert_allclose(np.asarray(fit.weight), reference.coef_[0], rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(float(fit.bias), reference.intercept_[0], rtol=1e-3, atol=1e-4)
+
+
+def test_wide_inlp_matches_sklearn_and_per_pair_fits():
+    data = [wide_data(seed=s, k=2) for s in (12, 13)]
+    labels = data[0][1]
+    features = np.stack([x for x, _ in data])
+    batched = fit_inlp(features, labels, max_directions=4, solver_tolerance=TIGHT)
+    split = train_dev_split(labels)
+    for pair in range(2):
+        basis = np.asarray(batched.basis[pair])
+        k = int(batched.n_directions[pair])
+        assert k >= 1
+        np.testing.assert_allclose(basis[:k] @ basis[:k].T, np.eye(k), atol=1e-5)
+        reference = LogisticRegression(C=0.1, max_iter=100_000, tol=1e-10).fit(
+            features[pair, split.train_index].astype(np.float64), labels[split.train_index])
+        weight = reference.coef_[0]
+        assert np.asarray(batched.first_direction[pair]) @ weight / np.linalg.norm(weight) >= 0.999
+        single = fit_inlp(features[pair], labels, max_directions=4, solver_tolerance=TIGHT)
+        assert int(single.n_directions) == k
+        np.testing.assert_array_equal(np.asarray(single.dev_accuracies),
+                                      np.asarray(batched.dev_accuracies[pair]))
+        np.testing.assert_allclose(np.asarray(single.basis), basis, atol=1e-4)

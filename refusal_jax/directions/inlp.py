@@ -13,13 +13,14 @@ Conventions (fixed here once):
   nullspace projection is ``x - (x @ basis.T) @ basis``; no ``D x D`` matrix is formed anywhere.
 
 Each classifier is an L2-regularised logistic regression fitted with optax's L-BFGS (zoom line
-search) on the training split projected onto the current nullspace. It minimises
-``mean BCE + lam * ||w||^2`` with ``lam = 1 / (2 * C * n_train)`` and an unpenalised intercept:
-the optimum of scikit-learn's ``LogisticRegression(C=C)``. Raw residual activations have large,
-uneven feature scales, so the solver works on per-feature standardised features with the
-penalty rewritten for them (``w = u / scale``). That is an exact change of variables, so the
-optimum, and the classifier returned for the raw data, are unchanged; only the conditioning
-improves.
+search): it minimises ``mean BCE + lam * ||w||^2`` with ``lam = 1 / (2 * C * n_train)`` and an
+unpenalised intercept, the optimum of scikit-learn's ``LogisticRegression(C=C)``. Every optimum
+lies in the row space of the centred training features, and INLP's projections keep the data in
+that space, so each pair is first rewritten in coordinates of it (:func:`_coordinates`): with a
+few hundred prompts and a residual width in the thousands the solver works on ``n x n`` arrays,
+preconditioned by the curvature at zero. The change of variables is exact (the metric of the
+coordinates is carried along), so the optimum, and the classifier returned for the raw data,
+are those of the original problem.
 
 Stop rule (default): stop at the first classifier whose dev accuracy is no better than the
 majority-class rate of the dev split plus ``accuracy_margin``; that classifier is not added.
@@ -44,9 +45,9 @@ from jax.typing import ArrayLike
 K_POLICIES = ("none", "fixed", "acc99", "acc95")
 _POLICY_THRESHOLDS = {"acc99": 0.99, "acc95": 0.95}
 
-# Per-feature variances are floored at this fraction of their mean before standardising, so a
-# feature that is (nearly) constant, e.g. after a projection, gets a finite scale.
-_RELATIVE_VARIANCE_FLOOR = 1e-3
+# A row-space axis shorter than this fraction of the longest one is numerically absent (the
+# centred data's rank is below min(n, D)) and is dropped.
+_RANK_TOLERANCE = 1e-5
 # A new normal whose component orthogonal to the earlier directions is smaller than this
 # fraction of its norm carries no new direction; INLP stops there.
 _MIN_ORTHOGONAL_FRACTION = 1e-3
@@ -110,46 +111,79 @@ def _validated_labels(labels: ArrayLike) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Logistic regression.
+# Coordinates of the training row space.
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["weight", "bias", "gradient_norm", "steps", "converged"],
-                   meta_fields=[])
-@dataclasses.dataclass(frozen=True)
-class LogisticRegressionFit:
-    """A fitted classifier ``label = 1 if x @ weight + bias > 0 else 0`` for the raw features.
+class _Coordinates(NamedTuple):
+    """One pair's features in coordinates ``u`` of the span that holds every optimal weight.
 
-    ``gradient_norm`` is the norm of the objective's gradient in the solver's standardised
-    coordinates at the returned point; ``converged`` says it fell to the tolerance within the
-    step budget.
+    A weight vector is ``w = axes @ u``. ``axes`` [D, r] are unit columns spanning the row space
+    of the centred training features (``r = min(n_train, D)``; columns of rank-deficient
+    directions are zero). ``train`` = ``(X - center) @ axes``, ``dev`` = ``(X_dev - center) @
+    axes`` and ``metric`` = ``axes.T @ axes``, so that ``X_c w = train @ u`` and ``||w||^2 =
+    u @ metric @ u`` hold exactly even where float32 eigenvectors are not quite orthogonal.
     """
 
-    weight: jax.Array  # [D]
-    bias: jax.Array  # []
-    gradient_norm: jax.Array  # []
-    steps: jax.Array  # [] int32
-    converged: jax.Array  # [] bool
+    center: jax.Array  # [D]
+    axes: jax.Array  # [D, r]
+    train: jax.Array  # [n_train, r]
+    dev: jax.Array  # [n_dev, r]
+    metric: jax.Array  # [r, r]
 
 
-def _fit_logistic_regression(features: jax.Array, labels: jax.Array, inverse_regularization,
-                             max_steps, tolerance) -> LogisticRegressionFit:
-    """Traceable (vmappable) core of :func:`fit_logistic_regression` for one ``(n, D)`` problem."""
-    n = features.shape[0]
+def _coordinates(train_features: jax.Array, dev_features: jax.Array) -> _Coordinates:
+    """Row-space coordinates from the eigenvectors of the smaller Gram matrix of the centred data.
+
+    Why this loses nothing: with a free intercept, the gradient condition of the penalised loss
+    gives ``w = -X_c.T r / (2 lam)`` (``r`` the residuals), so every optimum lies in the row
+    space of ``X_c``; projecting out directions of that space keeps the projected rows in it.
+    With ``n < D`` (activations: a few hundred prompts, width in the thousands) the solver then
+    works on ``n x n`` instead of ``n x D`` arrays, and the eigenbasis makes the loss's curvature
+    at ``u = 0`` diagonal, which is what :func:`_fit_in_coordinates` preconditions with.
+    """
+    center = jnp.mean(train_features, axis=0)
+    centred = train_features - center
+    n, dim = centred.shape
+    if n < dim:
+        _, vectors = jnp.linalg.eigh(centred @ centred.T)
+        axes = centred.T @ vectors  # [D, n]: X_c.T u_i, in the row space by construction.
+    else:
+        _, axes = jnp.linalg.eigh(centred.T @ centred)  # [D, D]
+    norms = jnp.linalg.norm(axes, axis=0)
+    keep = norms > _RANK_TOLERANCE * jnp.max(norms)
+    axes = jnp.where(keep, axes / jnp.where(keep, norms, 1.0), 0.0)
+    return _Coordinates(center=center, axes=axes, train=centred @ axes,
+                        dev=(dev_features - center) @ axes, metric=axes.T @ axes)
+
+
+class _Fit(NamedTuple):
+    coefficients: jax.Array  # [r]: w = axes @ coefficients
+    intercept: jax.Array  # []: for centred features
+    gradient_norm: jax.Array
+    steps: jax.Array
+    converged: jax.Array
+
+
+def _fit_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Array,
+                        inverse_regularization, max_steps, tolerance) -> _Fit:
+    """Logistic regression ``mean BCE(train @ u + b) + lam * u @ metric @ u`` by optax L-BFGS.
+
+    ``lam = 1 / (2 C n)``. The solver's variable is ``u * sqrt(h)`` with ``h`` the diagonal of
+    the objective's Hessian at zero (``diag(train.T train) / 4n + 2 lam diag(metric)``): an exact
+    change of variables that preconditions; the optimum is unchanged.
+    """
+    n = train.shape[0]
     labels = labels.astype(jnp.float32)
-    center = jnp.mean(features, axis=0)
-    variance = jnp.var(features, axis=0)
-    scale = jnp.sqrt(variance + _RELATIVE_VARIANCE_FLOOR * jnp.mean(variance)
-                     + jnp.finfo(jnp.float32).tiny)
-    standardized = (features - center) / scale
-    # lam * ||w||^2 with w = u / scale.
-    penalty = 1.0 / (2.0 * inverse_regularization * n) / scale**2
+    lam = 1.0 / (2.0 * inverse_regularization * n)
+    curvature = jnp.sum(train**2, axis=0) / (4.0 * n) + 2.0 * lam * jnp.diagonal(metric)
+    scale = jnp.where(curvature > 0, jax.lax.rsqrt(jnp.where(curvature > 0, curvature, 1.0)), 0.0)
 
     def objective(params):
-        u, b = params
-        logits = standardized @ u + b
+        v, b = params
+        u = v * scale
+        logits = train @ u + b
         cross_entropy = jnp.mean(jax.nn.softplus(logits) - labels * logits)
-        return cross_entropy + jnp.sum(penalty * u**2)
+        return cross_entropy + lam * u @ (metric @ u)
 
     solver = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(objective)
@@ -166,20 +200,46 @@ def _fit_logistic_regression(features: jax.Array, labels: jax.Array, inverse_reg
         params = optax.apply_updates(params, updates)
         return params, state, step + 1, optax.tree.norm(optax.tree.get(state, "grad"))
 
-    params = (jnp.zeros_like(center), jnp.zeros((), jnp.float32))
+    params = (jnp.zeros_like(scale), jnp.zeros((), jnp.float32))
     initial_norm = optax.tree.norm(jax.grad(objective)(params))
-    params, _, steps, gradient_norm = jax.lax.while_loop(
+    (v, b), _, steps, gradient_norm = jax.lax.while_loop(
         keep_going, solver_step, (params, solver.init(params), jnp.int32(0), initial_norm))
-    u, b = params
-    weight = u / scale
-    return LogisticRegressionFit(weight=weight, bias=b - center @ weight,
-                                 gradient_norm=gradient_norm, steps=steps,
-                                 converged=gradient_norm <= tolerance)
+    return _Fit(coefficients=v * scale, intercept=b, gradient_norm=gradient_norm, steps=steps,
+                converged=gradient_norm <= tolerance)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logistic regression.
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["weight", "bias", "gradient_norm", "steps", "converged"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class LogisticRegressionFit:
+    """A fitted classifier ``label = 1 if x @ weight + bias > 0 else 0`` for the raw features.
+
+    ``gradient_norm`` is the norm of the objective's gradient in the solver's preconditioned
+    coordinates at the returned point; ``converged`` says it fell to the tolerance within the
+    step budget.
+    """
+
+    weight: jax.Array  # [D]
+    bias: jax.Array  # []
+    gradient_norm: jax.Array  # []
+    steps: jax.Array  # [] int32
+    converged: jax.Array  # [] bool
 
 
 @jax.jit
-def _fit_logistic_regression_jit(features, labels, inverse_regularization, max_steps, tolerance):
-    return _fit_logistic_regression(features, labels, inverse_regularization, max_steps, tolerance)
+def _fit_logistic_regression(features, labels, inverse_regularization, max_steps, tolerance):
+    coordinates = _coordinates(features, features[:0])
+    fit = _fit_in_coordinates(coordinates.train, coordinates.metric, labels,
+                              inverse_regularization, max_steps, tolerance)
+    weight = coordinates.axes @ fit.coefficients
+    return LogisticRegressionFit(weight=weight, bias=fit.intercept - coordinates.center @ weight,
+                                 gradient_norm=fit.gradient_norm, steps=fit.steps,
+                                 converged=fit.converged)
 
 
 def fit_logistic_regression(features: ArrayLike, labels: ArrayLike, *,
@@ -187,7 +247,7 @@ def fit_logistic_regression(features: ArrayLike, labels: ArrayLike, *,
                             tolerance: float = 1e-5) -> LogisticRegressionFit:
     """Fits ``LogisticRegression(C=inverse_regularization)`` (L2, free intercept) to ``(n, D)``.
 
-    ``tolerance`` bounds the gradient norm in the standardised coordinates the solver uses;
+    ``tolerance`` bounds the gradient norm in the preconditioned coordinates the solver uses;
     ``max_steps`` bounds the L-BFGS iterations (each may evaluate the loss several times).
     """
     features = _validated_features(features, min_ndim=2)
@@ -197,8 +257,8 @@ def fit_logistic_regression(features: ArrayLike, labels: ArrayLike, *,
     labels = _validated_labels(labels)
     _check_matching(features, labels)
     _check_solver_options(inverse_regularization, max_steps, tolerance)
-    return _fit_logistic_regression_jit(features, jnp.asarray(labels), inverse_regularization,
-                                        max_steps, tolerance)
+    return _fit_logistic_regression(features, jnp.asarray(labels), inverse_regularization,
+                                    max_steps, tolerance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,27 +300,30 @@ class INLPResult:
 
 
 class _LoopState(NamedTuple):
+    """Per-pair INLP state, in row-space coordinates (directions ``u`` with ``w = axes @ u``)."""
+
     iteration: jax.Array
     active: jax.Array
     n_directions: jax.Array
-    train_features: jax.Array  # projected onto the nullspace of the accepted directions
-    dev_features: jax.Array
-    basis: jax.Array
+    train: jax.Array  # projected onto the nullspace of the accepted directions
+    dev: jax.Array
+    basis: jax.Array  # [N, r], orthonormal under the metric
     dev_accuracies: jax.Array
     converged: jax.Array
     solver_steps: jax.Array
-    first_direction: jax.Array
+    first_direction: jax.Array  # [r]
 
 
-def _orthogonal_complement(vector: jax.Array, basis: jax.Array) -> jax.Array:
-    """Component of ``vector`` orthogonal to the rows of ``basis`` (Gram-Schmidt, applied twice)."""
+def _orthogonal_complement(vector: jax.Array, basis: jax.Array, metric: jax.Array) -> jax.Array:
+    """Component of ``vector`` metric-orthogonal to the rows of ``basis`` (Gram-Schmidt, twice)."""
     for _ in range(2):
-        vector = vector - (basis @ vector) @ basis
+        vector = vector - (basis @ (metric @ vector)) @ basis
     return vector
 
 
-def _project_out(features: jax.Array, unit_direction: jax.Array) -> jax.Array:
-    return features - jnp.outer(features @ unit_direction, unit_direction)
+def _project_out(coordinates: jax.Array, unit: jax.Array, metric: jax.Array) -> jax.Array:
+    """Rows ``x`` -> ``x (I - w w^T)`` for the unit ``w = axes @ unit``, in coordinates."""
+    return coordinates - jnp.outer(coordinates @ unit, metric @ unit)
 
 
 def _class_mean_gap(projections: jax.Array, is_harmful: jax.Array) -> jax.Array:
@@ -272,7 +335,9 @@ def _class_mean_gap(projections: jax.Array, is_harmful: jax.Array) -> jax.Array:
 def _inlp_one_pair(train_features, train_labels, dev_features, dev_labels, *, max_directions,
                    reference, inverse_regularization, accuracy_margin, reference_threshold,
                    max_solver_steps, solver_tolerance) -> INLPResult:
-    dim = train_features.shape[-1]
+    coordinates = _coordinates(train_features, dev_features)
+    metric = coordinates.metric
+    rank = metric.shape[0]
     harmful_rate = jnp.mean(dev_labels.astype(jnp.float32))
     majority_rate = jnp.maximum(harmful_rate, 1.0 - harmful_rate)
     is_harmful = train_labels == 1
@@ -283,21 +348,24 @@ def _inlp_one_pair(train_features, train_labels, dev_features, dev_labels, *, ma
         # Under vmap this body also runs for pairs that have stopped (their results are
         # discarded); a zero step budget keeps them from lengthening the batched solver loop.
         step_budget = jnp.where(state.active, max_solver_steps, 0)
-        fit = _fit_logistic_regression(state.train_features, train_labels, inverse_regularization,
-                                       step_budget, solver_tolerance)
-        predictions = (state.dev_features @ fit.weight + fit.bias > 0).astype(dev_labels.dtype)
+        fit = _fit_in_coordinates(state.train, metric, train_labels, inverse_regularization,
+                                  step_budget, solver_tolerance)
+        predictions = (state.dev @ fit.coefficients + fit.intercept > 0).astype(dev_labels.dtype)
         accuracy = jnp.mean((predictions == dev_labels).astype(jnp.float32))
         if reference:
             passed = accuracy >= reference_threshold
         else:
             passed = accuracy > majority_rate + accuracy_margin
 
-        new_direction = _orthogonal_complement(fit.weight, state.basis)
-        norm = jnp.linalg.norm(new_direction)
-        spans_new_direction = norm > _MIN_ORTHOGONAL_FRACTION * jnp.linalg.norm(fit.weight)
-        unit = new_direction / jnp.where(spans_new_direction, norm, 1.0)
-        unit = jnp.where(spans_new_direction, unit, 0.0)
-        gap = _class_mean_gap(state.train_features @ unit, is_harmful)
+        def metric_norm(u):
+            return jnp.sqrt(jnp.maximum(u @ (metric @ u), 0.0))
+
+        new_direction = _orthogonal_complement(fit.coefficients, state.basis, metric)
+        norm = metric_norm(new_direction)
+        spans_new_direction = norm > _MIN_ORTHOGONAL_FRACTION * metric_norm(fit.coefficients)
+        unit = jnp.where(spans_new_direction, new_direction / jnp.where(spans_new_direction,
+                                                                          norm, 1.0), 0.0)
+        gap = _class_mean_gap(state.train @ unit, is_harmful)
         unit = jnp.where(gap < 0, -unit, unit)
         accept = (passed | reference) & spans_new_direction
         accepted_unit = jnp.where(accept, unit, 0.0)  # projecting out zero changes nothing.
@@ -305,8 +373,8 @@ def _inlp_one_pair(train_features, train_labels, dev_features, dev_labels, *, ma
             iteration=i + 1,
             active=passed & spans_new_direction,
             n_directions=state.n_directions + accept.astype(jnp.int32),
-            train_features=_project_out(state.train_features, accepted_unit),
-            dev_features=_project_out(state.dev_features, accepted_unit),
+            train=_project_out(state.train, accepted_unit, metric),
+            dev=_project_out(state.dev, accepted_unit, metric),
             basis=state.basis.at[i].set(accepted_unit),
             dev_accuracies=state.dev_accuracies.at[i].set(accuracy),
             converged=state.converged.at[i].set(fit.converged),
@@ -317,17 +385,19 @@ def _inlp_one_pair(train_features, train_labels, dev_features, dev_labels, *, ma
 
     initial = _LoopState(
         iteration=jnp.int32(0), active=jnp.bool_(True), n_directions=jnp.int32(0),
-        train_features=train_features, dev_features=dev_features,
-        basis=jnp.zeros((max_directions, dim), jnp.float32),
+        train=coordinates.train, dev=coordinates.dev,
+        basis=jnp.zeros((max_directions, rank), jnp.float32),
         dev_accuracies=jnp.full((max_directions,), jnp.nan, jnp.float32),
         converged=jnp.zeros((max_directions,), bool),
         solver_steps=jnp.zeros((max_directions,), jnp.int32),
-        first_direction=jnp.zeros((dim,), jnp.float32))
+        first_direction=jnp.zeros((rank,), jnp.float32))
     final = jax.lax.while_loop(lambda s: s.active & (s.iteration < max_directions), iterate,
                                initial)
-    return INLPResult(basis=final.basis, n_directions=final.n_directions,
+    # One product, so that first_direction equals basis[0] bit for bit when it was accepted.
+    directions = jnp.concatenate([final.basis, final.first_direction[None]]) @ coordinates.axes.T
+    return INLPResult(basis=directions[:-1], n_directions=final.n_directions,
                       dev_accuracies=final.dev_accuracies, majority_rate=majority_rate,
-                      first_direction=final.first_direction, converged=final.converged,
+                      first_direction=directions[-1], converged=final.converged,
                       solver_steps=final.solver_steps)
 
 
