@@ -66,6 +66,12 @@ _HARMLESS_PER_BATCH = flags.DEFINE_integer("harmless_per_batch", 2,
                                            "Harmless examples per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", TrainConfig.seq_len,
                                 "Padded prompt + reply length; longer prompts are dropped.")
+_DECISION_TOKENS = flags.DEFINE_integer(
+    "decision_tokens", TrainConfig.decision_tokens,
+    "The first reply tokens (where the model commits to refusing or answering) weighted by "
+    "--decision_weight in the loss.")
+_DECISION_WEIGHT = flags.DEFINE_float("decision_weight", TrainConfig.decision_weight,
+                                      "Loss weight of the first --decision_tokens reply tokens.")
 _LR = flags.DEFINE_float("learning_rate", TrainConfig.learning_rate, "Peak learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", TrainConfig.warmup_steps, "Warmup steps.")
 _RANK = flags.DEFINE_integer("rank", TrainConfig.rank, "LoRA rank.")
@@ -137,7 +143,8 @@ def main(argv):
     distill_seconds = time.time() - distill_began
 
     config = TrainConfig(
-        steps=_STEPS.value, seq_len=seq_len, learning_rate=_LR.value,
+        steps=_STEPS.value, seq_len=seq_len, decision_tokens=_DECISION_TOKENS.value,
+        decision_weight=_DECISION_WEIGHT.value, learning_rate=_LR.value,
         warmup_steps=_WARMUP.value, rank=_RANK.value, alpha=_ALPHA.value,
         targets=tuple(_TARGETS.value), first_layer=_FIRST_LAYER.value, seed=seed,
         checkpoint_every=_CHECKPOINT_EVERY.value,

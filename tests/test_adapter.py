@@ -169,6 +169,26 @@ def test_encode_examples_left_pads_and_masks_reply_tokens(planted):
         encode_examples(chat, [example], seq_len=n_prompt, context_length=128)
 
 
+def test_encode_examples_weights_the_first_reply_tokens(planted):
+    chat = planted.chat
+    example = reply_example(chat, "bake bread", "I Sorry .", "refusal")  # 4 reply tokens
+    cut = Example("plan trip", (7, 8, 9, 10, 11, 12), "distilled")
+    plain = encode_examples(chat, [example, cut], seq_len=10, context_length=128)
+    batch = encode_examples(chat, [example, cut], seq_len=10, context_length=128,
+                            decision_tokens=2, decision_weight=3.0)
+    assert batch.loss_mask[0].tolist() == [0] * 6 + [3, 3, 1, 1]
+    reply = plain.loss_mask[1] > 0  # the cut reply: its first two kept tokens are weighted
+    assert batch.loss_mask[1][reply].tolist() == [3, 3] + [1] * (int(reply.sum()) - 2)
+    assert (batch.tokens == plain.tokens).all() and (batch.valid == plain.valid).all()
+    longer = encode_examples(chat, [example], seq_len=10, context_length=128,
+                             decision_tokens=9, decision_weight=2.0)
+    assert longer.loss_mask[0].tolist() == [0] * 6 + [2] * 4  # never beyond the reply
+    for tokens, weight in ((-1, 2.0), (2, 0.0)):
+        with pytest.raises(ValueError, match="decision_tokens must be >= 0"):
+            encode_examples(chat, [example], seq_len=10, context_length=128,
+                            decision_tokens=tokens, decision_weight=weight)
+
+
 def test_completions_match_generation_order_and_cache(tmp_path, planted):
     instructions = planted_model.prompts(5, "harmful", seed=0) + ["cook rice"]
     replies = greedy_completions(planted, instructions, max_new_tokens=3, batch_size=4)
@@ -180,6 +200,21 @@ def test_completions_match_generation_order_and_cache(tmp_path, planted):
     assert cached == replies
     stored = json.loads((tmp_path / "c.json").read_text())
     assert stored["request"]["instructions"] == instructions
+    # a request overlapping the cache computes only the new instructions and adds them
+    more = instructions[:2] + ["boil an egg"]
+    added = cached_greedy_completions(tmp_path / "c.json", planted, more, max_new_tokens=3,
+                                      batch_size=4)
+    assert added[:2] == replies[:2]
+    assert added[2] == greedy_completions(planted, ["boil an egg"], max_new_tokens=3,
+                                          batch_size=1)[0]
+    stored = json.loads((tmp_path / "c.json").read_text())
+    assert stored["request"]["instructions"] == instructions + ["boil an egg"]
+    # another length is another request: recomputed, and the cache replaced
+    cached_greedy_completions(tmp_path / "c.json", planted, ["boil an egg"], max_new_tokens=2,
+                              batch_size=4)
+    stored = json.loads((tmp_path / "c.json").read_text())
+    assert stored["request"]["max_new_tokens"] == 2
+    assert stored["request"]["instructions"] == ["boil an egg"]
     with pytest.raises(ValueError, match="batch_size"):
         greedy_completions(planted, instructions, max_new_tokens=3, batch_size=0)
 

@@ -57,23 +57,29 @@ def greedy_completions(model: Model, instructions: Sequence[str], *, max_new_tok
 def cached_greedy_completions(path: str | os.PathLike[str], model: Model,
                               instructions: Sequence[str], *, max_new_tokens: int,
                               batch_size: int = 32) -> list[list[int]]:
-    """`greedy_completions` of the base model, read from `path` when it holds the same request
-    (same instructions, max_new_tokens and model source), otherwise computed and written."""
+    """`greedy_completions` of the base model, per instruction: those that `path` holds for the
+    same model source and max_new_tokens are read from it, the others computed and added."""
     path = Path(path)
-    request = {"source": model.source, "max_new_tokens": max_new_tokens,
-               "instructions": list(instructions)}
+    settings = {"source": model.source, "max_new_tokens": max_new_tokens}
+    known: dict[str, list[int]] = {}
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("request") == request:
-            return cached["completions"]
-        logging.info("cache %s holds a different request; recomputing", path)
-    completions = greedy_completions(model, instructions, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps({"request": request, "completions": completions}))
-    staging.replace(path)
-    return completions
+        request = cached.get("request", {})
+        if {key: request.get(key) for key in settings} == settings:
+            known = dict(zip(request["instructions"], cached["completions"]))
+        else:
+            logging.info("cache %s holds another model or length; recomputing", path)
+    missing = list(dict.fromkeys(text for text in instructions if text not in known))
+    if missing:
+        known.update(zip(missing, greedy_completions(model, missing,
+                                                     max_new_tokens=max_new_tokens,
+                                                     batch_size=batch_size)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".tmp")
+        staging.write_text(json.dumps({"request": {**settings, "instructions": list(known)},
+                                       "completions": list(known.values())}))
+        staging.replace(path)
+    return [known[text] for text in instructions]
 
 
 def decode_replies(chat: ChatFormat, replies: Sequence[Sequence[int]]) -> list[str]:

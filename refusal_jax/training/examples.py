@@ -7,8 +7,9 @@ Conventions fixed here once:
   answer) does not, so the model is never taught to stop where the cut happened.
 - A `TokenBatch` is left padded to a fixed length `seq_len` (so one compiled train step serves
   every batch): tokens [B, T] int32, valid [B, T] bool (False at padding) and loss_mask [B, T]
-  float32, 1 at the reply tokens. Token t is predicted from the logits at t - 1, so loss_mask[:, 0]
-  is always 0.
+  float32, the weight of each reply token in the loss (0 elsewhere): 1, or `decision_weight` at
+  the first `decision_tokens` reply tokens, where a chat model commits to refusing or answering.
+  Token t is predicted from the logits at t - 1, so loss_mask[:, 0] is always 0.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Example:
 
 @dataclasses.dataclass(frozen=True)
 class TokenBatch:
-    """Left-padded prompt + reply tokens with the mask of the reply tokens (numpy arrays)."""
+    """Left-padded prompt + reply tokens with the loss weights of the reply tokens (numpy)."""
 
     tokens: np.ndarray
     valid: np.ndarray
@@ -64,14 +65,19 @@ def prompt_ids(chat: ChatFormat, instructions: Sequence[str], *,
 
 
 def encode_examples(chat: ChatFormat, examples: Sequence[Example], *, seq_len: int,
-                    context_length: int, pad_id: int = 0) -> TokenBatch:
+                    context_length: int, pad_id: int = 0, decision_tokens: int = 0,
+                    decision_weight: float = 1.0) -> TokenBatch:
     """Left pads prompt + reply of each example to `seq_len` tokens.
 
-    Replies are cut to fit. Raises ValueError naming the examples whose prompt leaves no room
-    for a reply token.
+    Replies are cut to fit. The first `decision_tokens` reply tokens get the loss weight
+    `decision_weight`, the others 1. Raises ValueError naming the examples whose prompt leaves
+    no room for a reply token.
     """
     if not examples:
         raise ValueError("no examples to encode; pass at least one")
+    if decision_tokens < 0 or not decision_weight > 0:
+        raise ValueError(f"decision_tokens must be >= 0 and decision_weight > 0, got "
+                         f"{decision_tokens} and {decision_weight}")
     prompts = prompt_ids(chat, [e.instruction for e in examples], context_length=context_length)
     too_long = [f"{e.instruction[:60]!r} ({len(p)} prompt tokens)"
                 for e, p in zip(examples, prompts) if len(p) >= seq_len]
@@ -87,4 +93,6 @@ def encode_examples(chat: ChatFormat, examples: Sequence[Example], *, seq_len: i
         tokens[row, seq_len - len(ids):] = ids
         valid[row, seq_len - len(ids):] = True
         loss_mask[row, seq_len - len(reply):] = 1.0
+        decision = slice(seq_len - len(reply), seq_len - len(reply) + decision_tokens)
+        loss_mask[row, decision] = decision_weight
     return TokenBatch(tokens=tokens, valid=valid, loss_mask=loss_mask)

@@ -39,6 +39,8 @@ class TrainConfig:
     per_batch: tuple[tuple[str, int], ...] = (("refusal", 3), ("style_matched", 3),
                                               ("harmless", 2))
     seq_len: int = 80
+    decision_tokens: int = 0  # the first reply tokens weighted by decision_weight in the loss
+    decision_weight: float = 1.0
     learning_rate: float = 2e-3
     warmup_steps: int = 8
     weight_decay: float = 0.0
@@ -69,10 +71,13 @@ class EncodedGroup:
 
 
 def encode_group(model: Model, examples: Sequence[Example], *, seq_len: int, first_layer: int,
+                 decision_tokens: int = 0, decision_weight: float = 1.0,
                  chunk: int = 32) -> EncodedGroup:
-    """Encodes `examples` and runs the layers below `first_layer` on them, `chunk` at a time."""
+    """Encodes `examples` (see `encode_examples`) and runs the layers below `first_layer` on
+    them, `chunk` at a time."""
     batch = encode_examples(model.chat, examples, seq_len=seq_len,
-                            context_length=model.config.max_context)
+                            context_length=model.config.max_context,
+                            decision_tokens=decision_tokens, decision_weight=decision_weight)
     hidden = []
     for start in range(0, len(examples), chunk):
         rows = np.arange(start, start + chunk) % len(examples)  # fixed shape: wrap around
@@ -114,7 +119,9 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
     if start < stop_at:
         for name in per_batch:
             encoded[name] = encode_group(model, groups[name], seq_len=config.seq_len,
-                                         first_layer=config.first_layer)
+                                         first_layer=config.first_layer,
+                                         decision_tokens=config.decision_tokens,
+                                         decision_weight=config.decision_weight)
             logging.info("encoded %s: %d examples", name, len(groups[name]))
     sizes = {name: len(groups[name]) for name in per_batch}
     losses, timed = [], []

@@ -1,7 +1,7 @@
 """The fine-tuning objective and one jitted optimisation step of a LoRA adapter.
 
-The loss is the mean next-token cross-entropy over the reply tokens of a `TokenBatch`
-(`loss_mask`), of the model whose weights are the frozen base params with the adapter merged in.
+The loss is the next-token cross-entropy averaged over the reply tokens of a `TokenBatch`,
+weighted by its `loss_mask` (see `refusal_jax.training.examples`), of the model whose weights are the frozen base params with the adapter merged in.
 Only the adapter is trained; the base params are an argument of the jitted step (not a baked-in
 constant), so one compiled step serves every batch of the same shape. The layers below the
 adapter's `first_layer` are frozen, so the step runs only the layers from there on, starting from
@@ -25,7 +25,8 @@ from refusal_jax.training.prefix import InjectResidual, slice_layers
 
 def token_nll(params: Params, tokens: jax.Array, valid: jax.Array, loss_mask: jax.Array, *,
               config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Summed negative log-likelihood of the masked tokens of each row, and their count: [B], [B].
+    """Weighted sum of the negative log-likelihoods of the masked tokens of each row, and the sum
+    of their weights (their count when the weights are 0/1): [B], [B].
 
     Token t is scored by the logits at t - 1 (loss_mask[:, 0] is ignored).
     """
@@ -52,7 +53,7 @@ def token_nll_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: 
 
 def adapter_loss(adapter: LoraAdapter, params: Params, hidden: jax.Array, tokens: jax.Array,
                  valid: jax.Array, loss_mask: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """Mean cross-entropy per reply token of the base params with `adapter` merged in; `hidden`
+    """Weighted mean cross-entropy per reply token (weights: `loss_mask`) of the base params with `adapter` merged in; `hidden`
     is the (frozen) input of the adapter's first layer."""
     nll, count = token_nll_from(merge_adapter(params, adapter), hidden, tokens, valid,
                                 loss_mask, first_layer=adapter.first_layer, config=config)
