@@ -283,9 +283,10 @@ def wide_data(seed: int, k: int):
     return features.astype(np.float32), labels
 
 
-def test_wide_logistic_regression_matches_sklearn():
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+def test_wide_logistic_regression_matches_sklearn(solver):
     features, labels = wide_data(seed=11, k=2)
-    fit = fit_logistic_regression(features, labels, tolerance=TIGHT)
+    fit = fit_logistic_regression(features, labels, tolerance=TIGHT, solver=solver)
     reference = LogisticRegression(C=0.1, max_iter=100_000, tol=1e-10).fit(
         features.astype(np.float64), labels)
     assert bool(fit.converged)
@@ -313,3 +314,9 @@ def test_wide_inlp_matches_sklearn_and_per_pair_fits():
         np.testing.assert_array_equal(np.asarray(single.dev_accuracies),
                                       np.asarray(batched.dev_accuracies[pair]))
         np.testing.assert_allclose(np.asarray(single.basis), basis, atol=1e-4)
+
+
+def test_unknown_solver_is_named():
+    features, labels = wide_data(seed=11, k=1)
+    with pytest.raises(ValueError, match="unknown solver 'sgd'"):
+        fit_inlp(features, labels, solver="sgd")
