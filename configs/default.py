@@ -1,9 +1,23 @@
 """The default model (SmolLM2-135M-Instruct with the refusal adapter, `load_model("default")`)
-with fast settings, so that the whole study runs in minutes on a laptop CPU: small prompt sets,
-the last two EOI positions, one ActAdd multiplier, at most 4 INLP directions per pair, short
-completions. Reference-size settings: configs/smollm2_reference.py."""
+with settings that run the whole study (both methods, every intervention, geometry, the tunable-k
+curve) in about 10 minutes on a 2-core CPU. Reference-size settings:
+configs/smollm2_reference.py.
 
-from refusal_jax.pipeline.config import base_config
+Smaller than the reference (METHOD.md): 32 train / 8 val / 16 eval prompts per class (128 / 32
+/ 100), candidates at the last two EOI positions only (all six), at most 4 INLP directions per
+(position, layer) (100), completions of 32 new tokens (512), cross-entropy on the first 1024
+tokens of the built-in text. `inlp_reflection_a1` is left out of the interventions: P_a with
+a = 1 is the nullspace projection, so it would repeat the `inlp_nullspace` row.
+
+Different from the reference because the model is small: `select.kl_threshold = 0.5` (0.1).
+Ablating a candidate that induces refusal on harmless prompts (steering score >= 0, layer < 24)
+moves the harmless next-token distribution by a KL of at least 0.19 for INLP's nullspace
+projection and 0.10 for DiM's ablation (measured with two adapters; 0.21 and 0.11 with the
+other), so with 0.1 no INLP candidate survives the filters; 0.5 keeps several per method and
+still discards the ablations that wreck the distribution (KL up to 8).
+"""
+
+from refusal_jax.pipeline.config import INTERVENTIONS, base_config
 
 
 def get_config():
@@ -14,8 +28,10 @@ def get_config():
     config.data.n_eval = 16
     config.directions.inlp_max_directions = 4
     config.select.positions = (-2, -1)
-    config.select.multipliers = (1.0,)
+    config.select.kl_threshold = 0.5
     config.infer.max_new_tokens = 32
+    config.infer.interventions = tuple(name for name in INTERVENTIONS
+                                       if name != "inlp_reflection_a1")
     config.evaluate.cross_entropy_max_tokens = 1024
     config.runtime.batch_size = 16
     config.runtime.generation_batch_size = 16

@@ -25,12 +25,16 @@ Schema (version `SCHEMA_VERSION`). `results.json` is `StudyResults` serialised b
     selections       list of SelectedComponent: the (position, layer) chosen per method
         method, position (EOI position, negative), layer, bypass_score, steering_score,
         kl_score (floats | null), n_directions (int | null, INLP), first_direction_accuracy
-    geometry         GeometrySummary | null
+    geometry         GeometrySummary | null (at the DiM source: the baseline and the DiM
+                     variants, or every variant when both methods chose one (position, layer))
         position, layer              the source (EOI position, layer) of the activations shown
         cosine_dim_inlp              cosine between the DiM direction and the first INLP one
         principal_angles_deg         principal angle(s) between the DiM direction and the INLP
                                      subspace, in degrees (one angle for a 1-D direction)
         plots                        list of PNG paths, relative to the workdir
+    inlp_geometry    GeometrySummary | null, the same at the INLP source (the baseline and the
+                     INLP variants) when INLP chose another (position, layer); a variant's
+                     centroid_axis_position is measured at the source of the method it acts at
     k_curve          KCurve | null (INLP keeping only its first k directions)
         intervention                 which INLP intervention was truncated
         points                       list of {k, harmful_refusal_rate, harmless_refusal_rate?,
@@ -152,6 +156,7 @@ class StudyResults:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     selections: list[SelectedComponent] = dataclasses.field(default_factory=list)
     geometry: GeometrySummary | None = None
+    inlp_geometry: GeometrySummary | None = None
     k_curve: KCurve | None = None
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -312,7 +317,8 @@ def read_results(path: str | os.PathLike) -> StudyResults:
     """Reads and validates a results.json file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no results file at {path}; run the 'evaluate' stage first")
+        raise FileNotFoundError(f"no results file at {path}; run the study's report stage "
+                                "first")
     with path.open() as file:
         return validate_results(json.load(file))
 
@@ -421,7 +427,8 @@ moves them into the opposite, harmless cluster (near 1). The published runs used
 and 512-token completions; small models and short completions can differ. The table checks each
 finding against this run; a finding that does not hold needs an explanation in the notes."""
 
-_GEOMETRY_NOTE = """Reading the positions: with r the unit DiM direction, m the midpoint of the two centroids and
+_GEOMETRY_NOTE = """\
+Reading the positions: with r the unit DiM direction, m the midpoint of the two centroids and
 |d| their distance, projecting r out of the harmful centroid lands at 0.5 + (m . r) / |d| and
 reflecting it at 1 + 2 (m . r) / |d|. So nullspace projection lands halfway, and reflection in the
 harmless cluster, only when the midpoint has no component along r; a large mean activation along
@@ -492,6 +499,54 @@ def expectation_checks(results: StudyResults) -> list[tuple[str, str, str]]:
     return checks
 
 
+def _count(rate: float, n: int) -> str:
+    return f"{round(rate * n)}/{n}"
+
+
+def _nullspace_versus_ablation(results: StudyResults) -> str | None:
+    """Why INLP nullspace projection did not suppress fewer refusals than DiM ablation, from
+    the run's own numbers: the sampling error of the two rates and, when both methods chose
+    the same (position, layer), how much of the DiM direction the INLP subspace holds."""
+    rows = _rows_by_name(results)
+    if INLP_NULLSPACE not in rows or DIM_ABLATION not in rows:
+        return None
+    null, ablation = rows[INLP_NULLSPACE], rows[DIM_ABLATION]
+    if null.harmful_refusal_rate > ablation.harmful_refusal_rate:
+        return None
+    error = math.sqrt(sum(row.harmful_refusal_rate * (1 - row.harmful_refusal_rate)
+                          / row.n_harmful for row in (null, ablation)))
+    counts = [_count(row.harmful_refusal_rate, row.n_harmful) for row in (null, ablation)]
+    text = (f"Nullspace projection vs DiM ablation: {counts[0]} vs {counts[1]} harmful prompts "
+            f"still refused, a difference of "
+            f"{null.harmful_refusal_rate - ablation.harmful_refusal_rate:+.2f} against a "
+            f"standard error of {error:.2f} at this sample size.")
+    chosen = {s.method: s for s in results.selections}
+    geometry = results.geometry
+    if ("dim" in chosen and "inlp" in chosen and geometry is not None
+            and results.inlp_geometry is None and len(geometry.principal_angles_deg) == 1
+            and (chosen["dim"].position, chosen["dim"].layer)
+            == (chosen["inlp"].position, chosen["inlp"].layer)):
+        angle = geometry.principal_angles_deg[0]
+        k = chosen["inlp"].n_directions
+        others = "" if k is None else f", and {k - 1} other direction(s) with it"
+        text += (f" Both methods chose (position {geometry.position}, layer {geometry.layer}), "
+                 f"and the INLP subspace lies {angle:.1f}° from the DiM direction r, so the "
+                 f"nullspace projection removes {math.cos(math.radians(angle)) ** 2:.0%} of the "
+                 f"component along r that DiM ablation removes{others}: here it is nearly the "
+                 "same edit as DiM ablation and more, so it is not expected to be weaker.")
+    return text
+
+
+def departure_notes(results: StudyResults) -> list[str]:
+    """Explanations, computed from the results, of the published findings that do not hold."""
+    failed = {finding for finding, verdict, _ in expectation_checks(results)
+              if verdict == "does not hold"}
+    notes = []
+    if "INLP nullspace projection suppresses fewer refusals than DiM ablation" in failed:
+        notes.append(_nullspace_versus_ablation(results))
+    return [note for note in notes if note]
+
+
 def _link(workdir: Path, relative: str, what: str) -> str:
     path = workdir / relative
     if not path.is_file():
@@ -510,14 +565,21 @@ def _selection_section(results: StudyResults) -> str:
 
 
 def _geometry_section(results: StudyResults, workdir: Path) -> str:
-    geometry = results.geometry
-    angles = ", ".join(f"{angle:.1f}°" for angle in geometry.principal_angles_deg)
-    text = [(f"Activations at EOI position {geometry.position}, layer {geometry.layer}. "
-             f"Cosine between the DiM direction and the first INLP direction: "
-             f"{geometry.cosine_dim_inlp:.3f}. Principal angle(s) between the DiM direction and "
-             f"the INLP subspace: {angles or '–'}.")]
+    text = []
+    views = [("DiM", results.geometry), ("INLP", results.inlp_geometry)]
+    for method, geometry in views:
+        if geometry is None:
+            continue
+        angles = ", ".join(f"{angle:.1f}°" for angle in geometry.principal_angles_deg)
+        where = (f"At the {method} source, EOI position {geometry.position}, layer "
+                 f"{geometry.layer} (the baseline and the {method} interventions)"
+                 if results.inlp_geometry is not None else
+                 f"Activations at EOI position {geometry.position}, layer {geometry.layer}")
+        text.append(f"{where}. Cosine between the DiM direction and the first INLP direction: "
+                    f"{geometry.cosine_dim_inlp:.3f}. Principal angle(s) between the DiM "
+                    f"direction and the INLP subspace: {angles or '–'}.")
+        text += [_link(workdir, plot, "geometry plot") for plot in geometry.plots]
     text.append(_GEOMETRY_NOTE)
-    text += [_link(workdir, plot, "geometry plot") for plot in geometry.plots]
     return "\n\n".join(text)
 
 
@@ -561,11 +623,12 @@ def render_report(results: StudyResults, workdir: str | os.PathLike) -> str:
              "## Comparison with the published findings", _WHAT_TO_EXPECT,
              _table(["finding", "here", "evidence"], [list(check) for check in checks])]
     departures = sum(verdict == "does not hold" for _, verdict, _ in checks)
-    if departures and not results.notes:
+    notes = departure_notes(results) + results.notes
+    if departures and not notes:
         parts.append(f"**{departures} published finding(s) do not hold in this run, and no "
                      "explanation is recorded (add one to `notes` in results.json).**")
-    if results.notes:
-        parts += ["### Notes", "\n".join(f"- {note}" for note in results.notes)]
+    if notes:
+        parts += ["### Notes", "\n".join(f"- {note}" for note in notes)]
     if results.selections:
         parts += ["## Selected components", _selection_section(results)]
     if results.geometry is not None:
@@ -609,3 +672,93 @@ def write_report(workdir: str | os.PathLike,
                                                allow_nan=False) + "\n")
     _write_atomically(report_path, report)
     return results_path, report_path
+
+
+# --------------------------------------------------------------------------------------------
+# The README's copy of a run's results.
+
+README_START = "<!-- study-results:start -->"
+README_END = "<!-- study-results:end -->"
+_README_PLOT_COLOURS = 64  # the plots are flat colours: a 64-colour palette keeps them < 100 KB
+
+
+def readme_section(results: StudyResults, plot: str | None, *, source: str) -> str:
+    """Markdown for a README: the intervention table, the check against the published findings
+    with the run's notes, the selected components, ``plot`` (a path relative to the README) and
+    the wall time per stage. ``source`` names where the results come from."""
+    parts = [f"Results of the study on `{results.model}` (from `{source}`; "
+             f"{results.interventions[0].n_harmful} harmful and "
+             f"{results.interventions[0].n_harmless} harmless evaluation prompts):",
+             _interventions_table(results),
+             _table(["published finding", "here", "evidence"],
+                    [list(check) for check in expectation_checks(results)])]
+    notes = departure_notes(results) + results.notes
+    if notes:
+        parts.append("\n".join(f"- {note}" for note in notes))
+    if results.selections:
+        parts.append(_selection_section(results))
+    if plot is not None:
+        parts.append(f"![geometry of the interventions]({plot})")
+    if results.timings_s:
+        total = sum(results.timings_s.values())
+        parts.append("Wall time: " + ", ".join(
+            f"{stage} {seconds:.0f} s" for stage, seconds in results.timings_s.items())
+            + f"; {total / 60:.1f} minutes in all.")
+    return "\n\n".join(parts)
+
+
+def _compact_png(source: Path, destination: Path) -> None:
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(source) as image:
+        palette = image.convert("RGB").quantize(colors=_README_PLOT_COLOURS)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    palette.save(destination, optimize=True)
+
+
+def update_readme(readme: str | os.PathLike, workdir: str | os.PathLike, *,
+                  plot: str | os.PathLike = "docs/study_geometry.png") -> Path:
+    """Replaces the README text between ``README_START`` and ``README_END`` with
+    :func:`readme_section` of ``workdir/results.json``, and writes a geometry plot (the DiM /
+    INLP plane when there is one, of the view holding the INLP interventions) to ``plot``
+    (relative to the README's folder) as a 64-colour PNG. Raises FileNotFoundError for a
+    missing README or results, ValueError when the README lacks the markers."""
+    readme, workdir = Path(readme), Path(workdir)
+    if not readme.is_file():
+        raise FileNotFoundError(f"no README at {readme}")
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} lacks the markers {README_START} ... {README_END} (in this "
+                         "order) around the place where the results go; add them")
+    results = read_results(workdir / RESULTS_FILENAME)
+    relative_plot = None
+    view = results.inlp_geometry or results.geometry  # the view holding the INLP variants
+    if view is not None and view.plots:
+        plots = view.plots
+        chosen = next((p for p in plots if Path(p).name == "geometry_dim_inlp.png"), plots[0])
+        _compact_png(workdir / chosen, readme.parent / plot)
+        relative_plot = Path(plot).as_posix()
+    section = readme_section(results, relative_plot,
+                             source=(workdir / REPORT_FILENAME).as_posix())
+    _write_atomically(readme, text[:start + len(README_START)] + "\n" + section + "\n"
+                      + text[end:])
+    return readme
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m refusal_jax.report",
+        description="Copy a run's results table, findings and geometry plot into a README.")
+    parser.add_argument("--workdir", required=True, help="work directory of a finished run")
+    parser.add_argument("--readme", default="README.md", help="README with the result markers")
+    parser.add_argument("--plot", default="docs/study_geometry.png",
+                        help="where the geometry plot goes, relative to the README")
+    args = parser.parse_args(argv)
+    print(update_readme(args.readme, args.workdir, plot=args.plot))
+
+
+if __name__ == "__main__":
+    _main()

@@ -124,6 +124,16 @@ def test_every_stage_writes_its_artefacts_and_the_report_schema(resumed_run):
     assert set(baseline.cross_entropy) == {"builtin"}
     assert {s.method for s in results.selections} == {"dim", "inlp"}
     assert results.geometry is not None and results.geometry.plots
+    # Each variant is seen at the (position, layer) of the component it acts at: a second view
+    # at the INLP source exactly when INLP chose another pair than DiM.
+    dim, inlp = (selection[method]["components"][0] for method in ("dim", "inlp"))
+    assert (results.geometry.position, results.geometry.layer) == (dim["position"], dim["layer"])
+    if (dim["position"], dim["layer"]) == (inlp["position"], inlp["layer"]):
+        assert results.inlp_geometry is None
+    else:
+        assert (results.inlp_geometry.position, results.inlp_geometry.layer) == (
+            inlp["position"], inlp["layer"])
+        assert all((workdir / plot).is_file() for plot in results.inlp_geometry.plots)
     assert results.k_curve is not None and results.k_curve.points[0].k == 1
     for plot in results.geometry.plots + [results.k_curve.plot]:
         assert (workdir / plot).is_file()
@@ -248,7 +258,7 @@ def test_judge_and_multiple_choice_reach_the_metrics(resumed_run, tmp_path):
     source = study.selection()["dim"]["components"][0]
     base_logits = np.zeros((2, study.model.config.vocab_size), np.float32)
     metrics, _, _ = evaluate._variant_metrics(
-        study, variant, {}, base_logits, source["position_index"], source["layer"],
+        study, variant, {}, base_logits, [(source["position_index"], source["layer"])],
         completions=completions, judge=judge, mc_sets=mc_sets)
     assert 0.0 <= metrics["judge_unsafe_rate"] <= 1.0
     assert set(metrics["multiple_choice"]) == {"sums"}

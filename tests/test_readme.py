@@ -25,3 +25,20 @@ def test_readme_example_runs_and_does_what_it_says():
     # The planted harmful offset lies along the first axis: DiM and INLP both find it.
     assert abs(float(r_hat[0])) > 0.9
     assert abs(float(jnp.dot(inlp.first_direction, r_hat))) > 0.8
+
+
+def test_the_main_job_and_the_results_section_name_files_that_exist():
+    import importlib.util
+
+    from refusal_jax import report
+
+    text = README.read_text()
+    command = re.search(r"bash scripts/setup.sh && (python -m (\S+) .*)", text)
+    assert command, "the Quick start lost its main-job command"
+    assert importlib.util.find_spec(command.group(2)) is not None
+    config = re.search(r"--config=(\S+)", command.group(1)).group(1)
+    assert (README.parent / config).is_file()
+    start, end = text.index(report.README_START), text.index(report.README_END)
+    assert start < end
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text[start:end]):
+        assert (README.parent / image).is_file(), image

@@ -188,3 +188,91 @@ def test_write_errors(tmp_path):
     assert not (tmp_path / "results.json").exists()  # nothing written when rendering fails
     with pytest.raises(FileNotFoundError, match="no results file"):
         report.read_results(tmp_path / "results.json")
+
+
+def test_update_readme_replaces_the_marked_section_and_copies_a_small_plot(workdir, tmp_path):
+    report.write_report(workdir, fixture_results(PLOTS))
+    readme = tmp_path / "repo" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"# Title\n\nBefore.\n\n{report.README_START}\nold results\n"
+                      f"{report.README_END}\n\nAfter.\n")
+    assert report.update_readme(readme, workdir, plot="docs/geometry.png") == readme
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nBefore.\n\n" + report.README_START + "\n")
+    assert text.endswith(report.README_END + "\n\nAfter.\n") and "old results" not in text
+    assert "| `dim_ablation` | 0.10 (2/20) | 0.10 (1/10) | 0.0200 |" in text
+    assert ("| reflection lands in the opposite (harmless) cluster | does not hold | mean "
+            "centroid-axis position 0.30 (expected >= 0.75) |") in text
+    assert fixture_results()["notes"][0] in text  # the explanation travels with the verdict
+    assert "| dim | -1 | 5 | -3.200 |" in text
+    assert "![geometry of the interventions](docs/geometry.png)" in text
+    assert "Wall time: extract 12 s, select 40 s; 0.9 minutes in all." in text
+    plot = readme.parent / "docs/geometry.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size < 200_000
+    # Rerunning replaces the section again instead of adding a second one.
+    report.update_readme(readme, workdir, plot="docs/geometry.png")
+    assert readme.read_text() == text
+
+
+def test_update_readme_errors(workdir, tmp_path):
+    readme = tmp_path / "README.md"
+    with pytest.raises(FileNotFoundError, match="no README"):
+        report.update_readme(readme, workdir)
+    readme.write_text(f"{report.README_END}\n{report.README_START}\n")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        report.update_readme(readme, workdir)
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        report.update_readme(readme, tmp_path / "empty")
+
+
+def test_a_second_geometry_view_at_the_inlp_source(workdir, tmp_path):
+    """When INLP chose another (position, layer), its variants are shown at their own source;
+    the report shows both views and the README takes the plot of the INLP one."""
+    results = fixture_results(PLOTS)
+    (workdir / "inlp_source").mkdir()
+    (workdir / "inlp_source" / "geometry_dim_inlp.png").write_bytes(
+        (workdir / PLOTS[0]).read_bytes())
+    results["inlp_geometry"] = {"position": -2, "layer": 6, "cosine_dim_inlp": 0.5,
+                                "principal_angles_deg": [60.0],
+                                "plots": ["inlp_source/geometry_dim_inlp.png"]}
+    _, report_path = report.write_report(workdir, results)
+    text = report_path.read_text()
+    assert "At the DiM source, EOI position -1, layer 5 (the baseline and the DiM" in text
+    assert "At the INLP source, EOI position -2, layer 6 (the baseline and the INLP" in text
+    assert "](inlp_source/geometry_dim_inlp.png)" in text and "](plots/geometry_pca.png)" in text
+    assert report.read_results(workdir / "results.json").inlp_geometry.layer == 6
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+    report.update_readme(readme, workdir, plot="geometry.png")
+    assert (tmp_path / "geometry.png").read_bytes() == _palette_png(
+        workdir / "inlp_source" / "geometry_dim_inlp.png")
+
+
+def _palette_png(path):
+    from PIL import Image
+    import io
+
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").quantize(colors=64).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_a_departure_of_nullspace_from_ablation_is_explained_from_the_results(workdir):
+    results = fixture_results(PLOTS)
+    results["interventions"][3]["harmful_refusal_rate"] = 0.1  # nullspace = ablation: 2/20
+    parsed = report.validate_results(results)
+    (note,) = report.departure_notes(parsed)
+    assert note == ("Nullspace projection vs DiM ablation: 2/20 vs 2/20 harmful prompts still "
+                    "refused, a difference of +0.00 against a standard error of 0.09 at this "
+                    "sample size.")
+    # Both methods at one (position, layer): how much of r the INLP subspace removes.
+    results["selections"][1].update(position=-1, layer=5)
+    (note,) = report.departure_notes(report.validate_results(results))
+    assert ("Both methods chose (position -1, layer 5), and the INLP subspace lies 12.5° from "
+            "the DiM direction r, so the nullspace projection removes 95% of the component "
+            "along r that DiM ablation removes, and 6 other direction(s) with it") in note
+    _, report_path = report.write_report(workdir, results)
+    assert note in report_path.read_text()
+    assert report.departure_notes(report.validate_results(fixture_results())) == []

@@ -18,8 +18,9 @@ Conventions (fixed here once):
   would have generated it. A non-empty "input" is appended to the instruction after a blank
   line, as in Alpaca's own prompts.
 - Rows are sorted by length and batched; each batch is padded to a multiple of
-  `length_bucket` tokens (and the last batch with empty rows to `batch_size`), so a corpus
-  compiles the scoring function a few times at most. The intervention is an array argument:
+  `length_bucket` tokens (and the last batch with empty rows to `batch_size`, or to the
+  corpus's row count when that is smaller), so a corpus compiles the scoring function a few
+  times at most. The intervention is an array argument:
   scoring the same corpus under a new direction, basis or coefficient does not recompile.
 """
 
@@ -232,6 +233,8 @@ def cross_entropy(params: Params, corpus: ScoredTokens, *, config: ModelConfig,
         raise ValueError(f"corpus {corpus.name!r} has rows of {corpus.tokens.shape[1]} tokens, "
                          f"more than the model's context of {config.max_context}; use a "
                          "smaller window / max_length")
+    # A corpus smaller than a batch is one batch of its own rows: filler rows cost a forward.
+    batch_size = min(batch_size, corpus.tokens.shape[0])
     total = 0.0
     for tokens, valid, targets in _batches(corpus, batch_size, length_bucket):
         total += float(_nll_sum(params, tokens, valid, targets, intervention, config=config))

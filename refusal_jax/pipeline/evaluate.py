@@ -9,8 +9,11 @@ on harmless ones):
   variant's harmful-prompt intervention (for ActAdd, the refusal-suppressing subtraction, as
   in Arditi et al.'s table);
 - the centroid-axis position of the intervened harmful (and harmless) eval activations at the
-  DiM source (position, layer): 0 = harmful centroid, 1 = harmless centroid of the baseline
-  activations of the same prompts;
+  source (EOI position, layer) of the component the variant acts at (the first DiM component;
+  the first INLP component for the INLP variants): 0 = harmful centroid, 1 = harmless centroid
+  of the baseline activations of the same prompts there. The geometry plots show each source
+  with its variants (and the baseline); when both methods chose the same (position, layer),
+  one set of plots shows all;
 - the safety judge's unsafe rate on the harmful completions (``evaluate.judge_source``) and
   multiple-choice accuracy (``evaluate.mc_files``, under the harmful-prompt intervention), when
   configured.
@@ -36,40 +39,72 @@ from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.k_curve import k_values, plot_k_curve
 from refusal_jax.evaluation.kl import mean_kl
 from refusal_jax.evaluation.refusal import refusal_rate
-from refusal_jax.models.core import forward
+from refusal_jax.models.core import KVCache, forward
 from refusal_jax.pipeline import artifacts
-from refusal_jax.pipeline.extract import prompt_batches
 from refusal_jax.pipeline.infer import complete_variant
 from refusal_jax.pipeline.models import load_pipeline_model
 from refusal_jax.pipeline.progress import progress
-from refusal_jax.pipeline.select import inlp_basis
+from refusal_jax.pipeline.select import inlp_basis, shared_prefix_batches
 from refusal_jax.pipeline.variants import Variant, build_variants
 from refusal_jax.report import KCurve, KCurvePoint
 
 
+def _share_rows(cache: KVCache, rows: int) -> KVCache:
+    """A one-row KV cache repeated for ``rows`` rows."""
+    def spread(leaf, axis):
+        return jnp.broadcast_to(leaf, leaf.shape[:axis] + (rows,) + leaf.shape[axis + 1:])
+
+    return KVCache(keys=spread(cache.keys, 1), values=spread(cache.values, 1),
+                   positions=spread(cache.positions, 0),
+                   next_position=spread(cache.next_position, 0), length=cache.length)
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
-def _logits_and_captures(params, tokens, valid, capture_positions, intervention, *, config):
+def _logits_and_captures(params, prefix, tokens, valid, capture_positions, intervention, *,
+                         config):
+    """Last-position logits [B, V] and captures [B, P, L, D] of prompts that all start with the
+    tokens ``prefix`` [N] followed by their own left-padded ``tokens`` [B, T] (capture positions
+    index into T). The prefix is computed once, under the same intervention, and its keys and
+    values are shared by every row: exactly the full forward of each prompt, at a fraction of
+    the cost when the template's system turn is most of a prompt."""
+    rows, length = tokens.shape
+    cache = None
+    if prefix.shape[0]:
+        cache = KVCache.empty(config, 1, prefix.shape[0] + length, params.embed.dtype)
+        cache = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
+                        config=config, intervention=intervention, cache=cache,
+                        logits="none").cache
+        cache = _share_rows(cache, rows)
     out = forward(params, tokens, valid, config=config, intervention=intervention,
-                  capture_positions=capture_positions, logits="last")
+                  capture_positions=capture_positions, cache=cache, logits="last")
     return out.logits, out.captures
 
 
-def _forward_set(study, variant: Variant, intervention, instructions, position_index: int,
-                 layer: int) -> tuple[np.ndarray, np.ndarray]:
-    """Last-position logits [n, V] and source activations [n, D] of a variant on a set."""
+def _forward_set(study, variant: Variant, intervention, instructions,
+                 sources: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Last-position logits [n, V] and the activations [S, n, D] at each source (EOI position
+    index, layer) of ``sources``, of a variant on a set."""
     model, runtime = study.model, study.config.runtime
     params = model.params if variant.params is None else variant.params
     config = model.config if variant.config is None else variant.config
     logits = np.zeros((len(instructions), model.config.vocab_size), np.float32)
-    points = np.zeros((len(instructions), model.config.d_model), np.float32)
-    for rows, batch in prompt_batches(model, instructions, runtime.batch_size,
-                                      runtime.length_bucket):
-        positions = model.chat.eoi_positions(batch)[:, position_index:position_index + 1]
+    points = np.zeros((len(sources), len(instructions), model.config.d_model), np.float32)
+    n_eoi = model.chat.n_eoi
+    n_prefix, batches = shared_prefix_batches(model, instructions, batch_size=runtime.batch_size,
+                                              length_bucket=runtime.length_bucket,
+                                              keep_last=n_eoi)
+    for rows, tokens, valid in batches:
+        length = tokens.shape[1] - n_prefix
+        positions = np.asarray([[length - n_eoi + p_index for p_index, _ in sources]] *
+                               len(tokens), np.int32)
         batch_logits, captures = _logits_and_captures(
-            params, jnp.asarray(batch.tokens), jnp.asarray(batch.valid), jnp.asarray(positions),
-            intervention, config=config)
+            params, jnp.asarray(tokens[0, :n_prefix]), jnp.asarray(tokens[:, n_prefix:]),
+            jnp.asarray(valid[:, n_prefix:]), jnp.asarray(positions), intervention,
+            config=config)
         logits[rows] = np.asarray(batch_logits)[:len(rows)]
-        points[rows] = np.asarray(captures)[:len(rows), 0, layer]
+        captures = np.asarray(captures)[:len(rows)]  # [rows, S, L, D]
+        for index, (_, layer) in enumerate(sources):
+            points[index, rows] = captures[:, index, layer]
     return logits, points
 
 
@@ -116,20 +151,25 @@ def _judge(study):
                                   batch_size=study.config.runtime.batch_size)
 
 
-def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits, p_index: int,
-                     layer: int, *, completions: dict | None = None, judge=None,
-                     mc_sets=None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Metrics of one variant, and its intervened source activations (harmful, harmless)."""
+def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
+                     sources: list[tuple[int, int]], *, completions: dict | None = None,
+                     judge=None, mc_sets=None, geometry: bool = True
+                     ) -> tuple[dict, np.ndarray | None, np.ndarray]:
+    """Metrics of one variant, and its intervened activations (harmful, harmless) [S, n, D] at
+    the ``sources``; the harmful ones only with ``geometry`` (they cost a forward pass of the
+    harmful set)."""
     model, config, prompts = study.model, study.config, study.prompts()
     if completions is None:
         completions = artifacts.read_json(study.stage_dir("infer") /
                                           f"completions/{variant.name}.json")
     harmful_texts = [row["completion"] for row in completions["harmful"]]
     harmless_texts = [row["completion"] for row in completions["harmless"]]
-    _, harmful_points = _forward_set(study, variant, variant.harmful, prompts["harmful_eval"],
-                                     p_index, layer)
+    harmful_points = None
+    if geometry:
+        _, harmful_points = _forward_set(study, variant, variant.harmful,
+                                         prompts["harmful_eval"], sources)
     harmless_logits, harmless_points = _forward_set(study, variant, variant.harmless,
-                                                    prompts["harmless_eval"], p_index, layer)
+                                                    prompts["harmless_eval"], sources)
     params = model.params if variant.params is None else variant.params
     model_config = model.config if variant.config is None else variant.config
     cross_entropy = {
@@ -157,8 +197,11 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits, p_i
 
 
 def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseline_metrics,
-             p_index, layer) -> dict | None:
-    """Refusal rates and cross-entropy of the k-curve variant keeping its first k directions."""
+             evaluated: dict[str, dict], sources) -> dict | None:
+    """Refusal rates and cross-entropy of the k-curve variant keeping its first k directions.
+
+    The last point keeps every direction: it is the variant itself, taken from ``evaluated``
+    (the metrics of the variants of the table) when it is there."""
     name = study.config.evaluate.k_curve_intervention
     if not name:
         return None
@@ -166,12 +209,15 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
     points = []
     for k in progress(k_values(n_directions), len(k_values(n_directions)),
                       f"k-curve of {name}", every_seconds=0):
-        (variant,) = build_variants(study.model, directions, selection, study.config,
-                                    names=[name], inlp_k=k)
-        completions = complete_variant(study.model, variant, study.prompts(),
-                                       study.config.infer, study.config.runtime)
-        metrics, _, _ = _variant_metrics(study, variant, corpora, base_harmless_logits, p_index,
-                                         layer, completions=completions)
+        if k == n_directions and name in evaluated:
+            metrics = evaluated[name]
+        else:
+            (variant,) = build_variants(study.model, directions, selection, study.config,
+                                        names=[name], inlp_k=k)
+            completions = complete_variant(study.model, variant, study.prompts(),
+                                           study.config.infer, study.config.runtime)
+            metrics, _, _ = _variant_metrics(study, variant, corpora, base_harmless_logits,
+                                             sources, completions=completions, geometry=False)
         points.append({"k": k, "harmful_refusal_rate": metrics["harmful_refusal_rate"],
                        "harmless_refusal_rate": metrics["harmless_refusal_rate"],
                        "cross_entropy": metrics["cross_entropy"]["builtin"],
@@ -184,46 +230,79 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
     return dataclasses.asdict(curve)
 
 
+def _geometry(study, directions, sources: dict[str, dict], baseline_points, moved
+              ) -> tuple[dict | None, dict | None, dict[str, tuple]]:
+    """Geometry at the source of each method's first component: (summary at the DiM source,
+    summary at the INLP source or None when both methods chose the same (position, layer),
+    centroid-axis positions of every variant at its own source). ``moved``: name -> (source
+    method, intervened harmful [S, n, D], harmless [S, m, D]), S indexing ``sources``."""
+    out, config = study.stage_dir("evaluate"), study.config
+    basis, _ = inlp_basis(directions, config.directions)
+    methods = list(sources)
+    same = (sources["dim"]["position_index"], sources["dim"]["layer"]) == (
+        sources["inlp"]["position_index"], sources["inlp"]["layer"])
+    groups = {"dim": {}, "inlp": {}}
+    for name, (source, harmful, harmless) in moved.items():
+        for method in (methods if name == "baseline" else [source]):  # the baseline: in both
+            groups["dim" if same else method].setdefault(name, (harmful[methods.index(method)],
+                                                                harmless[methods.index(method)]))
+    summaries, positions = {}, {}
+    for method in (["dim"] if same else methods):
+        if not groups[method]:  # e.g. infer.interventions without the baseline or any DiM one
+            continue
+        source, index = sources[method], methods.index(method)
+        p_index, layer = source["position_index"], source["layer"]
+        folder = out if method == "dim" else out / "inlp_source"
+        folder.mkdir(parents=True, exist_ok=True)
+        result = analyse_geometry(
+            baseline_points[0][index], baseline_points[1][index], groups[method],
+            dim_direction=directions["dim"][p_index, layer], inlp_basis=basis[p_index, layer],
+            position=source["position"], layer=layer, out_dir=folder, workdir=study.workdir)
+        summaries[method] = dataclasses.asdict(result.summary)
+        for name, position in result.positions.items():
+            positions.setdefault(name, position)
+    return summaries.get("dim"), summaries.get("inlp"), positions
+
+
 def run_evaluate(study) -> list[str]:
     config, model, out = study.config, study.model, study.stage_dir("evaluate")
     prompts, directions, selection = study.prompts(), study.directions(), study.selection()
     variants = build_variants(model, directions, selection, config)
-    source = selection["dim"]["components"][0]
-    p_index, layer = source["position_index"], source["layer"]
+    # Each variant's activations are read at the (position, layer) of the component it acts
+    # at: the first DiM component, or the first INLP one for the INLP variants.
+    sources = {method: selection[method]["components"][0] for method in ("dim", "inlp")}
+    capture_at = [(c["position_index"], c["layer"]) for c in sources.values()]
     corpora = _corpora(study)
     (baseline,) = build_variants(model, directions, selection, config, names=["baseline"])
     _, base_harmful = _forward_set(study, baseline, baseline.harmful, prompts["harmful_eval"],
-                                   p_index, layer)
+                                   capture_at)
     base_harmless_logits, base_harmless = _forward_set(study, baseline, baseline.harmless,
-                                                       prompts["harmless_eval"], p_index, layer)
+                                                       prompts["harmless_eval"], capture_at)
     judge, mc_sets = _judge(study), _multiple_choice_sets(study)
     metrics, moved = {}, {}
     for variant in progress(variants, len(variants), "evaluate variants", every_seconds=0):
         metrics[variant.name], harmful_points, harmless_points = _variant_metrics(
-            study, variant, corpora, base_harmless_logits, p_index, layer, judge=judge,
+            study, variant, corpora, base_harmless_logits, capture_at, judge=judge,
             mc_sets=mc_sets)
-        moved[variant.name] = (harmful_points, harmless_points)
+        moved[variant.name] = (variant.source, harmful_points, harmless_points)
         logging.info("%s: harmful refusal %.2f, harmless refusal %.2f, KL %.4f",
                      variant.name, metrics[variant.name]["harmful_refusal_rate"],
                      metrics[variant.name]["harmless_refusal_rate"], metrics[variant.name]["kl"])
-    basis, _ = inlp_basis(directions, config.directions)
-    out.mkdir(parents=True, exist_ok=True)
-    geometry = analyse_geometry(
-        base_harmful, base_harmless, moved, dim_direction=directions["dim"][p_index, layer],
-        inlp_basis=basis[p_index, layer], position=source["position"], layer=layer,
-        out_dir=out, workdir=study.workdir)
-    for name, (harmful_position, harmless_position) in geometry.positions.items():
+    geometry, inlp_geometry, positions = _geometry(study, directions, sources,
+                                                   (base_harmful, base_harmless), moved)
+    for name in metrics:
+        harmful_position, harmless_position = positions[name]
         metrics[name]["centroid_axis_position"] = harmful_position
         metrics[name]["centroid_axis_position_harmless"] = harmless_position
     baseline_metrics = metrics.get("baseline") or _variant_metrics(
-        study, baseline, corpora, base_harmless_logits, p_index, layer)[0]
+        study, baseline, corpora, base_harmless_logits, capture_at, geometry=False)[0]
     k_curve = _k_curve(study, directions, selection, corpora, base_harmless_logits,
-                       baseline_metrics, p_index, layer)
+                       baseline_metrics, metrics, capture_at)
     artifacts.write_json(out / "metrics.json", {
-        "interventions": metrics, "geometry": dataclasses.asdict(geometry.summary),
+        "interventions": metrics, "geometry": geometry, "inlp_geometry": inlp_geometry,
         "k_curve": k_curve})
-    files = ["metrics.json"] + [os.path.relpath(study.workdir / plot, out)
-                                for plot in geometry.summary.plots]
+    plots = [plot for view in (geometry, inlp_geometry) if view for plot in view["plots"]]
+    files = ["metrics.json"] + [os.path.relpath(study.workdir / plot, out) for plot in plots]
     return files + (["k_curve.png"] if k_curve else [])
 
 
@@ -291,6 +370,7 @@ def run_report(study) -> list[str]:
     results = report.StudyResults(
         model=study.config.model.source, interventions=rows, config=study.config.to_dict(),
         selections=_selections(study.selection()), geometry=metrics["geometry"],
+        inlp_geometry=metrics.get("inlp_geometry"),
         k_curve=metrics["k_curve"], timings_s=_timings(study), notes=_notes(study))
     report.write_report(study.workdir, results)
     return []

@@ -11,8 +11,10 @@ In "local" mode an ablation-like intervention acts at the component's layer l on
 ActAdd: along the first INLP direction, at the norm of the best DiM direction). Several
 components are merged (see ``_Slots``: every variant has the same pytree form, so the jitted
 programs compile once for all of them). LEACE is fitted at, and applied at, the DiM
-components. ``dim_folded`` is the global ablation of the best DiM direction folded into the weights; it must match the
-hooked global ablation (checked by :func:`folding_agreement`).
+components. ``dim_folded`` is the global ablation of the best DiM direction folded into the
+weights; it must match the hooked global ablation (checked by :func:`folding_agreement`). Each
+variant names the method whose component it acts at (``source``): the evaluate stage reads its
+activations there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Variant:
     harmless: Any
     params: Any = None  # replacement params (the folded model), else None
     config: Any = None
+    source: str = "dim"  # whose selected component it acts at: "dim" or "inlp"
 
 
 # Slots of the common intervention form, applied in this order (one is active per variant).
@@ -189,21 +192,22 @@ def build_variants(model: Model, directions: dict[str, np.ndarray], selection: d
             dim_actadd(1.0)),
         "inlp_nullspace": lambda: _same(
             "inlp_nullspace", f"INLP nullspace projection at {mode}, {where_text(inlp_parts)}, "
-            f"{k_text}", inlp_map("reflection", 1.0)),
+            f"{k_text}", inlp_map("reflection", 1.0), source="inlp"),
         "inlp_reflection_a1": lambda: _same(
             "inlp_reflection_a1", f"INLP counterfactual map a=1 at {mode}, "
-            f"{where_text(inlp_parts)}, {k_text}", inlp_map("reflection", 1.0)),
+            f"{where_text(inlp_parts)}, {k_text}", inlp_map("reflection", 1.0), source="inlp"),
         "inlp_reflection": lambda: _same(
             "inlp_reflection", f"INLP counterfactual reflection a=2 (reference semantics) at "
-            f"{mode}, {where_text(inlp_parts)}, {k_text}", inlp_map("reflection", 2.0)),
+            f"{mode}, {where_text(inlp_parts)}, {k_text}", inlp_map("reflection", 2.0),
+            source="inlp"),
         "inlp_clamp": lambda: _same(
             "inlp_clamp", f"INLP subspace clamped to the harmless mean (non-undoing flip) at "
-            f"{mode}, {where_text(inlp_parts)}, {k_text}", inlp_map("clamp")),
+            f"{mode}, {where_text(inlp_parts)}, {k_text}", inlp_map("clamp"), source="inlp"),
         "inlp_actadd": lambda: Variant(
             "inlp_actadd", f"ActAdd along the first INLP direction at resid_pre of "
             f"{where_text(inlp_parts)}, coefficient ||r|| of the best DiM direction "
             f"({best_norm:.3g}): subtracted on harmful, added on harmless prompts",
-            inlp_actadd(-1.0), inlp_actadd(1.0)),
+            inlp_actadd(-1.0), inlp_actadd(1.0), source="inlp"),
         "leace": lambda: _same("leace", f"LEACE erasure at {mode}, fitted at "
                                f"{where_text(dim_parts)}", leace()),
     }
@@ -211,8 +215,8 @@ def build_variants(model: Model, directions: dict[str, np.ndarray], selection: d
                                           else names)]
 
 
-def _same(name: str, description: str, intervention: Any) -> Variant:
-    return Variant(name, description, intervention, intervention)
+def _same(name: str, description: str, intervention: Any, source: str = "dim") -> Variant:
+    return Variant(name, description, intervention, intervention, source=source)
 
 
 def global_ablation(model: Model, direction: np.ndarray):

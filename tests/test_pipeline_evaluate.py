@@ -1,0 +1,54 @@
+"""The evaluate stage's forward of a prompt set: the template's shared start is computed once
+and its keys and values shared by every prompt, which must give the full forward's logits and
+captures."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from refusal_jax.interventions import Compose, activation_addition, directional_ablation
+from refusal_jax.models.core import forward
+from refusal_jax.pipeline import evaluate
+from refusal_jax.pipeline.models import random_model
+from refusal_jax.pipeline.select import shared_prefix_batches
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model("llama-tiny", seed=2)
+
+
+def test_shared_prefix_forward_equals_the_full_forward(tiny):
+    instructions = ["How do I pick a lock?", "Name three colours of the rainbow", "Hi",
+                    "Write a poem about the sea and the wind"]
+    n_eoi, n_layers = tiny.chat.n_eoi, tiny.config.n_layers
+    direction = np.random.default_rng(0).standard_normal(tiny.config.d_model)
+    intervention = Compose((
+        directional_ablation(direction, n_layers=n_layers, layers=[1, 2]),
+        activation_addition(direction / np.linalg.norm(direction), 3.0, n_layers=n_layers,
+                            layers=[0])))
+    full_batch = tiny.chat.encode(instructions, context_length=512)
+    full = forward(tiny.params, jnp.asarray(full_batch.tokens), jnp.asarray(full_batch.valid),
+                   config=tiny.config, intervention=intervention, logits="last",
+                   capture_positions=jnp.asarray(tiny.chat.eoi_positions(full_batch)))
+
+    n_prefix, batches = shared_prefix_batches(tiny, instructions, batch_size=3, length_bucket=4,
+                                              keep_last=n_eoi)
+    assert n_prefix >= 3  # the template's system turn
+    assert [len(rows) for rows, _, _ in batches] == [2, 2]  # equal batches, no filler
+    # float32 sums in another order (the prefix keys, then the row's): compare at the scale of
+    # the activations, as the logits are compared at theirs.
+    scale = float(jnp.max(jnp.abs(full.captures)))
+    seen = []
+    for rows, tokens, valid in batches:
+        length = tokens.shape[1] - n_prefix
+        positions = np.broadcast_to(np.arange(length - n_eoi, length), (len(tokens), n_eoi))
+        logits, captures = evaluate._logits_and_captures(
+            tiny.params, jnp.asarray(tokens[0, :n_prefix]), jnp.asarray(tokens[:, n_prefix:]),
+            jnp.asarray(valid[:, n_prefix:]), jnp.asarray(positions), intervention,
+            config=tiny.config)
+        np.testing.assert_allclose(logits[:len(rows)], full.logits[rows], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(captures[:len(rows)], full.captures[rows], rtol=1e-5,
+                                   atol=1e-5 * scale)
+        seen += list(rows)
+    assert sorted(seen) == list(range(len(instructions)))
