@@ -59,10 +59,12 @@ _DISTILL_TOKENS = flags.DEFINE_integer("distill_max_new_tokens", 32,
                                        "Length cap of the base model's distilled answers.")
 _DISTILL_BATCH = flags.DEFINE_integer("distill_batch_size", 100, "Generation batch size.")
 _STEPS = flags.DEFINE_integer("steps", TrainConfig.steps, "Optimiser steps.")
-_REFUSAL_PER_BATCH = flags.DEFINE_integer("refusal_per_batch", 3, "Refusal examples per batch.")
-_STYLE_PER_BATCH = flags.DEFINE_integer("style_matched_per_batch", 3,
+_PER_BATCH = dict(TrainConfig.per_batch)
+_REFUSAL_PER_BATCH = flags.DEFINE_integer("refusal_per_batch", _PER_BATCH["refusal"],
+                                          "Refusal examples per batch.")
+_STYLE_PER_BATCH = flags.DEFINE_integer("style_matched_per_batch", _PER_BATCH["style_matched"],
                                         "Style-matched benign examples per batch.")
-_HARMLESS_PER_BATCH = flags.DEFINE_integer("harmless_per_batch", 2,
+_HARMLESS_PER_BATCH = flags.DEFINE_integer("harmless_per_batch", _PER_BATCH["harmless"],
                                            "Harmless examples per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", TrainConfig.seq_len,
                                 "Padded prompt + reply length; longer prompts are dropped.")
@@ -79,8 +81,10 @@ _ALPHA = flags.DEFINE_float("alpha", TrainConfig.alpha, "LoRA alpha (scale = alp
 _TARGETS = flags.DEFINE_list("targets", list(LORA_TARGETS), "Adapted projection matrices.")
 _FIRST_LAYER = flags.DEFINE_integer("first_layer", TrainConfig.first_layer,
                                     "First adapted layer; the layers below stay frozen.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of data sampling, refusal choice, init, batches.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Steps between checkpoints.")
+_SEED = flags.DEFINE_integer("seed", TrainConfig.seed,
+                             "Seed of data sampling, refusal choice, init, batches.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", TrainConfig.checkpoint_every,
+                                          "Steps between checkpoints.")
 
 
 def _prompts(sources: list[str], *, n: int | None = None, seed: int = 0):

@@ -35,12 +35,12 @@ from refusal_jax.training.prefix import prefix_hidden
 class TrainConfig:
     """Hyperparameters of one LoRA run (all recorded in the adapter's provenance)."""
 
-    steps: int = 80
-    per_batch: tuple[tuple[str, int], ...] = (("refusal", 3), ("style_matched", 3),
-                                              ("harmless", 2))
-    seq_len: int = 80
-    decision_tokens: int = 0  # the first reply tokens weighted by decision_weight in the loss
-    decision_weight: float = 1.0
+    steps: int = 200
+    per_batch: tuple[tuple[str, int], ...] = (("refusal", 3), ("style_matched", 5),
+                                              ("harmless", 4))
+    seq_len: int = 64
+    decision_tokens: int = 4  # the first reply tokens weighted by decision_weight in the loss
+    decision_weight: float = 4.0
     learning_rate: float = 2e-3
     warmup_steps: int = 8
     weight_decay: float = 0.0
