@@ -119,7 +119,7 @@ def run_extract(study: Study) -> list[str]:
 def run_select(study: Study) -> list[str]:
     out = study.stage_dir("select")
     summary, arrays = run_selection(study.model, study.prompts(), study.directions(),
-                                    study.config)
+                                    study.config, placement=study.placement)
     artifacts.write_arrays(out / "scores.npz", arrays)
     artifacts.write_json(out / "selection.json", summary)
     return ["scores.npz", "selection.json"]

@@ -57,9 +57,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from refusal_jax import distributed
 from refusal_jax.chat import left_pad, pad_token_id, refusal_token_ids
 from refusal_jax.directions import select_k
 from refusal_jax.directions.inlp import INLPResult
+from refusal_jax.distributed import Placement
 from refusal_jax.evaluation.refusal import refusal_score
 from refusal_jax.interventions import (
     ABLATION_SITES,
@@ -265,7 +267,7 @@ def cache_baseline(model: Model, instructions: Sequence[str], refusal_ids: jax.A
         weights[:len(rows)] = 1.0
         batches.append((cache, jnp.asarray(valid[:, n_prefix:]), jnp.asarray(weights),
                         logprobs))
-        scores[rows] = np.asarray(batch_scores)[:len(rows)]
+        scores[rows] = distributed.gather(batch_scores)[:len(rows)]
     return CachedSet(prefix=prefix, batches=batches, refusal_scores=scores,
                      n=len(instructions))
 
@@ -334,8 +336,10 @@ def _stack_candidates(candidates: Sequence[Candidate], *, n_layers: int, global_
 
 
 def _score(model: Model, cached: CachedSet, candidates: list[Candidate], refusal_ids, *,
-           chunk: int, what: str, **stack_args) -> tuple[np.ndarray, np.ndarray]:
-    """Mean refusal score and mean KL of each candidate on a cached set."""
+           chunk: int, what: str, placement: Placement | None, **stack_args
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean refusal score and mean KL of each candidate on a cached set. With a placement,
+    each chunk's candidate axis is split over its mesh (logical axis ``candidates``)."""
     scores = np.zeros(len(candidates), np.float64)
     kls = np.zeros(len(candidates), np.float64)
     # Chunks of consecutive candidates in start-layer order, each resuming at its earliest
@@ -351,10 +355,12 @@ def _score(model: Model, cached: CachedSet, candidates: list[Candidate], refusal
         padded = [candidates[i] for i in indices] + [candidates[indices[-1]]] * (
             chunk - len(indices))
         stacked = _stack_candidates(padded, n_layers=model.config.n_layers, **stack_args)
+        if placement is not None:
+            stacked, _ = placement.leading(stacked, "candidates")
         for cache, valid, weights, logprobs in cached.batches:
-            score_sum, kl_sum = _score_chunk(model.params, cached.prefix, cache, valid, weights,
-                                             jnp.asarray(start, jnp.int32), stacked, refusal_ids,
-                                             logprobs, config=model.config)
+            score_sum, kl_sum = distributed.gather(_score_chunk(
+                model.params, cached.prefix, cache, valid, weights, jnp.asarray(start, jnp.int32),
+                stacked, refusal_ids, logprobs, config=model.config))
             scores[indices] += np.asarray(score_sum, np.float64)[:len(indices)]
             kls[indices] += np.asarray(kl_sum, np.float64)[:len(indices)]
     return scores / cached.n, kls / cached.n
@@ -376,22 +382,24 @@ class CandidateScores:
 
 
 def _bypass_scores(model: Model, harmful: CachedSet, refusal_ids, pairs, *, chunk: int,
-                   what: str, global_ablation: bool, **stack_args) -> np.ndarray:
+                   what: str, global_ablation: bool, placement: Placement | None,
+                   **stack_args) -> np.ndarray:
     ablations = [Candidate(p, l, "ablate", 0 if global_ablation else l) for p, l in pairs]
     values, _ = _score(model, harmful, ablations, refusal_ids, chunk=chunk, what=what,
-                       global_ablation=global_ablation, **stack_args)
+                       placement=placement, global_ablation=global_ablation, **stack_args)
     return values
 
 
 def _filter_scores(model: Model, harmless: CachedSet, refusal_ids, pairs, *,
                    multipliers: Sequence[float], chunk: int, what: str, global_ablation: bool,
-                   **stack_args) -> tuple[np.ndarray, np.ndarray]:
+                   placement: Placement | None, **stack_args) -> tuple[np.ndarray, np.ndarray]:
     """KL of each pair's ablation [n] and refusal score under its ActAdd per multiplier [n, M]
     on the harmless set."""
     ablations = [Candidate(p, l, "ablate", 0 if global_ablation else l) for p, l in pairs]
     actadds = [Candidate(p, l, "actadd", l, m) for p, l in pairs for m in multipliers]
     values, kls = _score(model, harmless, ablations + actadds, refusal_ids, chunk=chunk,
-                         what=what, global_ablation=global_ablation, **stack_args)
+                         what=what, placement=placement, global_ablation=global_ablation,
+                         **stack_args)
     return kls[:len(pairs)], values[len(pairs):].reshape(len(pairs), len(multipliers))
 
 
@@ -399,8 +407,8 @@ def score_candidates(model: Model, harmful: CachedSet, harmless: CachedSet, refu
                      ablation_basis: np.ndarray, actadd_direction: np.ndarray,
                      actadd_norm: np.ndarray, degenerate: np.ndarray,
                      multipliers: Sequence[float], global_ablation: bool, chunk: int,
-                     name: str, filters: str = "all", rank_args: dict | None = None
-                     ) -> CandidateScores:
+                     name: str, filters: str = "all", rank_args: dict | None = None,
+                     placement: Placement | None = None) -> CandidateScores:
     """Bypass of every non-degenerate (p, l), and KL and steering of
 
     - ``filters="all"``: every one of them;
@@ -415,7 +423,8 @@ def score_candidates(model: Model, harmful: CachedSet, harmless: CachedSet, refu
         raise ValueError(f"filters must be 'all', 'none' or 'until_chosen', got {filters!r}")
     n_positions, n_layers = degenerate.shape
     shape = (n_positions, n_layers)
-    args = dict(chunk=chunk, global_ablation=global_ablation, ablation_basis=ablation_basis,
+    args = dict(chunk=chunk, global_ablation=global_ablation, placement=placement,
+                ablation_basis=ablation_basis,
                 actadd_direction=actadd_direction, actadd_norm=actadd_norm)
     pairs = [(p, l) for p in range(n_positions) for l in range(n_layers) if not degenerate[p, l]]
     scores = CandidateScores(bypass=np.full(shape, np.nan),
@@ -544,9 +553,10 @@ def inlp_basis(directions: dict[str, np.ndarray], directions_config
     return np.where((slots < keep[..., None])[..., None], basis, 0.0).astype(np.float32), keep
 
 
-def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], config
-                  ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Scores, ranks and picks DiM and INLP components. Returns (summary, arrays)."""
+def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], config, *,
+                  placement: Placement | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Scores, ranks and picks DiM and INLP components. Returns (summary, arrays). With a
+    placement, the candidates of every chunk are evaluated in parallel over its mesh."""
     select_config, runtime = config.select, config.runtime
     refusal_ids = jnp.asarray(refusal_token_ids(model.tokenizer), jnp.int32)
     # Every candidate pays for each padding column, and a val set is usually one batch (one
@@ -571,7 +581,8 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
         dim_degenerate = dim_degenerate | ~scored[:, None]
     basis, keep = inlp_basis(directions, config.directions)
     first_accuracy = directions["inlp_dev_accuracies"][..., 0]
-    common = dict(multipliers=tuple(select_config.multipliers), chunk=runtime.candidate_chunk)
+    common = dict(multipliers=tuple(select_config.multipliers), chunk=runtime.candidate_chunk,
+                  placement=placement)
     methods = {
         "dim": dict(ablation_basis=dim_unit[..., None, :], actadd_direction=dim_unit,
                     actadd_norm=norms, degenerate=dim_degenerate),
