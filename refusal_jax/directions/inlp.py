@@ -51,6 +51,8 @@ _POLICY_THRESHOLDS = {"acc99": 0.99, "acc95": 0.95}
 _RANK_TOLERANCE = 1e-5
 # Newton steps try the step sizes 1, 1/2, ..., 1/2^(_NEWTON_HALVINGS - 1).
 _NEWTON_HALVINGS = 10
+# Newton polishes the solution down to this fraction of the convergence tolerance.
+_NEWTON_POLISH = 1e-2
 # A new normal whose component orthogonal to the earlier directions is smaller than this
 # fraction of its norm carries no new direction; INLP stops there.
 _MIN_ORTHOGONAL_FRACTION = 1e-3
@@ -215,12 +217,15 @@ def _newton_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Arra
                            inverse_regularization, max_steps, tolerance) -> _Fit:
     """The same objective as :func:`_fit_in_coordinates`, minimised by Newton's method.
 
-    Each step solves the ``(r + 1) x (r + 1)`` Newton system by Cholesky (Jacobi-scaled) and
-    takes the largest of the steps 1, 1/2, ..., 1/2^9 that satisfies the Armijo condition, all
+    Each step solves the Jacobi-scaled ``(r + 1) x (r + 1)`` Newton system by LU (a Cholesky
+    solve gave results 1e-4 apart between one and two processes, tests/test_multiprocess.py),
+    and takes the largest of the steps 1, 1/2, ..., 1/2^9 that satisfies the Armijo condition, all
     evaluated at once (no nested loop). Near-separable activations make L-BFGS crawl (hundreds of
     steps per classifier); Newton needs about ten, at ``O(n r^2 + r^3)`` each, so it is the
-    default while ``r = min(n, D)`` stays in the hundreds. The stopping rule is the same: the
-    gradient norm in the coordinates where the curvature at zero is one.
+    default while ``r = min(n, D)`` stays in the hundreds. Convergence is declared as for
+    L-BFGS (gradient norm in the coordinates where the curvature at zero is one <= tolerance),
+    but the steps go on to ``_NEWTON_POLISH`` times the tolerance, or until float32 stops
+    improving: one or two steps more, which make the result independent of rounding upstream.
     """
     n, rank = train.shape
     labels = labels.astype(jnp.float32)
@@ -242,19 +247,18 @@ def _newton_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Arra
         return design.T @ residual / n + penalty @ params
 
     def keep_going(carry):
-        _, step, gradient_norm, moved = carry
-        return (step < max_steps) & (gradient_norm > tolerance) & moved
+        _, step, gradient_norm, progressed = carry
+        return (step < max_steps) & (gradient_norm > _NEWTON_POLISH * tolerance) & progressed
 
     def newton_step(carry):
-        params, step, _, _ = carry
+        params, step, gradient_norm, _ = carry
         grad = gradient(params)
         probabilities = jax.nn.sigmoid(design @ params)
         weights = probabilities * (1.0 - probabilities) / n
         hessian = (design.T * weights) @ design + penalty
         scale = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(hessian), jnp.finfo(jnp.float32).tiny))
         scaled = hessian * scale[:, None] * scale[None, :] + jnp.diag(absent.astype(jnp.float32))
-        factor = jax.scipy.linalg.cho_factor(scaled, lower=True)
-        direction = -scale * jax.scipy.linalg.cho_solve(factor, scale * grad)
+        direction = -scale * jnp.linalg.solve(scaled, scale * grad)
         direction = jnp.where(jnp.isfinite(direction), direction, -grad)  # never a NaN step
         candidates = params + step_sizes[:, None] * direction
         values = objective(candidates)
@@ -262,9 +266,14 @@ def _newton_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Arra
         accepted = values <= decrease
         best = jnp.where(jnp.any(accepted), jnp.argmax(accepted), jnp.argmin(values))
         # Equal values are accepted: near the optimum float32 cannot resolve the decrease.
-        moved = values[best] <= objective(params)
-        params = jnp.where(moved, candidates[best], params)
-        return params, step + 1, jnp.linalg.norm(gradient(params) * to_unit_curvature), moved
+        value = objective(params)
+        moved = values[best] <= value
+        new_params = jnp.where(moved, candidates[best], params)
+        new_norm = jnp.linalg.norm(gradient(new_params) * to_unit_curvature)
+        # Keep stepping while the gradient still shrinks (float32 values cannot resolve the
+        # last decreases), so that the result does not depend on where the tolerance was crossed.
+        progressed = moved & (new_norm < gradient_norm)
+        return new_params, step + 1, new_norm, progressed
 
     params = jnp.zeros((rank + 1,), jnp.float32)
     initial_norm = jnp.linalg.norm(gradient(params) * to_unit_curvature)
