@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
+from tiny_pipeline import shrunk_tiny_config
 
 from refusal_jax import report
 from refusal_jax.pipeline import artifacts, extract, runner
@@ -20,17 +21,7 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 
 
 def tiny_config(**data):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_random", CONFIGS / "tiny_random.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.directions.inlp_max_directions = 2
-    config.data.n_train = 8
-    config.data.n_val = 4
-    config.data.n_eval = 2
-    config.infer.max_new_tokens = 2
+    config = shrunk_tiny_config()
     # One variant per intervention kind the stages treat specially: hooks, folded weights, and
     # the INLP map whose first-k truncations form the k-curve.
     config.infer.interventions = ("baseline", "dim_ablation", "dim_folded", "inlp_reflection")

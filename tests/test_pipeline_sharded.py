@@ -21,7 +21,6 @@ completions built from it must be identical.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_pipeline import shrunk_tiny_config
 
 from refusal_jax import sharding
 from refusal_jax.distributed import Placement
@@ -37,7 +37,6 @@ from refusal_jax.pipeline import artifacts, runner
 from refusal_jax.pipeline.config import check_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-CONFIGS = REPOSITORY / "configs"
 MESH = "data=2,fsdp=2,model=2"
 N_DEVICES = 8
 STAGES = ("extract", "select", "infer")
@@ -47,15 +46,7 @@ TIMEOUT_S = 540
 
 def tiny_config(mesh: str = ""):
     """configs/tiny_random.py, shrunk; runtime.mesh does not enter the config hash."""
-    spec = importlib.util.spec_from_file_location("tiny_random", CONFIGS / "tiny_random.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.directions.inlp_max_directions = 2
-    config.data.n_train = 8
-    config.data.n_val = 4
-    config.data.n_eval = 2
-    config.infer.max_new_tokens = 2
+    config = shrunk_tiny_config()
     config.infer.interventions = ("baseline", "dim_ablation", "inlp_nullspace")
     config.runtime.mesh = mesh
     return config

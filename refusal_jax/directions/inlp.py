@@ -169,6 +169,13 @@ class _Fit(NamedTuple):
     converged: jax.Array
 
 
+def _unit_curvature(features: jax.Array, penalty_diagonal: jax.Array) -> jax.Array:
+    """Per coordinate, ``1 / sqrt`` of the logistic loss's curvature at zero (0 where it is 0)."""
+    curvature = jnp.sum(features**2, axis=0) / (4.0 * features.shape[0]) + penalty_diagonal
+    present = curvature > 0
+    return jnp.where(present, jax.lax.rsqrt(jnp.where(present, curvature, 1.0)), 0.0)
+
+
 def _fit_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Array,
                         inverse_regularization, max_steps, tolerance) -> _Fit:
     """Logistic regression ``mean BCE(train @ u + b) + lam * u @ metric @ u`` by optax L-BFGS.
@@ -180,8 +187,7 @@ def _fit_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Array,
     n = train.shape[0]
     labels = labels.astype(jnp.float32)
     lam = 1.0 / (2.0 * inverse_regularization * n)
-    curvature = jnp.sum(train**2, axis=0) / (4.0 * n) + 2.0 * lam * jnp.diagonal(metric)
-    scale = jnp.where(curvature > 0, jax.lax.rsqrt(jnp.where(curvature > 0, curvature, 1.0)), 0.0)
+    scale = _unit_curvature(train, 2.0 * lam * jnp.diagonal(metric))
 
     def objective(params):
         v, b = params
@@ -232,9 +238,8 @@ def _newton_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Arra
     lam = 1.0 / (2.0 * inverse_regularization * n)
     design = jnp.concatenate([train, jnp.ones((n, 1), train.dtype)], axis=1)  # [n, r + 1]
     penalty = jnp.zeros((rank + 1, rank + 1), jnp.float32).at[:rank, :rank].set(2.0 * lam * metric)
-    curvature = jnp.sum(design**2, axis=0) / (4.0 * n) + jnp.diagonal(penalty)
-    absent = curvature <= 0  # dropped axes: no data, no penalty; their coefficient stays 0.
-    to_unit_curvature = jnp.where(absent, 0.0, jax.lax.rsqrt(jnp.where(absent, 1.0, curvature)))
+    to_unit_curvature = _unit_curvature(design, jnp.diagonal(penalty))
+    absent = to_unit_curvature == 0  # dropped axes: no data, no penalty; coefficient stays 0.
     step_sizes = 0.5 ** jnp.arange(_NEWTON_HALVINGS, dtype=jnp.float32)
 
     def objective(params):  # params [..., r + 1] -> [...]
