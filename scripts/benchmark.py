@@ -5,8 +5,9 @@ Llama-shaped model), the sections named by --sections:
 
   capture     activations at the EOI positions of every layer (our jitted forward with
               capture_positions vs transformers with forward pre-hooks), and plain forward logits
-  inlp        INLP over (position, layer) pairs: ours (vmapped) vs the torch L-BFGS and
-              scikit-learn per-pair loops of scripts/inlp_baselines.py, on real activations
+  inlp        INLP over (position, layer) pairs: ours (one compiled loop) vs the per-pair loops
+              of scripts/inlp_baselines.py (scikit-learn; the reference code's torch L-BFGS,
+              without and with a line search), on real activations
               (by default 6 pairs spread over the grid and N=20; --inlp_pairs=0
               --inlp_max_directions=100 is the full comparison, long on a 2-core CPU)
   selection   a bypass-score sweep over candidate directions: one vmapped compiled call vs

@@ -107,14 +107,15 @@ def test_inlp_section_compares_each_baseline_under_its_rules_on_the_same_pairs(t
     assert len(inlp["pairs"]) == 3 and len(inlp["baseline_pairs"]) == 2
     assert all(pair in inlp["pairs"] for pair in inlp["baseline_pairs"])
     assert {name: c["rules"] for name, c in inlp["comparisons"].items()} == {
-        "scikit-learn loop": "default rules", "torch L-BFGS loop": "reference rules"}
+        "scikit-learn loop": "default rules", "torch L-BFGS loop": "reference rules",
+        "torch L-BFGS loop + line search": "reference rules"}
     for comparison in inlp["comparisons"].values():
         for side in ("first_accuracy_ours", "first_accuracy_baseline"):
             assert len(comparison[side]) == 2
             assert all(0 <= a <= 1 for a in comparison[side])
     rows = [row for row in result["rows"] if row["section"] == "2 inlp"]
     assert rows[0]["step"].startswith("extract activations")
-    assert [row["extrapolated"] for row in rows[1:]] == [True, True]
+    assert [row["extrapolated"] for row in rows[1:]] == [True, True, True]
     assert all("extrapolated" in row["details"]["note"] for row in rows[1:])
 
 

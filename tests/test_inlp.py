@@ -98,6 +98,19 @@ def test_vmapped_fit_equals_per_pair_fits(planted):
                                    atol=1e-4)
 
 
+def test_queued_pairs_equal_pairs_fitted_side_by_side(planted):
+    """With fewer lanes than pairs, pairs wait in the queue and are fitted later in the loop;
+    the result is that of fitting all pairs side by side."""
+    features, _, batched = planted
+    queued = fit_inlp(features, LABELS, max_directions=SLOTS, solver_tolerance=TIGHT,
+                      pairs_in_flight=1)
+    np.testing.assert_array_equal(np.asarray(queued.n_directions),
+                                  np.asarray(batched.n_directions))
+    np.testing.assert_array_equal(np.asarray(queued.dev_accuracies),
+                                  np.asarray(batched.dev_accuracies))
+    np.testing.assert_allclose(np.asarray(queued.basis), np.asarray(batched.basis), atol=1e-4)
+
+
 def test_pair_major_keeps_leading_axes(planted):
     features, _, batched = planted
     activations = np.moveaxis(features, 1, 0)[:, :, None, :]  # (n, P=3, L=1, D)

@@ -5,7 +5,7 @@ Conventions (fixed here once):
 - Features are pair-major, ``(*pairs, n, D)``: the leading axes index (EOI position, layer) pairs
   and every output keeps them in front. Activations captured as ``(n, P, L, D)`` become
   ``(P, L, n, D)`` with :func:`pair_major`. The jitted core :func:`fit_inlp_split` takes one flat
-  leading pair axis, vmapped and stopped per pair by masks; that is the axis to shard.
+  leading pair axis, works through it as a queue (:func:`_fit_pairs`), and is sharded along it.
 - ``N = max_directions`` slots per pair. Directions are kept in the order found: row ``i`` of
   ``basis`` (``V`` in METHOD.md) is the ``i``-th accepted classifier normal, Gram-Schmidt
   orthonormalised against the earlier rows and oriented so that harmful examples project higher
@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,8 @@ _NEWTON_POLISH = 1e-2
 # A new normal whose component orthogonal to the earlier directions is smaller than this
 # fraction of its norm carries no new direction; INLP stops there.
 _MIN_ORTHOGONAL_FRACTION = 1e-3
+# Pairs worked on at once by INLP (see _fit_pairs).
+DEFAULT_PAIRS_IN_FLIGHT = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,7 +147,7 @@ def _coordinates(train_features: jax.Array, dev_features: jax.Array) -> _Coordin
     space of ``X_c``; projecting out directions of that space keeps the projected rows in it.
     With ``n < D`` (activations: a few hundred prompts, width in the thousands) the solver then
     works on ``n x n`` instead of ``n x D`` arrays, and the eigenbasis makes the loss's curvature
-    at ``u = 0`` diagonal, which is what :func:`_fit_in_coordinates` preconditions with.
+    at ``u = 0`` diagonal, which is what both solvers precondition with.
     """
     center = jnp.mean(train_features, axis=0)
     centred = train_features - center
@@ -161,12 +164,52 @@ def _coordinates(train_features: jax.Array, dev_features: jax.Array) -> _Coordin
                         dev=(dev_features - center) @ axes, metric=axes.T @ axes)
 
 
+class _Problem(NamedTuple):
+    """One logistic regression ``mean BCE(train @ u + b) + lam * u @ metric @ u`` in coordinates.
+
+    ``lam = 1 / (2 C n)``; the intercept ``b`` is not penalised.
+    """
+
+    train: jax.Array  # [n, r]
+    metric: jax.Array  # [r, r]
+    labels: jax.Array  # [n] float32
+    lam: jax.Array  # []
+
+
+def _problem(train: jax.Array, metric: jax.Array, labels: jax.Array,
+             inverse_regularization) -> _Problem:
+    n = train.shape[0]
+    return _Problem(train=train, metric=metric, labels=labels.astype(jnp.float32),
+                    lam=1.0 / (2.0 * inverse_regularization * n))
+
+
 class _Fit(NamedTuple):
     coefficients: jax.Array  # [r]: w = axes @ coefficients
     intercept: jax.Array  # []: for centred features
     gradient_norm: jax.Array
     steps: jax.Array
     converged: jax.Array
+
+
+class _Solver(NamedTuple):
+    """An iterative solver as pure functions of an explicit state.
+
+    ``init(problem)`` starts at ``u = 0, b = 0``; ``step(problem, state)`` is one iteration;
+    ``running(state, max_steps, tolerance)`` says whether to take another; ``fit(problem, state,
+    tolerance)`` reads the classifier off. INLP interleaves these per pair in one loop
+    (:func:`_pair_program`), so that a pair starts its next classifier while others still solve.
+    """
+
+    init: Callable[[_Problem], Any]
+    step: Callable[[_Problem, Any], Any]
+    running: Callable[[Any, Any, Any], jax.Array]
+    fit: Callable[[_Problem, Any, Any], _Fit]
+
+
+def _solve(solver: _Solver, problem: _Problem, max_steps, tolerance) -> _Fit:
+    state = jax.lax.while_loop(lambda s: solver.running(s, max_steps, tolerance),
+                               lambda s: solver.step(problem, s), solver.init(problem))
+    return solver.fit(problem, state, tolerance)
 
 
 def _unit_curvature(features: jax.Array, penalty_diagonal: jax.Array) -> jax.Array:
@@ -176,119 +219,177 @@ def _unit_curvature(features: jax.Array, penalty_diagonal: jax.Array) -> jax.Arr
     return jnp.where(present, jax.lax.rsqrt(jnp.where(present, curvature, 1.0)), 0.0)
 
 
-def _fit_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Array,
-                        inverse_regularization, max_steps, tolerance) -> _Fit:
-    """Logistic regression ``mean BCE(train @ u + b) + lam * u @ metric @ u`` by optax L-BFGS.
+# L-BFGS (optax, zoom line search). The solver's variable is ``v = u / scale`` with ``scale`` =
+# 1 / sqrt of the objective's Hessian diagonal at zero (``diag(train.T train) / 4n + 2 lam
+# diag(metric)``): an exact change of variables that preconditions; the optimum is unchanged.
 
-    ``lam = 1 / (2 C n)``. The solver's variable is ``u * sqrt(h)`` with ``h`` the diagonal of
-    the objective's Hessian at zero (``diag(train.T train) / 4n + 2 lam diag(metric)``): an exact
-    change of variables that preconditions; the optimum is unchanged.
-    """
-    n = train.shape[0]
-    labels = labels.astype(jnp.float32)
-    lam = 1.0 / (2.0 * inverse_regularization * n)
-    scale = _unit_curvature(train, 2.0 * lam * jnp.diagonal(metric))
+
+class _LBFGSState(NamedTuple):
+    params: tuple[jax.Array, jax.Array]  # (v [r], b [])
+    optimizer: Any
+    steps: jax.Array
+    gradient_norm: jax.Array
+
+
+def _lbfgs_scale(problem: _Problem) -> jax.Array:
+    return _unit_curvature(problem.train, 2.0 * problem.lam * jnp.diagonal(problem.metric))
+
+
+def _lbfgs_objective(problem: _Problem):
+    scale = _lbfgs_scale(problem)
 
     def objective(params):
         v, b = params
         u = v * scale
-        logits = train @ u + b
-        cross_entropy = jnp.mean(jax.nn.softplus(logits) - labels * logits)
-        return cross_entropy + lam * u @ (metric @ u)
+        logits = problem.train @ u + b
+        cross_entropy = jnp.mean(jax.nn.softplus(logits) - problem.labels * logits)
+        return cross_entropy + problem.lam * u @ (problem.metric @ u)
 
-    solver = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(objective)
-
-    def keep_going(carry):
-        _, _, step, gradient_norm = carry
-        return (step < max_steps) & (gradient_norm > tolerance)
-
-    def solver_step(carry):
-        params, state, step, _ = carry
-        value, grad = value_and_grad(params, state=state)
-        updates, state = solver.update(grad, state, params, value=value, grad=grad,
-                                       value_fn=objective)
-        params = optax.apply_updates(params, updates)
-        return params, state, step + 1, optax.tree.norm(optax.tree.get(state, "grad"))
-
-    params = (jnp.zeros_like(scale), jnp.zeros((), jnp.float32))
-    initial_norm = optax.tree.norm(jax.grad(objective)(params))
-    (v, b), _, steps, gradient_norm = jax.lax.while_loop(
-        keep_going, solver_step, (params, solver.init(params), jnp.int32(0), initial_norm))
-    return _Fit(coefficients=v * scale, intercept=b, gradient_norm=gradient_norm, steps=steps,
-                converged=gradient_norm <= tolerance)
+    return objective
 
 
-def _newton_in_coordinates(train: jax.Array, metric: jax.Array, labels: jax.Array,
-                           inverse_regularization, max_steps, tolerance) -> _Fit:
-    """The same objective as :func:`_fit_in_coordinates`, minimised by Newton's method.
+_LBFGS = optax.lbfgs()
 
-    Each step solves the Jacobi-scaled ``(r + 1) x (r + 1)`` Newton system by LU (a Cholesky
-    solve gave results 1e-4 apart between one and two processes, tests/test_multiprocess.py),
-    and takes the largest of the steps 1, 1/2, ..., 1/2^9 that satisfies the Armijo condition, all
-    evaluated at once (no nested loop). Near-separable activations make L-BFGS crawl (hundreds of
-    steps per classifier); Newton needs about ten, at ``O(n r^2 + r^3)`` each, so it is the
-    default while ``r = min(n, D)`` stays in the hundreds. Convergence is declared as for
-    L-BFGS (gradient norm in the coordinates where the curvature at zero is one <= tolerance),
-    but the steps go on to ``_NEWTON_POLISH`` times the tolerance, or until float32 stops
-    improving: one or two steps more, which make the result independent of rounding upstream.
-    """
-    n, rank = train.shape
-    labels = labels.astype(jnp.float32)
-    lam = 1.0 / (2.0 * inverse_regularization * n)
-    design = jnp.concatenate([train, jnp.ones((n, 1), train.dtype)], axis=1)  # [n, r + 1]
-    penalty = jnp.zeros((rank + 1, rank + 1), jnp.float32).at[:rank, :rank].set(2.0 * lam * metric)
+
+def _lbfgs_init(problem: _Problem) -> _LBFGSState:
+    params = (jnp.zeros(problem.train.shape[1], jnp.float32), jnp.zeros((), jnp.float32))
+    gradient = jax.grad(_lbfgs_objective(problem))(params)
+    return _LBFGSState(params=params, optimizer=_LBFGS.init(params), steps=jnp.int32(0),
+                       gradient_norm=optax.tree.norm(gradient))
+
+
+def _lbfgs_step(problem: _Problem, state: _LBFGSState) -> _LBFGSState:
+    objective = _lbfgs_objective(problem)
+    value, grad = optax.value_and_grad_from_state(objective)(state.params,
+                                                            state=state.optimizer)
+    updates, optimizer = _LBFGS.update(grad, state.optimizer, state.params, value=value,
+                                       grad=grad, value_fn=objective)
+    return _LBFGSState(params=optax.apply_updates(state.params, updates), optimizer=optimizer,
+                       steps=state.steps + 1,
+                       gradient_norm=optax.tree.norm(optax.tree.get(optimizer, "grad")))
+
+
+def _lbfgs_running(state: _LBFGSState, max_steps, tolerance) -> jax.Array:
+    return (state.steps < max_steps) & (state.gradient_norm > tolerance)
+
+
+def _lbfgs_fit(problem: _Problem, state: _LBFGSState, tolerance) -> _Fit:
+    v, b = state.params
+    return _Fit(coefficients=v * _lbfgs_scale(problem), intercept=b,
+                gradient_norm=state.gradient_norm, steps=state.steps,
+                converged=state.gradient_norm <= tolerance)
+
+
+# Newton's method. Each step solves the Jacobi-scaled ``(r + 1) x (r + 1)`` Newton system by LU
+# (a Cholesky solve gave results 1e-4 apart between one and two processes, tests/
+# test_multiprocess.py) and takes the largest of the steps 1, 1/2, ..., 1/2^9 that satisfies the
+# Armijo condition, all evaluated at once (no nested loop). Near-separable activations make
+# L-BFGS crawl (hundreds of steps per classifier); Newton needs about ten, at ``O(n r^2 + r^3)``
+# each, so it is the default while ``r = min(n, D)`` stays in the hundreds. Convergence is
+# declared as for L-BFGS (gradient norm in the coordinates where the curvature at zero is one
+# <= tolerance), but the steps go on to ``_NEWTON_POLISH`` times the tolerance, or until float32
+# stops improving: one or two steps more, which make the result independent of rounding upstream.
+
+
+class _NewtonState(NamedTuple):
+    params: jax.Array  # [r + 1]: coefficients, then the intercept
+    logits: jax.Array  # [n]: design @ params
+    gradient: jax.Array  # [r + 1]: of the objective at params
+    steps: jax.Array
+    gradient_norm: jax.Array  # of gradient * to_unit_curvature
+    progressed: jax.Array
+
+
+class _NewtonSystem(NamedTuple):
+    design: jax.Array  # [n, r + 1]: the coordinates and a column of ones
+    penalty: jax.Array  # [r + 1, r + 1]: Hessian of the penalty (none on the intercept)
+    to_unit_curvature: jax.Array  # [r + 1]
+    absent: jax.Array  # [r + 1]: dropped axes (no data, no penalty); their coefficient stays 0
+
+
+def _newton_system(problem: _Problem) -> _NewtonSystem:
+    n, rank = problem.train.shape
+    design = jnp.concatenate([problem.train, jnp.ones((n, 1), problem.train.dtype)], axis=1)
+    penalty = jnp.zeros((rank + 1, rank + 1), jnp.float32).at[:rank, :rank].set(
+        2.0 * problem.lam * problem.metric)
     to_unit_curvature = _unit_curvature(design, jnp.diagonal(penalty))
-    absent = to_unit_curvature == 0  # dropped axes: no data, no penalty; coefficient stays 0.
+    return _NewtonSystem(design, penalty, to_unit_curvature, to_unit_curvature == 0)
+
+
+def _newton_gradient(problem: _Problem, system: _NewtonSystem, logits: jax.Array,
+                     penalty_gradient: jax.Array) -> jax.Array:
+    residual = jax.nn.sigmoid(logits) - problem.labels
+    return system.design.T @ residual / problem.train.shape[0] + penalty_gradient
+
+
+def _newton_init(problem: _Problem) -> _NewtonState:
+    system = _newton_system(problem)
+    params = jnp.zeros(problem.train.shape[1] + 1, jnp.float32)
+    logits = jnp.zeros(problem.train.shape[0], jnp.float32)
+    gradient = _newton_gradient(problem, system, logits, system.penalty @ params)
+    return _NewtonState(params=params, logits=logits, gradient=gradient, steps=jnp.int32(0),
+                        gradient_norm=jnp.linalg.norm(gradient * system.to_unit_curvature),
+                        progressed=jnp.bool_(True))
+
+
+def _newton_step(problem: _Problem, state: _NewtonState) -> _NewtonState:
+    """One damped Newton step. Along the step the logits and the penalty's gradient are affine
+    in the step size, so the line search and the next gradient cost three matrix-vector
+    products, not one per trial step."""
+    system = _newton_system(problem)
+    params, logits, gradient, n = state.params, state.logits, state.gradient, problem.train.shape[0]
+    probabilities = jax.nn.sigmoid(logits)
+    weights = probabilities * (1.0 - probabilities) / n
+    hessian = (system.design.T * weights) @ system.design + system.penalty
+    scale = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(hessian), jnp.finfo(jnp.float32).tiny))
+    scaled = (hessian * scale[:, None] * scale[None, :]
+              + jnp.diag(system.absent.astype(jnp.float32)))
+    direction = -scale * jnp.linalg.solve(scaled, scale * gradient)
+    direction = jnp.where(jnp.isfinite(direction), direction, -gradient)  # never a NaN step
+
     step_sizes = 0.5 ** jnp.arange(_NEWTON_HALVINGS, dtype=jnp.float32)
+    logits_change = system.design @ direction
+    penalty_at_params, penalty_change = system.penalty @ params, system.penalty @ direction
 
-    def objective(params):  # params [..., r + 1] -> [...]
-        logits = params @ design.T
-        cross_entropy = jnp.mean(jax.nn.softplus(logits) - labels * logits, axis=-1)
-        return cross_entropy + 0.5 * jnp.einsum("...i,ij,...j->...", params, penalty, params)
+    def objective(logits, penalty):  # logits [..., n], penalty [...] -> [...]
+        return jnp.mean(jax.nn.softplus(logits) - problem.labels * logits, axis=-1) + penalty
 
-    def gradient(params):
-        residual = jax.nn.sigmoid(design @ params) - labels
-        return design.T @ residual / n + penalty @ params
-
-    def keep_going(carry):
-        _, step, gradient_norm, progressed = carry
-        return (step < max_steps) & (gradient_norm > _NEWTON_POLISH * tolerance) & progressed
-
-    def newton_step(carry):
-        params, step, gradient_norm, _ = carry
-        grad = gradient(params)
-        probabilities = jax.nn.sigmoid(design @ params)
-        weights = probabilities * (1.0 - probabilities) / n
-        hessian = (design.T * weights) @ design + penalty
-        scale = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(hessian), jnp.finfo(jnp.float32).tiny))
-        scaled = hessian * scale[:, None] * scale[None, :] + jnp.diag(absent.astype(jnp.float32))
-        direction = -scale * jnp.linalg.solve(scaled, scale * grad)
-        direction = jnp.where(jnp.isfinite(direction), direction, -grad)  # never a NaN step
-        candidates = params + step_sizes[:, None] * direction
-        values = objective(candidates)
-        decrease = objective(params) + 1e-4 * step_sizes * (grad @ direction)
-        accepted = values <= decrease
-        best = jnp.where(jnp.any(accepted), jnp.argmax(accepted), jnp.argmin(values))
-        # Equal values are accepted: near the optimum float32 cannot resolve the decrease.
-        value = objective(params)
-        moved = values[best] <= value
-        new_params = jnp.where(moved, candidates[best], params)
-        new_norm = jnp.linalg.norm(gradient(new_params) * to_unit_curvature)
-        # Keep stepping while the gradient still shrinks (float32 values cannot resolve the
-        # last decreases), so that the result does not depend on where the tolerance was crossed.
-        progressed = moved & (new_norm < gradient_norm)
-        return new_params, step + 1, new_norm, progressed
-
-    params = jnp.zeros((rank + 1,), jnp.float32)
-    initial_norm = jnp.linalg.norm(gradient(params) * to_unit_curvature)
-    params, steps, gradient_norm, _ = jax.lax.while_loop(
-        keep_going, newton_step, (params, jnp.int32(0), initial_norm, jnp.bool_(True)))
-    return _Fit(coefficients=params[:rank], intercept=params[rank], gradient_norm=gradient_norm,
-                steps=steps, converged=gradient_norm <= tolerance)
+    penalty = 0.5 * params @ penalty_at_params
+    value = objective(logits, penalty)
+    values = objective(logits + step_sizes[:, None] * logits_change,
+                       penalty + step_sizes * (direction @ penalty_at_params)
+                       + 0.5 * step_sizes**2 * (direction @ penalty_change))
+    accepted = values <= value + 1e-4 * step_sizes * (gradient @ direction)
+    best = jnp.where(jnp.any(accepted), jnp.argmax(accepted), jnp.argmin(values))
+    # Equal values are accepted: near the optimum float32 cannot resolve the decrease.
+    moved = values[best] <= value
+    step = jnp.where(moved, step_sizes[best], 0.0)
+    logits = logits + step * logits_change
+    gradient = _newton_gradient(problem, system, logits, penalty_at_params + step * penalty_change)
+    gradient_norm = jnp.linalg.norm(gradient * system.to_unit_curvature)
+    # Keep stepping while the gradient still shrinks (float32 values cannot resolve the last
+    # decreases), so that the result does not depend on where the tolerance was crossed.
+    return _NewtonState(params=params + step * direction, logits=logits, gradient=gradient,
+                        steps=state.steps + 1, gradient_norm=gradient_norm,
+                        progressed=moved & (gradient_norm < state.gradient_norm))
 
 
-_SOLVERS = {"newton": _newton_in_coordinates, "lbfgs": _fit_in_coordinates}
+def _newton_running(state: _NewtonState, max_steps, tolerance) -> jax.Array:
+    return ((state.steps < max_steps) & (state.gradient_norm > _NEWTON_POLISH * tolerance)
+            & state.progressed)
+
+
+def _newton_fit(problem: _Problem, state: _NewtonState, tolerance) -> _Fit:
+    rank = problem.train.shape[1]
+    return _Fit(coefficients=state.params[:rank], intercept=state.params[rank],
+                gradient_norm=state.gradient_norm, steps=state.steps,
+                converged=state.gradient_norm <= tolerance)
+
+
+_SOLVERS = {
+    "newton": _Solver(_newton_init, _newton_step, _newton_running, _newton_fit),
+    "lbfgs": _Solver(_lbfgs_init, _lbfgs_step, _lbfgs_running, _lbfgs_fit),
+}
 SOLVERS = tuple(_SOLVERS)
 
 
@@ -319,8 +420,8 @@ class LogisticRegressionFit:
 def _fit_logistic_regression(features, labels, inverse_regularization, max_steps, tolerance, *,
                              solver):
     coordinates = _coordinates(features, features[:0])
-    fit = _SOLVERS[solver](coordinates.train, coordinates.metric, labels, inverse_regularization,
-                           max_steps, tolerance)
+    problem = _problem(coordinates.train, coordinates.metric, labels, inverse_regularization)
+    fit = _solve(_SOLVERS[solver], problem, max_steps, tolerance)
     weight = coordinates.axes @ fit.coefficients
     return LogisticRegressionFit(weight=weight, bias=fit.intercept - coordinates.center @ weight,
                                  gradient_norm=fit.gradient_norm, steps=fit.steps,
@@ -389,7 +490,7 @@ class INLPResult:
 class _LoopState(NamedTuple):
     """Per-pair INLP state, in row-space coordinates (directions ``u`` with ``w = axes @ u``)."""
 
-    iteration: jax.Array
+    iteration: jax.Array  # classifiers finished so far
     active: jax.Array
     n_directions: jax.Array
     train: jax.Array  # projected onto the nullspace of the accepted directions
@@ -399,6 +500,8 @@ class _LoopState(NamedTuple):
     converged: jax.Array
     solver_steps: jax.Array
     first_direction: jax.Array  # [r]
+    metric: jax.Array  # [r, r], of the pair's coordinates
+    solver: Any  # the state of the classifier being fitted on ``train``
 
 
 def _orthogonal_complement(vector: jax.Array, basis: jax.Array, metric: jax.Array) -> jax.Array:
@@ -419,30 +522,62 @@ def _class_mean_gap(projections: jax.Array, is_harmful: jax.Array) -> jax.Array:
     return harmful_mean - harmless_mean
 
 
-def _inlp_one_pair(train_features, train_labels, dev_features, dev_labels, *, max_directions,
-                   reference, inverse_regularization, accuracy_margin, reference_threshold,
-                   max_solver_steps, solver_tolerance, solver) -> INLPResult:
-    coordinates = _coordinates(train_features, dev_features)
-    metric = coordinates.metric
-    rank = metric.shape[0]
+class _Options(NamedTuple):
+    """The traced INLP options (changing them does not recompile)."""
+
+    inverse_regularization: jax.Array
+    accuracy_margin: jax.Array
+    reference_threshold: jax.Array
+    max_solver_steps: jax.Array
+    solver_tolerance: jax.Array
+
+
+class _PairProgram(NamedTuple):
+    """One pair's INLP as a state machine: ``start`` it, ``advance`` it one solver step or one
+    finished classifier at a time while it is ``running``, and read its ``result``."""
+
+    start: Callable[[_Coordinates], _LoopState]
+    advance: Callable[[_LoopState], _LoopState]
+    running: Callable[[_LoopState], jax.Array]
+    result: Callable[[_LoopState, jax.Array], INLPResult]
+
+
+def _pair_program(train_labels, dev_labels, options: _Options, *, max_directions, reference,
+                  solver) -> _PairProgram:
+    solver = _SOLVERS[solver]
     harmful_rate = jnp.mean(dev_labels.astype(jnp.float32))
     majority_rate = jnp.maximum(harmful_rate, 1.0 - harmful_rate)
     is_harmful = train_labels == 1
 
-    def iterate(state: _LoopState) -> _LoopState:
+    def problem(state: _LoopState, train=None):
+        train = state.train if train is None else train
+        return _problem(train, state.metric, train_labels, options.inverse_regularization)
+
+    def start(coordinates: _Coordinates) -> _LoopState:
+        rank = coordinates.metric.shape[0]
+        state = _LoopState(
+            iteration=jnp.int32(0), active=jnp.bool_(True), n_directions=jnp.int32(0),
+            train=coordinates.train, dev=coordinates.dev, metric=coordinates.metric,
+            basis=jnp.zeros((max_directions, rank), jnp.float32),
+            dev_accuracies=jnp.full((max_directions,), jnp.nan, jnp.float32),
+            converged=jnp.zeros((max_directions,), bool),
+            solver_steps=jnp.zeros((max_directions,), jnp.int32),
+            first_direction=jnp.zeros((rank,), jnp.float32), solver=None)
+        return state._replace(solver=solver.init(problem(state)))
+
+    def solver_step(state: _LoopState) -> _LoopState:
+        return state._replace(solver=solver.step(problem(state), state.solver))
+
+    def finish_classifier(state: _LoopState) -> _LoopState:
         # Accepted directions are contiguous, so state.iteration == state.n_directions here.
-        i = state.iteration
-        # Under vmap this body also runs for pairs that have stopped (their results are
-        # discarded); a zero step budget keeps them from lengthening the batched solver loop.
-        step_budget = jnp.where(state.active, max_solver_steps, 0)
-        fit = _SOLVERS[solver](state.train, metric, train_labels, inverse_regularization,
-                               step_budget, solver_tolerance)
+        i, metric = state.iteration, state.metric
+        fit = solver.fit(problem(state), state.solver, options.solver_tolerance)
         predictions = (state.dev @ fit.coefficients + fit.intercept > 0).astype(dev_labels.dtype)
         accuracy = jnp.mean((predictions == dev_labels).astype(jnp.float32))
         if reference:
-            passed = accuracy >= reference_threshold
+            passed = accuracy >= options.reference_threshold
         else:
-            passed = accuracy > majority_rate + accuracy_margin
+            passed = accuracy > majority_rate + options.accuracy_margin
 
         def metric_norm(u):
             return jnp.sqrt(jnp.maximum(u @ (metric @ u), 0.0))
@@ -456,81 +591,161 @@ def _inlp_one_pair(train_features, train_labels, dev_features, dev_labels, *, ma
         unit = jnp.where(gap < 0, -unit, unit)
         accept = (passed | reference) & spans_new_direction
         accepted_unit = jnp.where(accept, unit, 0.0)  # projecting out zero changes nothing.
+        train = _project_out(state.train, accepted_unit, metric)
         return _LoopState(
             iteration=i + 1,
             active=passed & spans_new_direction,
             n_directions=state.n_directions + accept.astype(jnp.int32),
-            train=_project_out(state.train, accepted_unit, metric),
+            train=train,
             dev=_project_out(state.dev, accepted_unit, metric),
+            metric=metric,
             basis=state.basis.at[i].set(accepted_unit),
             dev_accuracies=state.dev_accuracies.at[i].set(accuracy),
             converged=state.converged.at[i].set(fit.converged),
             solver_steps=state.solver_steps.at[i].set(fit.steps),
             # With an empty basis the first unit is the classifier normal itself.
             first_direction=jnp.where(i == 0, unit, state.first_direction),
+            solver=solver.init(problem(state, train)),
         )
 
-    initial = _LoopState(
-        iteration=jnp.int32(0), active=jnp.bool_(True), n_directions=jnp.int32(0),
-        train=coordinates.train, dev=coordinates.dev,
-        basis=jnp.zeros((max_directions, rank), jnp.float32),
-        dev_accuracies=jnp.full((max_directions,), jnp.nan, jnp.float32),
-        converged=jnp.zeros((max_directions,), bool),
-        solver_steps=jnp.zeros((max_directions,), jnp.int32),
-        first_direction=jnp.zeros((rank,), jnp.float32))
-    final = jax.lax.while_loop(lambda s: s.active & (s.iteration < max_directions), iterate,
-                               initial)
-    # One product, so that first_direction equals basis[0] bit for bit when it was accepted.
-    directions = jnp.concatenate([final.basis, final.first_direction[None]]) @ coordinates.axes.T
-    return INLPResult(basis=directions[:-1], n_directions=final.n_directions,
-                      dev_accuracies=final.dev_accuracies, majority_rate=majority_rate,
-                      first_direction=directions[-1], converged=final.converged,
-                      solver_steps=final.solver_steps)
+    def advance(state: _LoopState) -> _LoopState:
+        solving = solver.running(state.solver, options.max_solver_steps, options.solver_tolerance)
+        return jax.lax.cond(solving, solver_step, finish_classifier, state)
+
+    def running(state: _LoopState) -> jax.Array:
+        return state.active & (state.iteration < max_directions)
+
+    def result(state: _LoopState, axes: jax.Array) -> INLPResult:
+        # One product, so that first_direction equals basis[0] bit for bit when it was accepted.
+        directions = jnp.concatenate([state.basis, state.first_direction[None]]) @ axes.T
+        return INLPResult(basis=directions[:-1], n_directions=state.n_directions,
+                          dev_accuracies=state.dev_accuracies, majority_rate=majority_rate,
+                          first_direction=directions[-1], converged=state.converged,
+                          solver_steps=state.solver_steps)
+
+    return _PairProgram(start, advance, running, result)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 11))
-def _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels, max_directions,
-                    reference, inverse_regularization, accuracy_margin, reference_threshold,
-                    max_solver_steps, solver_tolerance, solver) -> INLPResult:
-    one_pair = functools.partial(
-        _inlp_one_pair, max_directions=max_directions, reference=reference,
-        inverse_regularization=inverse_regularization, accuracy_margin=accuracy_margin,
-        reference_threshold=reference_threshold, max_solver_steps=max_solver_steps,
-        solver_tolerance=solver_tolerance, solver=solver)
-    return jax.vmap(one_pair, in_axes=(0, None, 0, None))(
-        train_features, train_labels, dev_features, dev_labels)
+class _Queue(NamedTuple):
+    pairs: _LoopState  # [pairs, ...]: not started (initial state) or finished (final state)
+    in_flight: _LoopState  # [lanes, ...]: the pairs being worked on
+    lane_pair: jax.Array  # [lanes] int32: the pair in each lane; ``pairs`` when the lane is idle
+    next_pair: jax.Array  # [] int32: the first pair not yet started
+
+
+def _fit_pairs(train_features, train_labels, dev_features, dev_labels, options: _Options, *,
+               max_directions, reference, solver, pairs_in_flight) -> INLPResult:
+    """INLP for every pair of ``[pairs, n, D]`` features, ``pairs_in_flight`` at a time.
+
+    Pairs need very different amounts of work (0 to 70-odd directions on real activations, 5 to
+    15 solver steps per classifier), and a batched loop runs until its slowest member is done.
+    So the pairs wait in a queue and a fixed number of lanes is worked on: every iteration
+    advances each lane's pair by one solver step or one finished classifier (vmapped), and a
+    lane whose pair has stopped stores it and takes the next pair from the queue (the continuous
+    batching of LLM servers). It is one compiled loop, and the number of lanes changes only the
+    speed (results agree to float32 rounding).
+    """
+    n_pairs = train_features.shape[0]
+    lanes = min(pairs_in_flight, n_pairs)
+    program = _pair_program(train_labels, dev_labels, options, max_directions=max_directions,
+                            reference=reference, solver=solver)
+    coordinates = jax.vmap(_coordinates)(train_features, dev_features)
+    advance, running = jax.vmap(program.advance), jax.vmap(program.running)
+
+    def swap_finished(queue: _Queue, stepped: _LoopState, finished: jax.Array) -> _Queue:
+        """Stores the lanes' finished pairs and loads the next ones (idle when none is left)."""
+        store = jnp.where(finished, queue.lane_pair, n_pairs)  # out of range: dropped
+        pairs = jax.tree.map(lambda all_, new: all_.at[store].set(new, mode="drop"),
+                             queue.pairs, stepped)
+        fetched = jnp.minimum(queue.next_pair + jnp.cumsum(finished) - 1, n_pairs)
+        lane_pair = jnp.where(finished, fetched, queue.lane_pair)
+        loaded = jax.tree.map(lambda all_: all_[jnp.minimum(lane_pair, n_pairs - 1)], pairs)
+        in_flight = jax.tree.map(
+            lambda new, old: jnp.where(finished.reshape((-1,) + (1,) * (old.ndim - 1)), new,
+                                       old), loaded, stepped)
+        return _Queue(pairs, in_flight, lane_pair,
+                      queue.next_pair + jnp.sum(finished, dtype=jnp.int32))
+
+    def step(queue: _Queue) -> _Queue:
+        stepped = advance(queue.in_flight)
+        finished = (queue.lane_pair < n_pairs) & ~running(stepped)
+        return jax.lax.cond(jnp.any(finished), swap_finished,
+                            lambda q, s, f: q._replace(in_flight=s), queue, stepped, finished)
+
+    pairs = jax.vmap(program.start)(coordinates)
+    initial = _Queue(pairs=pairs, in_flight=jax.tree.map(lambda leaf: leaf[:lanes], pairs),
+                     lane_pair=jnp.arange(lanes, dtype=jnp.int32), next_pair=jnp.int32(lanes))
+    final = jax.lax.while_loop(lambda q: jnp.any(q.lane_pair < n_pairs), step, initial)
+    return jax.vmap(program.result)(final.pairs, coordinates.axes)
+
+
+@functools.partial(jax.jit, static_argnames=("max_directions", "reference", "solver",
+                                             "pairs_in_flight", "mesh", "pair_axes"))
+def _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels, options, *,
+                    max_directions, reference, solver, pairs_in_flight, mesh,
+                    pair_axes) -> INLPResult:
+    fit = functools.partial(_fit_pairs, max_directions=max_directions, reference=reference,
+                            solver=solver, pairs_in_flight=pairs_in_flight)
+    if mesh is not None:
+        # Every device works through its own share of the pairs, with no communication. The
+        # loop mixes per-device state with shared constants in ways the varying-axis checker
+        # would make us annotate at every branch; it has nothing to check here.
+        pairs, shared = jax.sharding.PartitionSpec(pair_axes), jax.sharding.PartitionSpec()
+        fit = jax.shard_map(fit, mesh=mesh, in_specs=(pairs, shared, pairs, shared, shared),
+                            out_specs=pairs, check_vma=False)
+    return fit(train_features, train_labels, dev_features, dev_labels, options)
+
+
+def _pair_sharding(features) -> tuple[jax.sharding.Mesh | None, Any]:
+    """The mesh and mesh axes that split ``features``' leading pair axis, if any (none when
+    traced inside someone else's ``jax.jit``, whose partitioner then places the work)."""
+    if isinstance(features, jax.core.Tracer):
+        return None, None
+    sharding = getattr(features, "sharding", None)
+    if (isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.spec)
+            and sharding.spec[0] is not None):
+        return sharding.mesh, sharding.spec[0]
+    return None, None
 
 
 def fit_inlp_split(train_features: ArrayLike, train_labels: ArrayLike, dev_features: ArrayLike,
                    dev_labels: ArrayLike, *, max_directions: int = 100, reference: bool = False,
                    inverse_regularization: float = 0.1, accuracy_margin: float = 0.05,
                    reference_threshold: float = 0.55, max_solver_steps: int = 1000,
-                   solver_tolerance: float = 1e-5, solver: str = "newton") -> INLPResult:
-    """INLP on an existing split, jitted and vmapped over one leading pair axis (no input checks).
+                   solver_tolerance: float = 1e-5, solver: str = "newton",
+                   pairs_in_flight: int = DEFAULT_PAIRS_IN_FLIGHT) -> INLPResult:
+    """INLP on an existing split, jitted, over one leading pair axis (no input checks).
 
     Args:
-      train_features: ``[pairs, n_train, D]`` float32.
+      train_features: ``[pairs, n_train, D]`` float32. When its pair axis is split over a mesh
+        (a ``NamedSharding``), every device fits its own pairs.
       train_labels: ``[n_train]`` 0/1, shared by all pairs.
-      dev_features: ``[pairs, n_dev, D]`` float32.
+      dev_features: ``[pairs, n_dev, D]`` float32, split like ``train_features``.
       dev_labels: ``[n_dev]`` 0/1.
-      max_directions, reference, solver: static (see :func:`fit_inlp`); the other options are
-        traced arguments, so changing them does not recompile.
+      max_directions, reference, solver, pairs_in_flight: static (see :func:`fit_inlp`); the
+        other options are traced arguments, so changing them does not recompile.
 
     Returns:
       :class:`INLPResult` with leading axis ``[pairs]``.
     """
-    return _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels,
-                           int(max_directions), bool(reference), inverse_regularization,
-                           accuracy_margin, reference_threshold, max_solver_steps,
-                           solver_tolerance, solver)
+    mesh, pair_axes = _pair_sharding(train_features)
+    options = _Options(*(jnp.asarray(value, dtype) for value, dtype in (
+        (inverse_regularization, jnp.float32), (accuracy_margin, jnp.float32),
+        (reference_threshold, jnp.float32), (max_solver_steps, jnp.int32),
+        (solver_tolerance, jnp.float32))))
+    return _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels, options,
+                           max_directions=int(max_directions), reference=bool(reference),
+                           solver=solver, pairs_in_flight=int(pairs_in_flight), mesh=mesh,
+                           pair_axes=pair_axes)
 
 
 def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 100,
              reference: bool = False, inverse_regularization: float = 0.1,
              accuracy_margin: float = 0.05, reference_threshold: float = 0.55,
              dev_fraction: float = 0.2, seed: int = 0, max_solver_steps: int = 1000,
-             solver_tolerance: float = 1e-5, solver: str = "newton") -> INLPResult:
-    """Runs INLP for every pair at once.
+             solver_tolerance: float = 1e-5, solver: str = "newton",
+             pairs_in_flight: int = DEFAULT_PAIRS_IN_FLIGHT) -> INLPResult:
+    """Runs INLP for every pair in one compiled loop.
 
     Args:
       features: ``[*pairs, n, D]`` (any number of leading pair axes, including none).
@@ -544,6 +759,8 @@ def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 10
       max_solver_steps, solver_tolerance: the solver's iteration budget and gradient-norm
         tolerance (see :func:`fit_logistic_regression`).
       solver: ``"newton"`` (default) or ``"lbfgs"`` (optax); the same optimum.
+      pairs_in_flight: how many pairs (per device) are worked on at once; the others wait in a
+        queue. Only speed depends on it.
 
     Returns:
       :class:`INLPResult` whose leaves lead with ``pairs``.
@@ -554,6 +771,8 @@ def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 10
     _check_solver_options(inverse_regularization, max_solver_steps, solver_tolerance, solver)
     if not isinstance(max_directions, (int, np.integer)) or max_directions < 1:
         raise ValueError(f"max_directions must be a positive integer; got {max_directions!r}.")
+    if not isinstance(pairs_in_flight, (int, np.integer)) or pairs_in_flight < 1:
+        raise ValueError(f"pairs_in_flight must be a positive integer; got {pairs_in_flight!r}.")
     if accuracy_margin < 0:
         raise ValueError(f"accuracy_margin must be >= 0; got {accuracy_margin}.")
     split = train_dev_split(labels, dev_fraction=dev_fraction, stratified=not reference, seed=seed)
@@ -565,7 +784,7 @@ def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 10
         max_directions=int(max_directions), reference=reference,
         inverse_regularization=inverse_regularization, accuracy_margin=accuracy_margin,
         reference_threshold=reference_threshold, max_solver_steps=max_solver_steps,
-        solver_tolerance=solver_tolerance, solver=solver)
+        solver_tolerance=solver_tolerance, solver=solver, pairs_in_flight=pairs_in_flight)
     return jax.tree.map(lambda leaf: leaf.reshape(pair_shape + leaf.shape[1:]), result)
 
 
