@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from tiny_pipeline import shrunk_tiny_config
 
 from refusal_jax import report
-from refusal_jax.pipeline import artifacts, extract, runner
+from refusal_jax.pipeline import artifacts, extract, models, runner
 from refusal_jax.pipeline.config import base_config, check_config
 from refusal_jax.pipeline.data import sample_sets
 from refusal_jax.pipeline.models import load_pipeline_model
@@ -181,6 +181,19 @@ def test_workdir_of_a_different_config(tmp_path):
     faster = tiny_config()
     faster.runtime.batch_size = 2  # runtime settings do not change results
     runner.Study(faster, tmp_path)
+
+
+def test_workdir_of_another_default_adapter(tmp_path, monkeypatch):
+    """Retraining the default model's adapter changes its weights under the same name: a run
+    directory of the old adapter is not resumed with the new one."""
+    config = tiny_config()
+    config.model.source = "default"
+    runner.Study(config, tmp_path / "run")
+    retrained = tmp_path / "retrained.safetensors"
+    retrained.write_bytes(b"other weights")
+    monkeypatch.setattr(models, "ORGANISM_ADAPTER", retrained)
+    with pytest.raises(artifacts.WorkdirConfigMismatch, match=r"weights.adapter_sha256"):
+        runner.Study(config, tmp_path / "run")
 
 
 def test_model_that_refuses_nothing(tmp_path):

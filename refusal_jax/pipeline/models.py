@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,14 @@ from refusal_jax.data import BUILTIN_SETS, load_instructions, load_refusals
 from refusal_jax.distributed import Placement
 from refusal_jax.models.checkpoints import load_hf_config
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.loading import BASE_MODEL, DEFAULT_MODEL, ORGANISM, Model, load_model
+from refusal_jax.models.loading import (
+    BASE_MODEL,
+    DEFAULT_MODEL,
+    ORGANISM,
+    ORGANISM_ADAPTER,
+    Model,
+    load_model,
+)
 from refusal_jax.models.params import ParamSpec, Params, map_specs, param_specs
 from refusal_jax.tokenizer import load_tokenizer
 
@@ -92,6 +100,19 @@ def random_model(name: str, *, seed: int = 0, dtype=jnp.float32,
     return Model(config=config, params=params, tokenizer=tokenizer,
                  chat=ChatFormat(tokenizer, system_prompt), hf_config={},
                  source=RANDOM_PREFIX + name)
+
+
+def weights_identity(source: str) -> dict[str, str]:
+    """What identifies the weights of ``source`` beyond its name, for the run's config hash.
+
+    The named default model is a pinned GGUF plus the adapter committed in this repository,
+    which a retraining replaces under the same name: its SHA-256 makes the artefacts of a run
+    on an older adapter count as another config's, never to be resumed. Other sources are
+    identified by their name.
+    """
+    if source not in (DEFAULT_MODEL, ORGANISM) or not ORGANISM_ADAPTER.is_file():
+        return {}
+    return {"adapter_sha256": hashlib.sha256(ORGANISM_ADAPTER.read_bytes()).hexdigest()}
 
 
 def load_pipeline_model(source: str, *, dtype: str = "float32", system_prompt: str | None = None,

@@ -35,7 +35,7 @@ from refusal_jax.pipeline.config import STAGES, check_config
 from refusal_jax.pipeline.data import refusal_filter, sample_sets
 from refusal_jax.pipeline.extract import capture, fit_directions
 from refusal_jax.pipeline.infer import complete_variant
-from refusal_jax.pipeline.models import load_pipeline_model
+from refusal_jax.pipeline.models import load_pipeline_model, weights_identity
 from refusal_jax.pipeline.select import run_selection
 from refusal_jax.pipeline.variants import build_variants, folding_agreement
 
@@ -51,7 +51,8 @@ class Study:
         check_config(config)
         self.config = config
         self.workdir = Path(workdir)
-        self.digest = artifacts.bind_workdir(self.workdir, config.to_dict())
+        self.digest = artifacts.bind_workdir(
+            self.workdir, {**config.to_dict(), "weights": weights_identity(config.model.source)})
 
     @functools.cached_property
     def placement(self) -> Placement:
