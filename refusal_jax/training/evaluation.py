@@ -58,3 +58,16 @@ def completion_cross_entropy(model: Model, instructions: Sequence[str],
         total += float(np.sum(np.asarray(nll)[:keep]))
         count += float(np.sum(np.asarray(n)[:keep]))
     return total / count
+
+
+def validation_score(rates: Mapping[str, float], harmful: Sequence[str],
+                     benign: Sequence[str]) -> float:
+    """Checkpoint-selection score: mean refusal rate over the `harmful` sets minus the mean over
+    the `benign` sets (1 = refuses every harmful and no benign request)."""
+    if not harmful or not benign:
+        raise ValueError("validation_score needs at least one harmful and one benign set")
+    missing = sorted((set(harmful) | set(benign)) - set(rates))
+    if missing:
+        raise ValueError(f"no refusal rate for the sets {missing}; rates hold {sorted(rates)}")
+    return (float(np.mean([rates[name] for name in harmful]))
+            - float(np.mean([rates[name] for name in benign])))

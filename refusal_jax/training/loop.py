@@ -50,6 +50,7 @@ class TrainConfig:
     first_layer: int = 14
     seed: int = 0
     checkpoint_every: int = 10
+    keep_checkpoints: int | None = 2  # None keeps every checkpoint (for checkpoint selection)
     log_every: int = 1
 
 
@@ -88,6 +89,47 @@ def encode_group(model: Model, examples: Sequence[Example], *, seq_len: int, fir
                         hidden=np.concatenate(hidden))
 
 
+def _checkpoint_manager(checkpoint_dir: str | Path, keep: int | None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
+
+
+def _fresh_state(model: Model, config: TrainConfig):
+    optimizer = make_optimizer(learning_rate=config.learning_rate, steps=config.steps,
+                               warmup_steps=config.warmup_steps,
+                               weight_decay=config.weight_decay)
+    adapter = init_adapter(model.config, jax.random.key(config.seed), rank=config.rank,
+                           alpha=config.alpha, targets=config.targets,
+                           first_layer=config.first_layer)
+    return optimizer, adapter, optimizer.init(adapter)
+
+
+def checkpoint_steps(checkpoint_dir: str | Path) -> list[int]:
+    """The steps saved under `checkpoint_dir` (ascending; empty when there are none)."""
+    if not Path(checkpoint_dir).is_dir():
+        return []
+    manager = _checkpoint_manager(checkpoint_dir, None)
+    steps = sorted(manager.all_steps())
+    manager.close()
+    return steps
+
+
+def restore_adapter(model: Model, config: TrainConfig, checkpoint_dir: str | Path,
+                    step: int) -> LoraAdapter:
+    """The adapter saved at `step` of the run `config` under `checkpoint_dir`."""
+    steps = checkpoint_steps(checkpoint_dir)
+    if step not in steps:
+        raise ValueError(f"no checkpoint of step {step} in {checkpoint_dir} (saved: {steps}); "
+                         "pass one of the saved steps")
+    _, adapter, opt_state = _fresh_state(model, config)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                      {"adapter": adapter, "opt_state": opt_state})
+    manager = _checkpoint_manager(checkpoint_dir, None)
+    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    manager.close()
+    return restored["adapter"]
+
+
 def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config: TrainConfig,
                   checkpoint_dir: str | Path, *, stop_at: int | None = None) -> TrainResult:
     """Trains a LoRA adapter on `groups` (resuming from `checkpoint_dir` when it holds steps).
@@ -97,15 +139,8 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
     """
     stop_at = config.steps if stop_at is None else min(stop_at, config.steps)
     per_batch = dict(config.per_batch)
-    optimizer = make_optimizer(learning_rate=config.learning_rate, steps=config.steps,
-                               warmup_steps=config.warmup_steps,
-                               weight_decay=config.weight_decay)
-    adapter = init_adapter(model.config, jax.random.key(config.seed), rank=config.rank,
-                           alpha=config.alpha, targets=config.targets,
-                           first_layer=config.first_layer)
-    opt_state = optimizer.init(adapter)
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-    manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(), options=options)
+    optimizer, adapter, opt_state = _fresh_state(model, config)
+    manager = _checkpoint_manager(checkpoint_dir, config.keep_checkpoints)
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
