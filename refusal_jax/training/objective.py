@@ -1,7 +1,8 @@
 """The fine-tuning objective and one jitted optimisation step of a LoRA adapter.
 
 The loss is the next-token cross-entropy averaged over the reply tokens of a `TokenBatch`,
-weighted by its `loss_mask` (see `refusal_jax.training.examples`), of the model whose weights are the frozen base params with the adapter merged in.
+weighted by its `loss_mask` (see `refusal_jax.training.examples`), of the model whose weights are
+the frozen base params with the adapter merged in.
 Only the adapter is trained; the base params are an argument of the jitted step (not a baked-in
 constant), so one compiled step serves every batch of the same shape. The layers below the
 adapter's `first_layer` are frozen, so the step runs only the layers from there on, starting from
@@ -53,8 +54,8 @@ def token_nll_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: 
 
 def adapter_loss(adapter: LoraAdapter, params: Params, hidden: jax.Array, tokens: jax.Array,
                  valid: jax.Array, loss_mask: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """Weighted mean cross-entropy per reply token (weights: `loss_mask`) of the base params with `adapter` merged in; `hidden`
-    is the (frozen) input of the adapter's first layer."""
+    """Weighted mean cross-entropy per reply token (weights: `loss_mask`) of the base params
+    with `adapter` merged in; `hidden` is the (frozen) input of the adapter's first layer."""
     nll, count = token_nll_from(merge_adapter(params, adapter), hidden, tokens, valid,
                                 loss_mask, first_layer=adapter.first_layer, config=config)
     return jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
