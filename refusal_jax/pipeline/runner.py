@@ -51,8 +51,10 @@ class Study:
         check_config(config)
         self.config = config
         self.workdir = Path(workdir)
-        self.digest = artifacts.bind_workdir(
-            self.workdir, {**config.to_dict(), "weights": weights_identity(config.model.source)})
+        hashed, identity = config.to_dict(), weights_identity(config.model.source)
+        if identity:  # sources identified by their name alone keep the config's own hash
+            hashed["weights"] = identity
+        self.digest = artifacts.bind_workdir(self.workdir, hashed)
 
     @functools.cached_property
     def placement(self) -> Placement:
