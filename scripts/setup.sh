@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs refusal_jax (editable) and the default model's weights; `--test` adds the reference
-# implementations the tests compare against (torch CPU, scikit-learn, accelerate).
+# implementations the tests compare against (scikit-learn, accelerate, the pinned torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
