@@ -137,7 +137,7 @@ def fit_directions(harmful: np.ndarray, harmless: np.ndarray, directions_config,
         return jax.tree.map(lambda leaf: leaf[:n_pairs].reshape(
             (n_positions, n_layers) + leaf.shape[1:]), distributed.gather(result))
 
-    # One call for every pair: fit_inlp runs its solver loops for all pairs at once.
+    # One call for every pair: fit_inlp works through them all in one compiled loop.
     logging.info("INLP: fitting %d (position, layer) pairs (%d per device group), up to %d "
                  "directions each", n_pairs, features.shape[0] // placement.multiple("pairs"),
                  directions_config.inlp_max_directions)
