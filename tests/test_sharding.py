@@ -11,6 +11,7 @@ need no devices (errors, the memory plan's arithmetic, bfloat16) run in the pyte
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import json
 import math
@@ -102,6 +103,16 @@ def _inlp_features():
     labels = np.repeat([0, 1], 20)
     shifts = rng.normal(size=(6, 1, 16)) * 0.5
     features = rng.normal(size=(6, 40, 16)) + labels[None, :, None] * shifts
+    return features.astype(np.float32), labels
+
+
+def _lapack_sized_inlp_features():
+    """16 pairs of 96 examples x 64 features: two pairs per device, big enough that jaxlib's CPU
+    LAPACK kernels split their batches over the thread pool (which deadlocked on a CPU mesh)."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 48)
+    shifts = rng.normal(size=(16, 1, 64)) * 0.3
+    features = rng.normal(size=(16, 96, 64)) + labels[None, :, None] * shifts
     return features.astype(np.float32), labels
 
 
@@ -200,14 +211,31 @@ def _measure_inlp() -> dict:
     assert jax.device_count() == N_DEVICES, jax.devices()
     features, labels = _inlp_features()
     expected = fit_inlp(features, labels, max_directions=3)
-    # Each device fits its one pair on its own; one device fitting the pairs one call each runs
-    # the same computation (batching pairs differently moves late directions by rounding).
-    one_at_a_time = [fit_inlp(pair, labels, max_directions=3).basis for pair in features]
+    # Each device fits its own pairs; a one-device mesh fitting the same pairs runs the same
+    # computation (batching pairs differently moves late directions by float32 rounding).
+    one_device = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+
+    def on_one_device(pairs, labels):
+        return fit_inlp(sharding.shard_leading_axis(pairs, one_device, "pairs"), labels,
+                        max_directions=3)
+
+    one_at_a_time = [on_one_device(pair[None], labels).basis[0] for pair in features]
     mesh = sharding.make_mesh(MESHES["2x4"])
     padded, n_pairs = sharding.pad_leading_axis(features, sharding.axis_size(mesh, "pairs"))
     found = fit_inlp(sharding.shard_leading_axis(padded, mesh, "pairs"), labels, max_directions=3)
     accuracies = np.nan_to_num(np.asarray(found.dev_accuracies[:n_pairs]), nan=-1.0)
+    several, several_labels = _lapack_sized_inlp_features()
+    several_found = fit_inlp(sharding.shard_leading_axis(several, sharding.make_mesh(
+        MESHES["8x1"]), "pairs"), several_labels, max_directions=3)
+    per_device = [on_one_device(several[i:i + 2], several_labels) for i in range(0, 16, 2)]
     return {
+        "several_pairs_per_device": {
+            "basis": _max_diff(several_found.basis,
+                               np.concatenate([fit.basis for fit in per_device])),
+            "n_directions": np.asarray(several_found.n_directions).tolist(),
+            "expected_n_directions": np.asarray(fit_inlp(several, several_labels,
+                                                         max_directions=3).n_directions).tolist(),
+            "basis_shard_shape": list(several_found.basis.addressable_shards[0].data.shape)},
         "basis": _max_diff(found.basis[:n_pairs], np.stack(one_at_a_time)),
         "dev_accuracies": _max_diff(accuracies, np.nan_to_num(expected.dev_accuracies, nan=-1.0)),
         "n_directions": np.asarray(found.n_directions[:n_pairs]).tolist(),
@@ -276,6 +304,17 @@ def test_inlp_over_a_sharded_pair_axis_matches_one_device(measured):
     assert max(inlp["expected_n_directions"]) > 0  # the comparison covers fitted directions
     assert inlp["basis"] <= TOLERANCE
     assert inlp["dev_accuracies"] <= TOLERANCE
+
+
+def test_inlp_with_several_lapack_sized_pairs_per_device_finishes_and_matches_one_device(
+        measured):
+    """Batched LAPACK calls on every device of a CPU mesh at once deadlocked (0% CPU, forever);
+    the sharded fit does its decompositions one matrix at a time there."""
+    several = measured["inlp"]["several_pairs_per_device"]
+    assert several["basis_shard_shape"][0] == 2
+    assert several["n_directions"] == several["expected_n_directions"]
+    assert min(several["expected_n_directions"]) > 0
+    assert several["basis"] <= TOLERANCE
 
 
 def test_loaded_and_relaid_weights_equal_the_originals(measured):
@@ -498,5 +537,7 @@ def test_bfloat16_loading_and_forward_close_to_float32(tmp_path):
 
 if __name__ == "__main__":
     part, output = sys.argv[1], Path(sys.argv[2])
+    # A deadlock (see the INLP test) fails the run with every thread's stack, not a 10-min wait.
+    faulthandler.dump_traceback_later(300, exit=True)
     result = _measure_model(output.parent) if part == "model" else _measure_inlp()
     output.write_text(json.dumps(result))

@@ -54,6 +54,8 @@ _RANK_TOLERANCE = 1e-5
 _NEWTON_HALVINGS = 10
 # Newton polishes the solution down to this fraction of the convergence tolerance.
 _NEWTON_POLISH = 1e-2
+# The line search treats a rise of the objective by at most this many float32 ULPs as none.
+_VALUE_ULPS = 8
 # A new normal whose component orthogonal to the earlier directions is smaller than this
 # fraction of its norm carries no new direction; INLP stops there.
 _MIN_ORTHOGONAL_FRACTION = 1e-3
@@ -332,10 +334,11 @@ def _newton_init(problem: _Problem) -> _NewtonState:
                         progressed=jnp.bool_(True))
 
 
-def _newton_step(problem: _Problem, state: _NewtonState) -> _NewtonState:
+def _newton_step(problem: _Problem, state: _NewtonState, *, solve=jnp.linalg.solve
+                 ) -> _NewtonState:
     """One damped Newton step. Along the step the logits and the penalty's gradient are affine
     in the step size, so the line search and the next gradient cost three matrix-vector
-    products, not one per trial step."""
+    products, not one per trial step. ``solve(matrix, rhs)`` solves the Newton system."""
     system = _newton_system(problem)
     params, logits, gradient, n = state.params, state.logits, state.gradient, problem.train.shape[0]
     probabilities = jax.nn.sigmoid(logits)
@@ -344,7 +347,7 @@ def _newton_step(problem: _Problem, state: _NewtonState) -> _NewtonState:
     scale = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(hessian), jnp.finfo(jnp.float32).tiny))
     scaled = (hessian * scale[:, None] * scale[None, :]
               + jnp.diag(system.absent.astype(jnp.float32)))
-    direction = -scale * jnp.linalg.solve(scaled, scale * gradient)
+    direction = -scale * solve(scaled, scale * gradient)
     direction = jnp.where(jnp.isfinite(direction), direction, -gradient)  # never a NaN step
 
     step_sizes = 0.5 ** jnp.arange(_NEWTON_HALVINGS, dtype=jnp.float32)
@@ -359,10 +362,13 @@ def _newton_step(problem: _Problem, state: _NewtonState) -> _NewtonState:
     values = objective(logits + step_sizes[:, None] * logits_change,
                        penalty + step_sizes * (direction @ penalty_at_params)
                        + 0.5 * step_sizes**2 * (direction @ penalty_change))
-    accepted = values <= value + 1e-4 * step_sizes * (gradient @ direction)
+    # Near the optimum the decrease is below float32's resolution of the value, and rounding
+    # alone would then reject the full Newton step: values within a few ULPs count as no rise
+    # (the approximate Armijo condition of Hager and Zhang).
+    slack = _VALUE_ULPS * jnp.finfo(jnp.float32).eps * jnp.abs(value)
+    accepted = values <= value + 1e-4 * step_sizes * (gradient @ direction) + slack
     best = jnp.where(jnp.any(accepted), jnp.argmax(accepted), jnp.argmin(values))
-    # Equal values are accepted: near the optimum float32 cannot resolve the decrease.
-    moved = values[best] <= value
+    moved = jnp.any(accepted) | (values[best] <= value)
     step = jnp.where(moved, step_sizes[best], 0.0)
     logits = logits + step * logits_change
     gradient = _newton_gradient(problem, system, logits, penalty_at_params + step * penalty_change)
@@ -386,11 +392,42 @@ def _newton_fit(problem: _Problem, state: _NewtonState, tolerance) -> _Fit:
                 converged=state.gradient_norm <= tolerance)
 
 
-_SOLVERS = {
-    "newton": _Solver(_newton_init, _newton_step, _newton_running, _newton_fit),
-    "lbfgs": _Solver(_lbfgs_init, _lbfgs_step, _lbfgs_running, _lbfgs_fit),
-}
-SOLVERS = tuple(_SOLVERS)
+# jaxlib 0.10's CPU LAPACK kernels split a batch of matrices over the intra-op thread pool and
+# block until every part is done. When the devices of a CPU mesh each run such a kernel at once,
+# every pool thread can end up waiting for parts queued behind the others: a deadlock, at 0% CPU,
+# which INLP's batched eigendecompositions and Newton solves hit with pairs sharded over two
+# devices of a two-core machine. So on a CPU mesh they go one matrix at a time (``serial``).
+
+
+def _one_matrix_at_a_time(decomposition: Callable) -> Callable:
+    """``decomposition`` whose batching rule maps it over the batch instead of batching it."""
+
+    @jax.custom_batching.custom_vmap
+    def unbatched(*operands):
+        return decomposition(*operands)
+
+    @unbatched.def_vmap
+    def map_over_batch(axis_size, in_batched, *operands):
+        operands = tuple(x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                         for x, batched in zip(operands, in_batched))
+        out = jax.lax.map(lambda xs: unbatched(*xs), operands)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return unbatched
+
+
+_SERIAL_SOLVE = _one_matrix_at_a_time(jnp.linalg.solve)
+
+
+def _solver(name: str, *, serial: bool = False) -> _Solver:
+    """The solver called ``name``; ``serial`` solves batched Newton systems one at a time."""
+    if name == "lbfgs":
+        return _Solver(_lbfgs_init, _lbfgs_step, _lbfgs_running, _lbfgs_fit)
+    step = functools.partial(_newton_step, solve=_SERIAL_SOLVE) if serial else _newton_step
+    return _Solver(_newton_init, step, _newton_running, _newton_fit)
+
+
+SOLVERS = ("newton", "lbfgs")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,7 +458,7 @@ def _fit_logistic_regression(features, labels, inverse_regularization, max_steps
                              solver):
     coordinates = _coordinates(features, features[:0])
     problem = _problem(coordinates.train, coordinates.metric, labels, inverse_regularization)
-    fit = _solve(_SOLVERS[solver], problem, max_steps, tolerance)
+    fit = _solve(_solver(solver), problem, max_steps, tolerance)
     weight = coordinates.axes @ fit.coefficients
     return LogisticRegressionFit(weight=weight, bias=fit.intercept - coordinates.center @ weight,
                                  gradient_norm=fit.gradient_norm, steps=fit.steps,
@@ -543,8 +580,8 @@ class _PairProgram(NamedTuple):
 
 
 def _pair_program(train_labels, dev_labels, options: _Options, *, max_directions, reference,
-                  solver) -> _PairProgram:
-    solver = _SOLVERS[solver]
+                  solver, serial) -> _PairProgram:
+    solver = _solver(solver, serial=serial)
     harmful_rate = jnp.mean(dev_labels.astype(jnp.float32))
     majority_rate = jnp.maximum(harmful_rate, 1.0 - harmful_rate)
     is_harmful = train_labels == 1
@@ -634,7 +671,7 @@ class _Queue(NamedTuple):
 
 
 def _fit_pairs(train_features, train_labels, dev_features, dev_labels, options: _Options, *,
-               max_directions, reference, solver, pairs_in_flight) -> INLPResult:
+               max_directions, reference, solver, pairs_in_flight, serial=False) -> INLPResult:
     """INLP for every pair of ``[pairs, n, D]`` features, ``pairs_in_flight`` at a time.
 
     Pairs need very different amounts of work (0 to 70-odd directions on real activations, 5 to
@@ -643,13 +680,17 @@ def _fit_pairs(train_features, train_labels, dev_features, dev_labels, options: 
     advances each lane's pair by one solver step or one finished classifier (vmapped), and a
     lane whose pair has stopped stores it and takes the next pair from the queue (the continuous
     batching of LLM servers). It is one compiled loop, and the number of lanes changes only the
-    speed (results agree to float32 rounding).
+    speed (results agree to float32 rounding). ``serial`` runs the LAPACK decompositions one
+    matrix at a time (needed on a CPU mesh; see :func:`_one_matrix_at_a_time`).
     """
     n_pairs = train_features.shape[0]
     lanes = min(pairs_in_flight, n_pairs)
     program = _pair_program(train_labels, dev_labels, options, max_directions=max_directions,
-                            reference=reference, solver=solver)
-    coordinates = jax.vmap(_coordinates)(train_features, dev_features)
+                            reference=reference, solver=solver, serial=serial)
+    if serial:
+        coordinates = jax.lax.map(lambda pair: _coordinates(*pair), (train_features, dev_features))
+    else:
+        coordinates = jax.vmap(_coordinates)(train_features, dev_features)
     advance, running = jax.vmap(program.advance), jax.vmap(program.running)
 
     def swap_finished(queue: _Queue, stepped: _LoopState, finished: jax.Array) -> _Queue:
@@ -690,6 +731,7 @@ def _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels, opti
         # Every device works through its own share of the pairs, with no communication. The
         # loop mixes per-device state with shared constants in ways the varying-axis checker
         # would make us annotate at every branch; it has nothing to check here.
+        fit = functools.partial(fit, serial=mesh.devices.flat[0].platform == "cpu")
         pairs, shared = jax.sharding.PartitionSpec(pair_axes), jax.sharding.PartitionSpec()
         fit = jax.shard_map(fit, mesh=mesh, in_specs=(pairs, shared, pairs, shared, shared),
                             out_specs=pairs, check_vma=False)
@@ -861,7 +903,7 @@ def _check_matching(features: jax.Array, labels: np.ndarray) -> None:
 
 def _check_solver_options(inverse_regularization: float, max_steps: int, tolerance: float,
                           solver: str) -> None:
-    if solver not in _SOLVERS:
+    if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}.")
     if not inverse_regularization > 0:
         raise ValueError(f"inverse_regularization (C) must be > 0; got {inverse_regularization}.")
