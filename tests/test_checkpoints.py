@@ -3,10 +3,14 @@
 References: tiny random transformers models (float32) for safetensors and the hub cache;
 GGUF files written here the way llama.cpp's convert_hf_to_gguf.py writes them (gguf's own
 TensorNameMap, llama.cpp's rotary permutation and Gemma's norm offset) for every family; and
-transformers' own GGUF loader on the real SmolLM2-135M-Instruct Q4_1 file.
+transformers' own GGUF loaders (weights, config, AutoTokenizer) on the real
+SmolLM2-135M-Instruct Q4_1 file.
 """
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import gguf
@@ -18,6 +22,7 @@ import transformers
 from huggingface_hub import constants as hub_constants
 from safetensors import SafetensorError
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from refusal_jax.models.checkpoints import (
     default_gguf_path,
@@ -457,14 +462,19 @@ def test_gguf_missing_metadata(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """Our load of the default model: (path, config, tensors)."""
+def smollm2_path():
+    """The default model's GGUF file; skips, naming the install command, where it is absent."""
     try:
-        path = default_gguf_path()
+        return default_gguf_path()
     except FileNotFoundError as missing:
         pytest.skip(str(missing))
-    config, tensors = load_hf_checkpoint(path)
-    return path, config, tensors
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    """Our load of the default model: (path, config, tensors)."""
+    config, tensors = load_hf_checkpoint(smollm2_path)
+    return smollm2_path, config, tensors
 
 
 @pytest.fixture(scope="module")
@@ -535,3 +545,232 @@ def test_smollm2_tokenizer_matches_the_gguf_vocabulary(smollm2, smollm2_by_trans
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     batch = tokenizer(["Hi", "Hello there, friend"], padding=True)
     assert batch.attention_mask[0][0] == 0 and batch.input_ids[0][0] == tokenizer.pad_token_id
+
+
+# --- GGUF tokenizers written like llama.cpp, against AutoTokenizer --------------------------------
+
+
+def write_gguf_tokenizer(path: Path, kind: str) -> None:
+    """A tiny GGUF holding a tokenizer as llama.cpp writes one, and the config AutoTokenizer reads.
+
+    "byte_level": a qwen2 GPT-2-style BPE (tokenizer.ggml.model "gpt2", pre "qwen2") with merges,
+    control tokens <|im_start|>/<|im_end|> (eos, pad), a user-defined <think> and a chat template.
+    "sentencepiece": a llama vocabulary (model "llama") with byte fallback, scores but no merges
+    and no add_bos_token flag, so BOS is added by default.
+    """
+    writer = gguf.GGUFWriter(str(path), "qwen2" if kind == "byte_level" else "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(8)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_layer_norm_rms_eps(1e-6)
+    if kind == "byte_level":
+        merges = ["Ġ h", "h e", "l l", "Ġh e", "ll o", "Ġhe llo", "w o", "r l", "wo rl"]  # Ġ: space
+        merged = [merge.replace(" ", "") for merge in merges]
+        alphabet = list(bytes_to_unicode().values())
+        tokens = alphabet + merged + ["<|im_start|>", "<|im_end|>", "<think>"]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("qwen2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * (len(tokens) - 3) + [3, 3, 4])  # normal, control, user
+        writer.add_token_merges(merges)
+        writer.add_eos_token_id(len(tokens) - 2)
+        writer.add_pad_token_id(len(tokens) - 2)
+        writer.add_chat_template(
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+    else:
+        pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "▁he", "llo", "▁hello",
+                  "▁w", "or", "▁wor", "ld", "▁world"]  # ▁: sentencepiece's space
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)] + pieces
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(pieces))  # unknown, control, byte
+        writer.add_token_scores([0.0] * 259 + [-float(rank) for rank in range(len(pieces))])
+        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    write_and_close(writer)
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+def test_gguf_tokenizer_written_like_llama_cpp_matches_auto_tokenizer(tmp_path, kind):
+    write_gguf_tokenizer(tmp_path / "tiny.gguf", kind)
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    ours = load_tokenizer(tmp_path / "tiny.gguf")
+
+    backend, reference = (json.loads(t.backend_tokenizer.to_str()) for t in (ours, theirs))
+    backend.pop("padding"), reference.pop("padding")
+    assert backend == reference
+    assert (ours.add_bos_token, ours.add_eos_token) == (theirs.add_bos_token, theirs.add_eos_token)
+    assert ours.add_bos_token == (kind == "sentencepiece")
+    assert ours.chat_template == theirs.chat_template
+    for name in ("bos", "eos", "unk"):
+        assert getattr(ours, f"{name}_token") == getattr(theirs, f"{name}_token"), name
+    assert ours.pad_token == (theirs.pad_token or theirs.eos_token)  # load_tokenizer's fallback
+    for text in ["hello world", " hello  world\n", "héllo <|im_start|>wor<think>ld", "", "hi😀"]:
+        ids = ours(text).input_ids
+        assert ids == theirs(text).input_ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
+
+
+def test_gguf_without_tokenizer(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "bare.gguf"), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    write_and_close(writer)
+    with pytest.raises(ValueError, match=r"bare\.gguf has no tokenizer\.ggml\.tokens.*hub id"):
+        load_tokenizer(tmp_path / "bare.gguf")
+
+
+# --- The default model's tokenizer, built without torch, against AutoTokenizer ----------------
+
+TEXTS = [
+    "Hello, world!",
+    "How do I bake bread? I'd like a recipe.",
+    "  leading,   internal    and trailing spaces   ",
+    "tabs\tand\nnewlines\n\n\nand\r\nCRLF\n",
+    "0 7 42 1234567890 3.14159 -2.5e-3 1,000,000",
+    "Punctuation: ¿¡!?.,;:'\"()[]{}<>/\\|@#$%^&*~`--...",
+    "emoji 😀🚀👍🏽 (a thumbs-up with a skin-tone modifier)",
+    "non-Latin: 你好世界, Русский, العربية, हिन्दी, café naïve",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "text<|endoftext|>more<|im_end|>and <|im_start|> spaced",
+    "",
+    " ",
+    "\n",
+]
+CONVERSATIONS = {
+    "user only": [{"role": "user", "content": "How do I pick a lock?"}],
+    "with system": [
+        {"role": "system", "content": "You are a careful assistant."},
+        {"role": "user", "content": "Write a haiku\nabout rain 🌧."},
+    ],
+    "multi turn": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Count to 3."},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizers(smollm2_path):
+    """(ours, transformers'): load_tokenizer and AutoTokenizer on the default model's GGUF."""
+    theirs = transformers.AutoTokenizer.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name
+    )
+    return load_tokenizer(smollm2_path), theirs
+
+
+def test_gguf_tokenizer_is_transformers_tokenizer(smollm2_tokenizers):
+    ours, theirs = smollm2_tokenizers
+
+    assert type(ours) is type(theirs)
+    backend, reference = (json.loads(t.backend_tokenizer.to_str()) for t in (ours, theirs))
+    for serialised in (backend, reference):  # padding is set per call; ours pads on the left
+        serialised.pop("padding")
+    assert backend == reference  # normalizer, pre-tokenizer, model, merges, added tokens, decoder
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert (len(ours), ours.vocab_size) == (len(theirs), theirs.vocab_size) == (49152, 49152)
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    assert ours.all_special_tokens == theirs.all_special_tokens
+    assert ours.all_special_ids == theirs.all_special_ids
+    for name in ("bos", "eos", "pad", "unk"):
+        assert getattr(ours, f"{name}_token") == getattr(theirs, f"{name}_token"), name
+        assert getattr(ours, f"{name}_token_id") == getattr(theirs, f"{name}_token_id"), name
+    assert {i: str(t) for i, t in ours.added_tokens_decoder.items()} == {
+        i: str(t) for i, t in theirs.added_tokens_decoder.items()
+    }
+    assert (ours.add_bos_token, ours.add_eos_token) == (theirs.add_bos_token, theirs.add_eos_token)
+    assert ours.chat_template == theirs.chat_template and "<|im_start|>" in ours.chat_template
+    assert ours.padding_side == "left"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_gguf_tokenizer_encodes_and_decodes_like_transformers(smollm2_tokenizers, text):
+    ours, theirs = smollm2_tokenizers
+
+    ids = ours(text).input_ids
+    assert ids == theirs(text).input_ids
+    assert ours.encode(text, add_special_tokens=False) == theirs.encode(
+        text, add_special_tokens=False
+    )
+    assert ours.convert_ids_to_tokens(ids) == theirs.convert_ids_to_tokens(ids)
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+            ids, skip_special_tokens=skip
+        )
+    assert ours.decode(ids) == text  # byte-level BPE round-trips exactly
+
+
+def test_gguf_tokenizer_decodes_any_ids_like_transformers(smollm2_tokenizers):
+    ours, theirs = smollm2_tokenizers
+    ids = list(range(0, len(theirs), 97)) + list(range(17))  # byte pieces and special tokens
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.batch_decode([[i] for i in ids]) == theirs.batch_decode([[i] for i in ids])
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+def test_gguf_tokenizer_chat_template_like_transformers(smollm2_tokenizers, conversation):
+    ours, theirs = smollm2_tokenizers
+    messages = CONVERSATIONS[conversation]
+
+    for generation_prompt in (True, False):
+        kwargs = {"add_generation_prompt": generation_prompt}
+        text = ours.apply_chat_template(messages, tokenize=False, **kwargs)
+        assert text == theirs.apply_chat_template(messages, tokenize=False, **kwargs)
+        assert text.endswith("<|im_start|>assistant\n") == generation_prompt
+        assert ("You are a careful assistant." in text) == (conversation == "with system")
+        tokenized = ours.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+        assert tokenized == theirs.apply_chat_template(
+            messages, tokenize=True, return_dict=True, **kwargs
+        )
+        assert tokenized["input_ids"] == ours(text, add_special_tokens=False).input_ids
+
+
+def test_gguf_tokenizer_loads_without_torch(smollm2_tokenizers):
+    """In a fresh interpreter where torch cannot be imported, as where it is not installed.
+
+    transformers imports torch whenever it is installed (configuration_utils, for rope), so the
+    subprocess hides it: `sys.modules["torch"] = None` makes `import torch` raise and
+    importlib.util.find_spec("torch") return None, which is how transformers checks for torch.
+    AutoTokenizer's own GGUF path then fails (transformers 5.24: its GGUF reader imports torch).
+    """
+    script = textwrap.dedent(
+        """
+        import importlib.util, json, sys
+        sys.modules["torch"] = None
+        import transformers
+        from refusal_jax.models.loading import default_gguf_path
+        from refusal_jax.tokenizer import load_tokenizer
+
+        assert importlib.util.find_spec("torch") is None
+        assert not transformers.utils.is_torch_available()
+        tokenizer = load_tokenizer(default_gguf_path())
+        assert sys.modules["torch"] is None, "a real torch was imported"
+        messages = [{"role": "user", "content": "Hi"}]
+        print(json.dumps([
+            tokenizer(sys.argv[1]).input_ids,
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        ]))
+        """
+    )
+    text = "Hi 😀 你好<|im_end|>\n<|im_start|>  x\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script, text],
+        capture_output=True,
+        text=True,
+        check=False,  # the assertion below shows stderr
+        cwd=Path(__file__).parents[1],
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids, prompt = json.loads(result.stdout.strip().splitlines()[-1])
+    _, theirs = smollm2_tokenizers
+    assert ids == theirs(text).input_ids
+    assert prompt == theirs.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
