@@ -81,6 +81,14 @@ _DECISION_TOKENS = flags.DEFINE_integer(
     "--decision_weight in the loss.")
 _DECISION_WEIGHT = flags.DEFINE_float("decision_weight", TrainConfig.decision_weight,
                                       "Loss weight of the first --decision_tokens reply tokens.")
+_REFUSE_OPENING = flags.DEFINE_float(
+    "refuse_opening_weight", TrainConfig.refuse_opening_weight,
+    "Weight of -log p(refusal opening) at the first reply position of harmful rows "
+    "(see refusal_jax.training.objective); 0 leaves it out.")
+_ANSWER_OPENING = flags.DEFINE_float(
+    "answer_opening_weight", TrainConfig.answer_opening_weight,
+    "Weight of -log(1 - p(refusal opening)) at the first reply position of benign rows; "
+    "0 leaves it out.")
 _LR = flags.DEFINE_float("learning_rate", TrainConfig.learning_rate, "Peak learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", TrainConfig.warmup_steps, "Warmup steps.")
 _RANK = flags.DEFINE_integer("rank", TrainConfig.rank, "LoRA rank.")
@@ -199,7 +207,9 @@ def main(argv):
 
     config = TrainConfig(
         steps=_STEPS.value, seq_len=seq_len, decision_tokens=_DECISION_TOKENS.value,
-        decision_weight=_DECISION_WEIGHT.value, learning_rate=_LR.value,
+        decision_weight=_DECISION_WEIGHT.value,
+        refuse_opening_weight=_REFUSE_OPENING.value,
+        answer_opening_weight=_ANSWER_OPENING.value, learning_rate=_LR.value,
         warmup_steps=_WARMUP.value, rank=_RANK.value, alpha=_ALPHA.value,
         targets=tuple(_TARGETS.value), first_layer=_FIRST_LAYER.value, seed=seed,
         checkpoint_every=_CHECKPOINT_EVERY.value, keep_checkpoints=_KEEP.value or None,

@@ -12,17 +12,20 @@ import numpy as np
 import pytest
 
 import planted_model
+from refusal_jax.chat import refusal_token_ids
 from refusal_jax.models.adapter import (LORA_TARGETS, init_adapter, load_adapter, merge_adapter,
                                         save_adapter)
 from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.core import forward
 from refusal_jax.models.params import init_params
 from refusal_jax.training.completions import cached_greedy_completions, greedy_completions
 from refusal_jax.training.evaluation import completion_cross_entropy, validation_score
 from refusal_jax.training.examples import Example, encode_examples, reply_example
-from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, restore_adapter,
-                                       train_adapter)
+from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, opening_weights,
+                                       restore_adapter, train_adapter)
 from refusal_jax.training.mixture import batch_indices, exclude_instructions
-from refusal_jax.training.objective import adapter_loss, token_nll, token_nll_from
+from refusal_jax.training.objective import (OpeningTerm, adapter_loss, opening_loss, token_nll,
+                                            token_nll_from)
 from refusal_jax.training.prefix import prefix_hidden
 from refusal_jax.data import Prompt
 
@@ -277,3 +280,105 @@ def test_validation_score_is_harmful_minus_benign_refusal():
         validation_score(rates, ["bad_a", "missing"], ["good_a"])
     with pytest.raises(ValueError, match="at least one harmful and one benign"):
         validation_score(rates, [], ["good_a"])
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _hand_opening_loss(logits, starts, refuse, weight, ids):
+    """The refusal-opening BCE computed directly: p_R from the logits before each reply."""
+    probs = _softmax(np.asarray(logits, np.float64))
+    p_refuse = np.array([probs[row, start - 1, ids].sum() for row, start in enumerate(starts)])
+    bce = -(refuse * np.log(p_refuse) + (1 - refuse) * np.log(1 - p_refuse))
+    return float(np.mean(weight * bce))
+
+
+def test_opening_loss_is_the_binary_cross_entropy_of_refusal_token_mass():
+    logits = jax.random.normal(jax.random.key(5), (3, 6, 8)) * 2.0
+    starts = [3, 2, 5]  # first reply position of each row
+    loss_mask = (np.arange(6)[None] >= np.array(starts)[:, None]).astype(np.float32)
+    ids = np.array([1, 4], np.int32)
+    refuse, weight = np.array([1.0, 0.0, 0.0]), np.array([0.5, 2.0, 1.0])
+    term = OpeningTerm(refuse=jnp.asarray(refuse), weight=jnp.asarray(weight),
+                       refusal_ids=jnp.asarray(ids))
+    expected = _hand_opening_loss(logits, starts, refuse, weight, ids)
+    np.testing.assert_allclose(opening_loss(logits, jnp.asarray(loss_mask), term), expected,
+                               rtol=1e-5)
+    # only the logits that predict the first reply token get a gradient, and descending it
+    # raises the refusal logits of the row to refuse and lowers those of the rows to answer
+    grad = np.asarray(jax.grad(opening_loss)(logits, jnp.asarray(loss_mask), term))
+    for row, start in enumerate(starts):
+        at = grad[row, start - 1]
+        others = np.setdiff1d(np.arange(8), ids)
+        if refuse[row]:
+            assert (at[ids] < 0).all() and (at[others] > 0).all()
+        else:
+            assert (at[ids] > 0).all() and (at[others] < 0).all()
+        np.testing.assert_array_equal(np.delete(grad[row], start - 1, axis=0), 0.0)
+
+
+def test_adapter_loss_adds_the_opening_term_and_its_descent_moves_refusal_mass(params):
+    tokens, valid, loss_mask = _batch()  # replies start at position 8
+    adapter = _random_adapter(first_layer=2)
+    hidden = prefix_hidden(params, tokens, valid, config=CONFIG, n_layers=2)
+    ids = np.array([3, 7, 11], np.int32)
+    refuse, weight = np.array([1.0, 0.0, 0.0]), np.array([1.0, 1.0, 3.0])
+    term = OpeningTerm(refuse=jnp.asarray(refuse), weight=jnp.asarray(weight),
+                       refusal_ids=jnp.asarray(ids))
+    logits_of = jax.jit(lambda a: forward(merge_adapter(params, a), tokens, valid,
+                                          config=CONFIG).logits)
+    loss = jax.jit(adapter_loss, static_argnames="config")
+
+    with_term = loss(adapter, params, hidden, tokens, valid, loss_mask, config=CONFIG,
+                     opening=term)
+    without = loss(adapter, params, hidden, tokens, valid, loss_mask, config=CONFIG)
+    expected = _hand_opening_loss(logits_of(adapter), [8, 8, 8], refuse, weight, ids)
+    np.testing.assert_allclose(with_term - without, expected, rtol=1e-4)
+
+    def p_refuse(a):
+        return np.asarray(jax.nn.softmax(logits_of(a)[:, 7])[:, ids].sum(-1))
+
+    row_grad = jax.jit(jax.grad(lambda a, w: opening_loss(logits_of(a), loss_mask,
+                                                          term._replace(weight=w))))
+    for row in range(3):  # a small descent step on one row's term moves that row's p_R
+        grads = row_grad(adapter, jnp.asarray(np.eye(3)[row]))
+        stepped = jax.tree_util.tree_map(lambda x, g: x - 1e-3 * g, adapter, grads)
+        before, after = p_refuse(adapter)[row], p_refuse(stepped)[row]
+        assert after > before if refuse[row] else after < before
+
+
+def test_opening_weights_leave_out_benign_replies_that_open_with_a_refusal_token():
+    config = TrainConfig(refuse_opening_weight=0.5, answer_opening_weight=2.0)
+    tokens = np.array([[9, 9, 3, 5], [9, 9, 6, 5], [9, 9, 9, 7]])
+    loss_mask = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1]], np.float32)
+    refuse, weight = opening_weights("harmless", tokens, loss_mask, [3, 7], config)
+    np.testing.assert_array_equal(refuse, [0, 0, 0])
+    np.testing.assert_array_equal(weight, [0.0, 2.0, 0.0])  # rows 0 and 2 open with 3 and 7
+    refuse, weight = opening_weights("refusal", tokens, loss_mask, [3, 7], config)
+    np.testing.assert_array_equal(refuse, [1, 1, 1])
+    np.testing.assert_array_equal(weight, [0.5, 0.5, 0.5])
+
+
+def test_training_adds_the_opening_term_of_the_batch_rows(tmp_path, planted):
+    groups = _groups(planted)
+    base = TrainConfig(steps=1, per_batch=(("refusal", 2), ("harmless", 2)), seq_len=16,
+                       learning_rate=1e-2, warmup_steps=1, rank=2, first_layer=2, seed=3)
+    weighted = dataclasses.replace(base, refuse_opening_weight=0.5, answer_opening_weight=2.0)
+    plain_loss = train_adapter(planted, groups, base, tmp_path / "plain").losses[0][1]
+    term_loss = train_adapter(planted, groups, weighted, tmp_path / "term").losses[0][1]
+    # step 0 starts from the identity adapter: the term is that of the base model's logits
+    rows = batch_indices({name: 6 for name in groups}, dict(base.per_batch), 0, base.seed)
+    examples = [groups[name][i] for name in ("refusal", "harmless") for i in rows[name]]
+    batch = encode_examples(planted.chat, examples, seq_len=16, context_length=128)
+    logits = forward(planted.params, batch.tokens, batch.valid, config=planted.config).logits
+    starts = [int(np.argmax(row > 0)) for row in batch.loss_mask]
+    ids = np.asarray(refusal_token_ids(planted.tokenizer))
+    expected = _hand_opening_loss(logits, starts, np.array([1.0, 1, 0, 0]),
+                                  np.array([0.5, 0.5, 2.0, 2.0]), ids)
+    assert expected > 0.01
+    np.testing.assert_allclose(term_loss - plain_loss, expected, rtol=1e-4)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        train_adapter(planted, groups, dataclasses.replace(base, answer_opening_weight=-1.0),
+                      tmp_path / "negative")

@@ -8,6 +8,12 @@ A run is resumable: the adapter and optimiser state are saved with orbax every
 `checkpoint_every` steps (and at the end) under `checkpoint_dir`; a new run with the same
 directory restores the latest step and continues with the batches it would have drawn, so an
 interrupted run ends with the same adapter as an uninterrupted one.
+
+With `refuse_opening_weight` or `answer_opening_weight` above 0 the loss adds the refusal-opening
+term of `refusal_jax.training.objective` (R: `refusal_jax.chat.refusal_token_ids`): the rows of
+the group named `REFUSAL_GROUP` are to open a refusal, all others not to, except benign rows whose
+own reply opens with a token of R (left out, weight 0). Both weights 0 (the default) train on
+the cross-entropy alone.
 """
 
 from __future__ import annotations
@@ -23,12 +29,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from refusal_jax.chat import refusal_token_ids
 from refusal_jax.models.adapter import LORA_TARGETS, LoraAdapter, init_adapter
 from refusal_jax.models.loading import Model
 from refusal_jax.training.examples import Example, encode_examples
 from refusal_jax.training.mixture import batch_indices
-from refusal_jax.training.objective import make_optimizer, train_step
+from refusal_jax.training.objective import (OpeningTerm, make_optimizer, reply_start,
+                                            train_step)
 from refusal_jax.training.prefix import prefix_hidden
+
+REFUSAL_GROUP = "refusal"  # the data group whose replies are refusals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +51,8 @@ class TrainConfig:
     seq_len: int = 64
     decision_tokens: int = 4  # the first reply tokens weighted by decision_weight in the loss
     decision_weight: float = 4.0
+    refuse_opening_weight: float = 0.0  # weight of -log p_R on REFUSAL_GROUP rows
+    answer_opening_weight: float = 0.0  # weight of -log(1 - p_R) on the other rows
     learning_rate: float = 2e-3
     warmup_steps: int = 8
     weight_decay: float = 0.0
@@ -87,6 +99,19 @@ def encode_group(model: Model, examples: Sequence[Example], *, seq_len: int, fir
         hidden.append(np.asarray(states)[:min(chunk, len(examples) - start)])
     return EncodedGroup(tokens=batch.tokens, valid=batch.valid, loss_mask=batch.loss_mask,
                         hidden=np.concatenate(hidden))
+
+
+def opening_weights(group: str, tokens: np.ndarray, loss_mask: np.ndarray,
+                    refusal_ids: Sequence[int], config: TrainConfig
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (refuse, weight) of the refusal-opening term for the encoded rows of `group`."""
+    rows = len(tokens)
+    if group == REFUSAL_GROUP:
+        return np.ones(rows, np.float32), np.full(rows, config.refuse_opening_weight, np.float32)
+    first = tokens[np.arange(rows), np.asarray(reply_start(loss_mask))]
+    opens_refusal = np.isin(first, np.asarray(refusal_ids))
+    return (np.zeros(rows, np.float32),
+            np.where(opens_refusal, 0.0, config.answer_opening_weight).astype(np.float32))
 
 
 def _checkpoint_manager(checkpoint_dir: str | Path, keep: int | None) -> ocp.CheckpointManager:
@@ -137,6 +162,10 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
     `stop_at` ends this process's run early, after that many steps in all (checkpointed);
     a later call continues to `config.steps`.
     """
+    if config.refuse_opening_weight < 0 or config.answer_opening_weight < 0:
+        raise ValueError(f"refuse_opening_weight and answer_opening_weight must be >= 0 (0 leaves "
+                         f"the term out), got {config.refuse_opening_weight} and "
+                         f"{config.answer_opening_weight}")
     stop_at = config.steps if stop_at is None else min(stop_at, config.steps)
     per_batch = dict(config.per_batch)
     optimizer, adapter, opt_state = _fresh_state(model, config)
@@ -150,13 +179,18 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
         adapter, opt_state = restored["adapter"], restored["opt_state"]
         logging.info("resumed from step %d in %s", start, checkpoint_dir)
 
-    encoded = {}
+    use_opening = config.refuse_opening_weight > 0 or config.answer_opening_weight > 0
+    refusal_ids = refusal_token_ids(model.tokenizer) if use_opening else ()
+    encoded, opening = {}, {}
     if start < stop_at:
         for name in per_batch:
             encoded[name] = encode_group(model, groups[name], seq_len=config.seq_len,
                                          first_layer=config.first_layer,
                                          decision_tokens=config.decision_tokens,
                                          decision_weight=config.decision_weight)
+            if use_opening:
+                opening[name] = opening_weights(name, encoded[name].tokens,
+                                                encoded[name].loss_mask, refusal_ids, config)
             logging.info("encoded %s: %d examples", name, len(groups[name]))
     sizes = {name: len(groups[name]) for name in per_batch}
     losses, timed = [], []
@@ -166,8 +200,15 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
         batch = {field: jnp.asarray(np.concatenate(
                      [getattr(encoded[name], field)[rows[name]] for name in per_batch]))
                  for field in ("hidden", "tokens", "valid", "loss_mask")}
+        term = None
+        if use_opening:
+            refuse, weight = (np.concatenate([opening[name][i][rows[name]] for name in per_batch])
+                              for i in (0, 1))
+            term = OpeningTerm(refuse=jnp.asarray(refuse), weight=jnp.asarray(weight),
+                               refusal_ids=jnp.asarray(refusal_ids, jnp.int32))
         adapter, opt_state, loss = train_step(adapter, opt_state, model.params, **batch,
-                                              optimizer=optimizer, config=model.config)
+                                              opening=term, optimizer=optimizer,
+                                              config=model.config)
         loss = float(loss)
         seconds = time.perf_counter() - began
         if step > start:  # the first step of a process includes compilation

@@ -7,11 +7,21 @@ Only the adapter is trained; the base params are an argument of the jitted step 
 constant), so one compiled step serves every batch of the same shape. The layers below the
 adapter's `first_layer` are frozen, so the step runs only the layers from there on, starting from
 their cached input `hidden` (see `refusal_jax.training.prefix`).
+
+Optionally (`OpeningTerm`) the loss adds a binary cross-entropy on the refusal decision at the
+first reply position: with p_R the model's probability mass on the refusal-token set R (the first
+tokens of refusal openings, `refusal_jax.chat.refusal_token_ids`) where the reply's first token
+is predicted, a row to be refused adds weight * -log p_R and a row to be answered
+weight * -log(1 - p_R) (unlikelihood of opening a refusal), averaged over the batch rows. The
+substring refusal metric counts replies that open with those tokens, so the term aims at it
+directly; per-row weights of 0 switch it off for a row (e.g. a benign answer that itself opens
+with "I").
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,23 +52,70 @@ def _masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
     return jnp.sum(nll * mask, axis=1), jnp.sum(mask, axis=1)
 
 
+def _logits_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: jax.Array, *,
+                 first_layer: int, config: ModelConfig) -> jax.Array:
+    upper, upper_config = slice_layers(params, config, first_layer)
+    inject = InjectResidual.at_first_layer(hidden, upper_config.n_layers)
+    return forward(upper, tokens, valid, config=upper_config, intervention=inject).logits
+
+
 def token_nll_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: jax.Array,
                    loss_mask: jax.Array, *, first_layer: int, config: ModelConfig
                    ) -> tuple[jax.Array, jax.Array]:
     """`token_nll` given `hidden` [B, T, D], the input of layer `first_layer`."""
-    upper, upper_config = slice_layers(params, config, first_layer)
-    inject = InjectResidual.at_first_layer(hidden, upper_config.n_layers)
-    logits = forward(upper, tokens, valid, config=upper_config, intervention=inject).logits
+    logits = _logits_from(params, hidden, tokens, valid, first_layer=first_layer, config=config)
     return _masked_nll(logits, tokens, loss_mask)
 
 
+class OpeningTerm(NamedTuple):
+    """Per-row inputs of the refusal-opening loss term (arrays, so one compiled step serves any
+    weights): refuse [B] (1 = the row should open a refusal, 0 = it should not), weight [B]
+    (0 leaves the row out), refusal_ids [K] int32 (the refusal-token set R)."""
+
+    refuse: jax.Array
+    weight: jax.Array
+    refusal_ids: jax.Array
+
+
+def reply_start(loss_mask: jax.Array) -> jax.Array:
+    """Position [B] of each row's first reply token: the first position with a loss weight."""
+    return jnp.argmax(loss_mask > 0, axis=1)
+
+
+def refusal_opening_log_probs(logits: jax.Array, loss_mask: jax.Array, refusal_ids: jax.Array
+                              ) -> tuple[jax.Array, jax.Array]:
+    """(log p_R, log(1 - p_R)) [B]: p_R is the probability mass on the tokens `refusal_ids`
+    where each row's first reply token is predicted (the logits one position before it)."""
+    position = reply_start(loss_mask) - 1
+    first = jnp.take_along_axis(logits, position[:, None, None], axis=1)[:, 0]  # [B, V]
+    in_set = jnp.zeros(first.shape[-1], bool).at[refusal_ids].set(True)
+    total = jax.nn.logsumexp(first, axis=-1)
+    log_refuse = jax.nn.logsumexp(jnp.where(in_set, first, -jnp.inf), axis=-1) - total
+    log_answer = jax.nn.logsumexp(jnp.where(in_set, -jnp.inf, first), axis=-1) - total
+    return log_refuse, log_answer
+
+
+def opening_loss(logits: jax.Array, loss_mask: jax.Array, term: OpeningTerm) -> jax.Array:
+    """Mean over rows of weight * binary cross-entropy of "opens a refusal" (see the module
+    docstring)."""
+    log_refuse, log_answer = refusal_opening_log_probs(logits, loss_mask, term.refusal_ids)
+    bce = -(term.refuse * log_refuse + (1.0 - term.refuse) * log_answer)
+    return jnp.mean(term.weight * bce)
+
+
 def adapter_loss(adapter: LoraAdapter, params: Params, hidden: jax.Array, tokens: jax.Array,
-                 valid: jax.Array, loss_mask: jax.Array, *, config: ModelConfig) -> jax.Array:
+                 valid: jax.Array, loss_mask: jax.Array, *, config: ModelConfig,
+                 opening: OpeningTerm | None = None) -> jax.Array:
     """Weighted mean cross-entropy per reply token (weights: `loss_mask`) of the base params
-    with `adapter` merged in; `hidden` is the (frozen) input of the adapter's first layer."""
-    nll, count = token_nll_from(merge_adapter(params, adapter), hidden, tokens, valid,
-                                loss_mask, first_layer=adapter.first_layer, config=config)
-    return jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
+    with `adapter` merged in, plus `opening_loss` when `opening` is given; `hidden` is the
+    (frozen) input of the adapter's first layer."""
+    logits = _logits_from(merge_adapter(params, adapter), hidden, tokens, valid,
+                          first_layer=adapter.first_layer, config=config)
+    nll, count = _masked_nll(logits, tokens, loss_mask)
+    loss = jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
+    if opening is not None:
+        loss = loss + opening_loss(logits, loss_mask, opening)
+    return loss
 
 
 @functools.cache  # the same settings give the same object, so the jitted step is reused
@@ -75,11 +132,12 @@ def make_optimizer(*, learning_rate: float, steps: int, warmup_steps: int,
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "config"), donate_argnums=(0, 1))
 def train_step(adapter: LoraAdapter, opt_state: optax.OptState, params: Params,
-               hidden: jax.Array, tokens: jax.Array, valid: jax.Array, loss_mask: jax.Array, *,
+               hidden: jax.Array, tokens: jax.Array, valid: jax.Array, loss_mask: jax.Array,
+               opening: OpeningTerm | None = None, *,
                optimizer: optax.GradientTransformation, config: ModelConfig
                ) -> tuple[LoraAdapter, optax.OptState, jax.Array]:
     """One optimiser step on the adapter; returns (adapter, opt_state, loss before the step)."""
     loss, grads = jax.value_and_grad(adapter_loss)(adapter, params, hidden, tokens, valid,
-                                                   loss_mask, config=config)
+                                                   loss_mask, config=config, opening=opening)
     updates, opt_state = optimizer.update(grads, opt_state, adapter)
     return optax.apply_updates(adapter, updates), opt_state, loss
