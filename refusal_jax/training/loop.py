@@ -181,6 +181,7 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
 
     use_opening = config.refuse_opening_weight > 0 or config.answer_opening_weight > 0
     refusal_ids = refusal_token_ids(model.tokenizer) if use_opening else ()
+    refusal_ids_array = jnp.asarray(refusal_ids, jnp.int32)
     encoded, opening = {}, {}
     if start < stop_at:
         for name in per_batch:
@@ -205,7 +206,7 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
             refuse, weight = (np.concatenate([opening[name][i][rows[name]] for name in per_batch])
                               for i in (0, 1))
             term = OpeningTerm(refuse=jnp.asarray(refuse), weight=jnp.asarray(weight),
-                               refusal_ids=jnp.asarray(refusal_ids, jnp.int32))
+                               refusal_ids=refusal_ids_array)
         adapter, opt_state, loss = train_step(adapter, opt_state, model.params, **batch,
                                               opening=term, optimizer=optimizer,
                                               config=model.config)
