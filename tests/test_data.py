@@ -13,6 +13,10 @@ import pytest
 import scipy.sparse
 
 from refusal_jax.data import BUILTIN_SETS, Prompt, load_instructions, load_prompts, load_refusals
+from refusal_jax.data.similarity import FRAME_WORDS
+from refusal_jax.data.similarity import content_words as _content
+from refusal_jax.data.similarity import jaccard as _jaccard
+from refusal_jax.data.similarity import words as _words
 
 DATA_DIR = Path(__file__).parents[1] / "refusal_jax" / "data"
 BENCHMARK_DIR = Path(__file__).parents[2] / "shared" / "data" / "refusal_prompts"
@@ -24,8 +28,10 @@ EXPECTED_SIZES = {
     "harmless_train": 64,
     "harmless_val": 32,
     "harmless_eval": 48,
-    "benign_style_matched_train": 240,
+    "benign_style_matched_train": 483,
+    "benign_style_matched_val": 33,
     "benign_style_matched_eval": 60,
+    "harmful_tuning": 49,
 }
 N_REFUSALS = 40
 HARM_CATEGORIES = {
@@ -50,36 +56,9 @@ STYLE_EVAL_MAX_CONTENT_JACCARD = 0.4
 # Against the public benchmarks (many thousand short prompts) the bar is stricter.
 BENCHMARK_MAX_CONTENT_JACCARD = 0.5
 
-STOPWORDS = frozenset(
-    "a an the and or but of to in on at for from by with about into over under as is are was "
-    "were be been being do does did have has had i me my mine myself you your we our us they "
-    "them their he him his she her it its this that these those what which who whom whose how "
-    "why when where can could would should will shall may might must so if not no nor than too "
-    "very s t just don m ve re ll d".split()
-)
-# Words of the request frame ("Give step-by-step instructions for ..."), not of its topic.
-FRAME_WORDS = frozenset(
-    "give step instruction write explain describe create generate tutorial guide detailed plan "
-    "series message post list".split()
-)
-
-
-def _words(text: str) -> list[str]:
-    """Lower-case alphanumeric words with a crude plural strip."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    return [w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words]
-
 
 def _normalised(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-def _content(text: str) -> frozenset[str]:
-    return frozenset(w for w in _words(text) if w not in STOPWORDS)
-
-
-def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 def _raw(name: str) -> list:
