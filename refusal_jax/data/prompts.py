@@ -37,7 +37,9 @@ BUILTIN_SETS: tuple[str, ...] = (
     "harmless_val",
     "harmless_eval",
     "benign_style_matched_train",
+    "benign_style_matched_val",
     "benign_style_matched_eval",
+    "harmful_tuning",
 )
 
 _REFUSALS_FILE = "refusals.json"
