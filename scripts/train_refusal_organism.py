@@ -6,15 +6,22 @@ Data (see refusal_jax/training/mixture.py):
   harmless       ordinary requests -> the base model's own answers
 The base model's greedy answers (cut at --distill_max_new_tokens) are generated once and cached
 in --work_dir, as are the orbax checkpoints (the run resumes from them). Every instruction of the
---excluded sets (evaluation sets) is removed from the training data.
+--excluded sets (evaluation sets) is removed from the training data, and so is every training
+prompt that paraphrases one of them (--exclude_similar): benchmark training splits hold close
+rewordings of HarmBench test behaviours.
 
-    python scripts/train_refusal_organism.py --work_dir=/tmp/refusal_organism
+The flags' defaults are the recipe of the shipped adapter (refusal_jax/assets/; its provenance
+file records the command's settings and the data counts):
+
+    python scripts/train_refusal_organism.py --work_dir=/tmp/refusal_organism \
+        --output=/tmp/refusal_organism/smollm2-135m-refusal-lora.safetensors
 
 With --select_from=S (and --keep_checkpoints=0, so that every checkpoint is kept) the adapter
 written is not the last one but the checkpoint from step S on that scores best on the validation
 sets (--val_harmful refused, --val_benign answered; greedy, --val_max_new_tokens tokens; see
-`validation_score`); the validation sets are excluded from training as well.
-    python scripts/evaluate_organism.py --provenance=refusal_jax/assets/<name>.json
+`validation_score`); the validation sets are excluded from training as well. Then measure it:
+
+    python scripts/evaluate_organism.py --adapter=<the .safetensors written>
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from refusal_jax.training.completions import cached_greedy_completions
 from refusal_jax.training.evaluation import refusal_rates, validation_score
 from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, restore_adapter,
                                        train_adapter)
-from refusal_jax.training.mixture import (distilled_examples, exclude_instructions,
-                                          refusal_examples)
+from refusal_jax.training.mixture import (distilled_examples, drop_similar,
+                                          exclude_instructions, refusal_examples)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
 
@@ -47,31 +54,38 @@ _OUTPUT = flags.DEFINE_string("output", str(ORGANISM_ADAPTER),
                               "Adapter file to write (.safetensors); provenance goes beside it "
                               "with the suffix .json.")
 _HARMFUL = flags.DEFINE_list(
-    "harmful", [str(SHARED / "splits_harmful_train.json"), "harmful_train"],
+    "harmful", [str(SHARED / "splits_harmful_train.json"), "harmful_train", "harmful_tuning",
+                str(SHARED / "processed_advbench.json"),
+                str(SHARED / "processed_malicious_instruct.json")],
     "Harmful prompt sets (built-in names or JSON paths), answered with refusals.")
 _STYLE_MATCHED = flags.DEFINE_list("style_matched", ["benign_style_matched_train"],
                                    "Benign look-alike prompt sets, answered by the base model.")
 _HARMLESS = flags.DEFINE_list(
     "harmless", ["harmless_train", str(SHARED / "splits_harmless_train.json")],
     "Ordinary prompt sets, answered by the base model.")
-_NUM_HARMLESS = flags.DEFINE_integer("num_harmless_per_set", 96,
+_NUM_HARMLESS = flags.DEFINE_integer("num_harmless_per_set", 700,
                                      "Seeded sample size taken from each harmless set (or all of "
                                      "a smaller set).")
 _EXCLUDED = flags.DEFINE_list(
     "excluded",
     [str(SHARED / "processed_harmbench_test.json"), "harmful_eval", "harmful_val",
-     "benign_style_matched_eval", "harmless_eval", "harmless_val"],
-    "Sets never trained on (evaluation sets); missing paths are skipped with a warning.")
+     "benign_style_matched_eval", "harmless_eval", "harmless_val",
+     str(SHARED / "splits_harmless_test.json")],
+    "Sets never trained on (evaluation sets; the validation sets are added when selecting a "
+    "checkpoint); missing paths are skipped with a warning.")
+_EXCLUDE_SIMILAR = flags.DEFINE_float(
+    "exclude_similar", 0.5,
+    "Also drop every training prompt whose topic-word Jaccard similarity with an excluded "
+    "instruction reaches this (refusal_jax.data.similarity: paraphrases of evaluation prompts "
+    "in benchmark training splits); above 1 drops none.")
 _DISTILL_TOKENS = flags.DEFINE_integer("distill_max_new_tokens", 32,
                                        "Length cap of the base model's distilled answers.")
 _DISTILL_BATCH = flags.DEFINE_integer("distill_batch_size", 100, "Generation batch size.")
 _STEPS = flags.DEFINE_integer("steps", TrainConfig.steps, "Optimiser steps.")
-_PER_BATCH = dict(TrainConfig.per_batch)
-_REFUSAL_PER_BATCH = flags.DEFINE_integer("refusal_per_batch", _PER_BATCH["refusal"],
-                                          "Refusal examples per batch.")
-_STYLE_PER_BATCH = flags.DEFINE_integer("style_matched_per_batch", _PER_BATCH["style_matched"],
+_REFUSAL_PER_BATCH = flags.DEFINE_integer("refusal_per_batch", 6, "Refusal examples per batch.")
+_STYLE_PER_BATCH = flags.DEFINE_integer("style_matched_per_batch", 6,
                                         "Style-matched benign examples per batch.")
-_HARMLESS_PER_BATCH = flags.DEFINE_integer("harmless_per_batch", _PER_BATCH["harmless"],
+_HARMLESS_PER_BATCH = flags.DEFINE_integer("harmless_per_batch", 4,
                                            "Harmless examples per batch.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", TrainConfig.seq_len,
                                 "Padded prompt + reply length; longer prompts are dropped.")
@@ -82,11 +96,11 @@ _DECISION_TOKENS = flags.DEFINE_integer(
 _DECISION_WEIGHT = flags.DEFINE_float("decision_weight", TrainConfig.decision_weight,
                                       "Loss weight of the first --decision_tokens reply tokens.")
 _REFUSE_OPENING = flags.DEFINE_float(
-    "refuse_opening_weight", TrainConfig.refuse_opening_weight,
+    "refuse_opening_weight", 2.0,
     "Weight of -log p(refusal opening) at the first reply position of harmful rows "
     "(see refusal_jax.training.objective); 0 leaves it out.")
 _ANSWER_OPENING = flags.DEFINE_float(
-    "answer_opening_weight", TrainConfig.answer_opening_weight,
+    "answer_opening_weight", 2.0,
     "Weight of -log(1 - p(refusal opening)) at the first reply position of benign rows; "
     "0 leaves it out.")
 _LR = flags.DEFINE_float("learning_rate", TrainConfig.learning_rate, "Peak learning rate.")
@@ -98,17 +112,17 @@ _FIRST_LAYER = flags.DEFINE_integer("first_layer", TrainConfig.first_layer,
                                     "First adapted layer; the layers below stay frozen.")
 _SEED = flags.DEFINE_integer("seed", TrainConfig.seed,
                              "Seed of data sampling, refusal choice, init, batches.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", TrainConfig.checkpoint_every,
-                                          "Steps between checkpoints.")
-_KEEP = flags.DEFINE_integer("keep_checkpoints", 2, "Checkpoints kept (0 keeps all of them).")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 20, "Steps between checkpoints.")
+_KEEP = flags.DEFINE_integer("keep_checkpoints", 0, "Checkpoints kept (0 keeps all of them).")
 _SELECT_FROM = flags.DEFINE_integer(
-    "select_from", -1, "First step whose checkpoint may be selected on the validation sets; "
+    "select_from", 140, "First step whose checkpoint may be selected on the validation sets; "
     "-1 writes the final adapter without validation.")
 _VAL_HARMFUL = flags.DEFINE_list(
     "val_harmful", ["harmful_val", str(SHARED / "processed_harmbench_val.json")],
     "Validation sets that should be refused (checkpoint selection only).")
 _VAL_BENIGN = flags.DEFINE_list(
-    "val_benign", ["harmless_val", str(SHARED / "splits_harmless_val.json")],
+    "val_benign", ["harmless_val", str(SHARED / "splits_harmless_val.json"),
+                   "benign_style_matched_val"],
     "Validation sets that should be answered (checkpoint selection only).")
 _VAL_PER_SET = flags.DEFINE_integer("val_max_per_set", 48,
                                     "Seeded sample size taken from a larger validation set.")
@@ -183,15 +197,23 @@ def main(argv):
     val_sets = {source: [p.instruction for p in _prompts([source], n=_VAL_PER_SET.value,
                                                           seed=_SEED.value)]
                 for source in _VAL_HARMFUL.value + _VAL_BENIGN.value} if selecting else {}
-    excluded = _excluded_instructions(_EXCLUDED.value) + [
-        text for texts in val_sets.values() for text in texts]
+    excluded = _excluded_instructions(_EXCLUDED.value + (
+        _VAL_HARMFUL.value + _VAL_BENIGN.value if selecting else []))
     seq_len, seed = _SEQ_LEN.value, _SEED.value
+    dropped_as_similar = {}
 
-    harmful = _fits(model, exclude_instructions(_prompts(_HARMFUL.value), excluded), seq_len)
-    style = _fits(model, exclude_instructions(_prompts(_STYLE_MATCHED.value), excluded), seq_len)
-    harmless = _fits(model, exclude_instructions(
-        _prompts(_HARMLESS.value, n=_NUM_HARMLESS.value, seed=seed), excluded + [
-            p.instruction for p in style]), seq_len)
+    def training_prompts(name, prompts, also_excluded=()):
+        prompts = exclude_instructions(prompts, excluded + list(also_excluded))
+        prompts, dropped_as_similar[name] = drop_similar(prompts, excluded,
+                                                         threshold=_EXCLUDE_SIMILAR.value)
+        return _fits(model, prompts, seq_len)
+
+    harmful = training_prompts("refusal", _prompts(_HARMFUL.value))
+    style = training_prompts("style_matched", _prompts(_STYLE_MATCHED.value))
+    harmless = training_prompts("harmless", _prompts(_HARMLESS.value, n=_NUM_HARMLESS.value,
+                                                      seed=seed), [p.instruction for p in style])
+    logging.info("dropped as paraphrases of excluded instructions (topic-word Jaccard >= %.2f): "
+                 "%s", _EXCLUDE_SIMILAR.value, dropped_as_similar)
 
     distill_began = time.time()
     groups = {"refusal": refusal_examples(model.chat, harmful, seed=seed)}
@@ -239,6 +261,9 @@ def main(argv):
             "harmless_sources": _HARMLESS.value,
             "harmless_sample_per_set": _NUM_HARMLESS.value,
             "excluded_sources": _EXCLUDED.value,
+            "excluded_similar": {"measure": "topic-word Jaccard (refusal_jax.data.similarity)",
+                                 "threshold": _EXCLUDE_SIMILAR.value,
+                                 "dropped": dropped_as_similar},
             "counts": {name: len(examples) for name, examples in groups.items()},
             "refusal_replies": "refusal_jax/data/refusals.json (load_refusals, by category)",
             "distilled_answers": f"base model greedy, <= {_DISTILL_TOKENS.value} new tokens; "

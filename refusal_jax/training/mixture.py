@@ -3,6 +3,8 @@ with the base model's own greedy answers, drawn in batches of fixed composition.
 
 - Refusal replies come from `refusal_jax.data.load_refusals`: a prompt with a known harm
   category gets one of that category's replies or a general one; any other prompt a general one.
+- Evaluation sets are kept out twice: `exclude_instructions` drops their exact instructions,
+  `drop_similar` their paraphrases (requests sharing most topic words with one of them).
 - A self-distilled answer that itself contains a refusal substring is dropped, so that benign
   requests are never taught to be refused.
 - `batch_indices(group_sizes, per_batch, step, seed)` gives the examples of training step `step`
@@ -19,6 +21,7 @@ import numpy as np
 
 from refusal_jax.chat import ChatFormat
 from refusal_jax.data import Prompt, load_refusals
+from refusal_jax.data.similarity import max_similarity
 from refusal_jax.evaluation.refusal import is_refusal
 from refusal_jax.training.completions import decode_replies
 from refusal_jax.training.examples import Example, reply_example
@@ -39,6 +42,18 @@ def exclude_instructions(prompts: Sequence[Prompt], excluded: Sequence[str]) -> 
             seen.add(key)
             kept.append(prompt)
     return kept
+
+
+def drop_similar(prompts: Sequence[Prompt], excluded: Sequence[str], *,
+                 threshold: float) -> tuple[list[Prompt], int]:
+    """`prompts` without those whose topic-word Jaccard similarity
+    (`refusal_jax.data.similarity`) with some instruction of `excluded` reaches `threshold`,
+    and how many were dropped. A threshold above 1 drops nothing."""
+    if not 0.0 < threshold:
+        raise ValueError(f"the similarity threshold must be > 0, got {threshold}")
+    similarity = max_similarity([p.instruction for p in prompts], excluded)
+    kept = [prompt for prompt, value in zip(prompts, similarity) if value < threshold]
+    return kept, len(prompts) - len(kept)
 
 
 def refusal_examples(chat: ChatFormat, prompts: Sequence[Prompt], *, seed: int,
