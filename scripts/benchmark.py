@@ -10,25 +10,35 @@ Llama-shaped model), the sections named by --sections:
               without and with a line search), on real activations
               (by default 6 pairs spread over the grid and N=20; --inlp_pairs=0
               --inlp_max_directions=100 is the full comparison, long on a 2-core CPU)
-  selection   a bypass-score sweep over candidate directions: one vmapped compiled call vs
-              hooks and one transformers forward pass per candidate
+  selection   DiM candidate selection as the pipeline runs it (refusal_jax.pipeline.select:
+              cached val baselines, forwards resumed from the candidate's layer, vmapped
+              candidate chunks; with every filter scored, and scored until one candidate
+              survives) vs the published hooked loop (per candidate: ablation on harmful val,
+              ablation on harmless val for KL, ActAdd per multiplier on harmless val), on
+              --selection_candidates (position, layer) pairs spread over the grid (0: all);
+              the model's chat template on both sides (random models: a tiny ChatML one)
   generation  greedy generation with and without all-layer directional ablation: ours vs
               transformers `generate` with hooks
   pipeline    the end-to-end pipeline's stage times (a hook around `python -m refusal_jax.main`;
               not run by default)
-  scaling     capture / selection / generation vs prompts, length, layers and width on random
-              models; a table and a PNG plot
+  scaling     capture / candidate sweep / generation vs prompts, length, layers and width on
+              random models (the sweep: bypass scores of all-layer ablations on token batches);
+              a table and a PNG plot
 
 Peak RSS is recorded for every step (the memory columns). Every time is the median of
 --repeats runs after --warmup runs, with min and max; speed-ups are baseline / ours, run by
-run, from interleaved runs. Our code is compiled ahead of time and its compile time reported
-apart. torch runs with one intra-op thread per available core; XLA uses its default pool (one
-thread per core), so both use the same cores. Results: a Markdown table on stdout, everything
+run, from interleaved runs. Our code is compiled before the timed runs (ahead of time; the
+selection section by an untimed first call) and its compile time reported apart. torch runs
+with one intra-op thread per available core; XLA uses its default pool (one thread per core),
+so both use the same cores. Results: a Markdown table on stdout, everything
 in --out (JSON) and the scaling plot beside it (.png).
 
   python scripts/benchmark.py --out=benchmark.json
   python scripts/benchmark.py --sections=inlp --inlp_pairs=0 --inlp_max_directions=100 \
       --inlp_baseline_pairs=6 --out=inlp_full.json
+  python scripts/benchmark.py --sections=selection --selection_candidates=0 \
+      --selection_baseline_candidates=8 --selection_filters=until_chosen --repeats=1 \
+      --out=selection_full.json
   python scripts/benchmark.py --platform=gpu --model=random:1b --dtype=bfloat16 --out=gpu.json
 """
 
@@ -76,9 +86,21 @@ flags.DEFINE_integer("inlp_baseline_pairs", 0, "Run the per-pair baselines on on
                      "of those pairs and extrapolate their time (labelled); 0: all of them.")
 flags.DEFINE_integer("inlp_repeats", 1, "Timed runs of the INLP comparisons (ours is compiled "
                      "ahead of time and not warmed up; baselines warm up on one pair).")
-flags.DEFINE_integer("selection_candidates", 6, "Candidate directions in the measured sweep.")
-flags.DEFINE_integer("selection_prompts", 8, "Harmful validation prompts per candidate.")
-flags.DEFINE_integer("selection_chunk", 0, "Candidates per vmapped chunk (0: all at once).")
+flags.DEFINE_integer("selection_candidates", 6, "DiM (position, layer) candidates, spread over "
+                     "the grid; 0: every pair with a non-zero direction (the whole sweep).")
+flags.DEFINE_integer("selection_baseline_candidates", 0, "Run the hooked baseline on only this "
+                     "many of the candidates and extrapolate its time (labelled); 0: all.")
+flags.DEFINE_integer("selection_prompts", 32, "harmful_val and harmless_val prompts (each; the "
+                     "reference n_val is 32).")
+flags.DEFINE_list("selection_filters", ["all", "until_chosen"], "Our selection rows: 'all' "
+                  "(every filter of every candidate; like for like), 'until_chosen' (the "
+                  "pipeline's default).")
+flags.DEFINE_enum("selection_mode", None, ["local", "global"], "Ablation of a candidate: at its "
+                  "layer or at every layer (default: the pipeline's select.mode, local).")
+flags.DEFINE_integer("selection_chunk", 0, "Candidates per vmapped chunk (0: the pipeline's "
+                     "runtime.candidate_chunk, 8).")
+flags.DEFINE_integer("selection_batch", 0, "Val prompts per forward pass, both sides (0: the "
+                     "pipeline's runtime.batch_size, 32).")
 flags.DEFINE_integer("generation_batch", 16, "Prompts per generation call.")
 flags.DEFINE_integer("generation_new_tokens", 64, "New tokens per prompt.")
 flags.DEFINE_list("scaling_axes", ["prompts", "length", "layers", "width"], "Scaling axes.")
@@ -99,10 +121,15 @@ def _check_flags() -> None:
     unknown = sorted(set(FLAGS.sections) - set(SECTIONS))
     if unknown:
         raise app.UsageError(f"unknown sections {unknown}; choose from {SECTIONS}")
-    if FLAGS.warmup < 0 or FLAGS.inlp_pairs < 0 or FLAGS.inlp_baseline_pairs < 0:
-        raise app.UsageError("--warmup, --inlp_pairs and --inlp_baseline_pairs must be >= 0")
+    if not FLAGS.selection_filters or not set(FLAGS.selection_filters) <= {"all", "until_chosen"}:
+        raise app.UsageError("--selection_filters takes 'all' and/or 'until_chosen', got "
+                             f"{FLAGS.selection_filters}")
+    for name in ("warmup", "inlp_pairs", "inlp_baseline_pairs", "selection_candidates",
+                 "selection_baseline_candidates", "selection_chunk", "selection_batch"):
+        if getattr(FLAGS, name) < 0:
+            raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
     for name in ("repeats", "capture_batch", "inlp_prompts", "extract_batch",
-                 "inlp_max_directions", "inlp_repeats", "selection_candidates",
+                 "inlp_max_directions", "inlp_repeats",
                  "selection_prompts", "generation_batch", "generation_new_tokens",
                  "scaling_new_tokens", "scaling_repeats", "random_prompt_length"):
         if getattr(FLAGS, name) < 1:

@@ -1,5 +1,7 @@
 """Smoke test of scripts/benchmark.py: every section at a tiny size, the JSON schema and the
-Markdown report (never timings), plus the benchmark's input checks."""
+Markdown report (never timings), plus the benchmark's input checks; and the selection section's
+two sides (the pipeline's selection code, the hooked transformers loop) computing the same
+scores."""
 
 from __future__ import annotations
 
@@ -9,20 +11,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from refusal_jax.data import load_instructions
+from refusal_jax.directions import mean_difference
+from refusal_jax.pipeline.extract import capture
+from refusal_jax.pipeline.models import random_model
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_lib import measure, scaling, workload  # noqa: E402
+from bench_lib import measure, scaling, selection, torch_stack, workload  # noqa: E402
 
 TINY_RUN = [
     "--model=random:tiny", "--sections=capture,inlp,selection,generation,pipeline,scaling",
     "--warmup=1", "--repeats=1", "--random_prompt_length=12", "--capture_batch=4",
     "--inlp_prompts=8", "--extract_batch=8", "--inlp_max_directions=2",
-    "--inlp_pairs=3", "--inlp_baseline_pairs=2", "--inlp_repeats=1", "--selection_candidates=2",
-    "--selection_prompts=2", "--generation_batch=2", "--generation_new_tokens=3",
+    "--inlp_pairs=3", "--inlp_baseline_pairs=2", "--inlp_repeats=1", "--selection_candidates=3",
+    "--selection_baseline_candidates=2", "--selection_prompts=2", "--selection_batch=2",
+    "--generation_batch=2", "--generation_new_tokens=3",
     "--scaling_axes=layers", "--scaling_layers=1", "--scaling_new_tokens=2",
     "--scaling_repeats=1", "--pipeline_module=fake_pipeline",
     "--pipeline_flags=--workdir={workdir}",
@@ -38,6 +48,13 @@ for stage in ("extract", "select"):
     (workdir / stage / "DONE.json").write_text("{}")
 """
 STATS_KEYS = {"median", "min", "max", "runs"}
+# Largest |ours - transformers| allowed for bypass, steering and KL. Both sides are float32
+# forwards of the same weights, whose logits tests/test_model_parity.py holds within 1e-4. A
+# refusal score log P(R) - log(1 - P(R)) and KL(p || softmax(z)) each move by at most
+# 2 max|dz| when the logits z move by dz (their gradients in z have an L1 norm of at most 2), and
+# so do their means over prompts: 2e-4.
+SCORE_TOLERANCE = 2e-4
+TORCH_CPU = {"attention": "sdpa", "dtype": "float32", "device": "cpu"}
 ROW_KEYS = {"section", "step", "ours_s", "baseline_s", "baseline", "speedup", "work",
             "work_unit", "ours_per_s", "baseline_per_s", "compile_s", "peak_rss", "extrapolated",
             "details"}
@@ -94,8 +111,14 @@ def test_outputs_of_both_stacks_agree(tiny_run):
     by_step = {row["step"]: row for row in result["rows"]}
     capture = next(row for step, row in by_step.items() if step.startswith("capture"))
     assert capture["details"]["max_abs_diff"] < 1e-4
-    selection = next(row for row in result["rows"] if row["section"] == "3 selection")
-    assert selection["details"]["max_abs_score_diff"] < 1e-3
+    selections = [row for row in result["rows"] if row["section"] == "3 selection"]
+    assert len(selections) == 2
+    for row in selections:
+        differences = row["details"]["max_abs_diff"]
+        assert set(differences) == {"bypass", "steering", "kl"}
+        assert all(d <= SCORE_TOLERANCE for d in differences.values() if d is not None)
+    # filters="all" scores every score of every candidate the baseline ran.
+    assert None not in selections[0]["details"]["max_abs_diff"].values()
     generations = [row for row in result["rows"] if row["section"] == "4 generation"]
     assert len(generations) == 2
     assert all(row["details"]["rows_identical"] == 2 for row in generations)
@@ -117,6 +140,30 @@ def test_inlp_section_compares_each_baseline_under_its_rules_on_the_same_pairs(t
     assert rows[0]["step"].startswith("extract activations")
     assert [row["extrapolated"] for row in rows[1:]] == [True, True, True]
     assert all("extrapolated" in row["details"]["note"] for row in rows[1:])
+
+
+def test_selection_rows_time_the_pipeline_stage_against_an_extrapolated_hooked_loop(tiny_run):
+    result, stdout, _ = tiny_run
+    info = result["sections"]["selection"]
+    assert len(info["candidates_position_layer"]) == 3
+    assert len(info["baseline_candidates_position_layer"]) == 2
+    assert all(pair in info["candidates_position_layer"]
+               for pair in info["baseline_candidates_position_layer"])
+    rows = [row for row in result["rows"] if row["section"] == "3 selection"]
+    assert ["filters='all'" in rows[0]["step"], "filters='until_chosen'" in rows[1]["step"]] == [
+        True, True]
+    for row in rows:
+        details = row["details"]
+        assert row["extrapolated"] and "extrapolated" in details["note"]
+        assert row["work"] == details["candidates"] == 3 and row["work_unit"] == "cand"
+        assert details["val_prompts_per_set"] == 2 and details["batch_size"] == 2
+        assert details["mode"] == "local" and details["multipliers"] == [0.5, 1.0, 2.0]
+        # Compiled before timing: the warm-up compiled, the timed runs did not.
+        assert row["compile_s"] > 0 and details["compile_s_in_timed_runs"] == 0
+        assert 1 <= details["filters_scored"] <= 3
+    assert rows[0]["details"]["filters_scored"] == 3
+    assert rows[1]["details"]["same_choice_as_all"]
+    assert "(baseline extrapolated)" in stdout
 
 
 def test_pipeline_hook_times_each_stage_from_its_done_file(tiny_run):
@@ -148,6 +195,14 @@ def test_unknown_section_is_a_usage_error():
     assert "unknown sections ['foo']" in child.stderr
 
 
+def test_unknown_selection_filter_is_a_usage_error():
+    child = subprocess.run([sys.executable, str(SCRIPTS / "benchmark.py"), "--sections=selection",
+                            "--selection_filters=all,some", "--out="], capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode != 0
+    assert "--selection_filters takes 'all' and/or 'until_chosen'" in child.stderr
+
+
 def test_unknown_random_preset_names_the_presets():
     with pytest.raises(ValueError, match="tiny"):
         workload.preset_config("huge")
@@ -173,3 +228,107 @@ def test_pairwise_speedups_are_ratios_of_interleaved_runs():
     ratios = np.asarray(pair.baseline.seconds.runs) / np.asarray(pair.ours.seconds.runs)
     np.testing.assert_allclose(pair.speedup.runs, ratios)
     assert pair.ours.result == 45
+
+
+def _one_padded_length(model, instructions, count):
+    """The first `count` instructions whose chat prompts take 37 to 44 tokens: after the
+    template's 4 shared tokens, each batch pads them to 40 (a multiple of 8), so one compiled
+    program serves every batch of both sets (a fast test), while rows still differ in length."""
+    lengths = model.chat.encode(list(instructions), context_length=model.config.max_context,
+                                length_bucket=1).valid.sum(axis=1)
+    chosen = [text for text, length in zip(instructions, lengths) if 37 <= length <= 44][:count]
+    assert len(chosen) == count
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_selection():
+    """The pipeline's tiny random chat model (`random:llama-tiny`), its transformers twin, DiM
+    directions from 8 + 8 training prompts, and 4 + 4 val prompts."""
+    model = random_model("llama-tiny", seed=1)
+    harmful, harmless = (capture(model, load_instructions(name)[:8], batch_size=8,
+                                 length_bucket=32, name=name)[0]
+                         for name in ("harmful_train", "harmless_train"))
+    twin = torch_stack.torch_model(torch_stack.llama_hf_config(model.config), model.config,
+                                   model.params)
+    return (model, twin, np.asarray(mean_difference(harmful, harmless)),
+            *(_one_padded_length(model, load_instructions(name), 4)
+              for name in ("harmful_val", "harmless_val")))
+
+
+def test_pipeline_selection_agrees_with_the_hooked_transformers_loop(tiny_chat_selection):
+    model, twin, directions, harmful, harmless = tiny_chat_selection
+    baseline = {}
+    for mode in ("local", "global"):
+        # Batches of 2 prompts: two per set on both sides.
+        problem = selection.selection_problem(model, directions, harmful, harmless,
+                                              candidates=3, mode=mode, batch_size=2, chunk=4)
+        assert len(problem.pairs) == 3 and problem.multipliers == (0.5, 1.0, 2.0)
+        ours = selection.score_ours(problem, problem.pairs, "all").scores
+        baseline[mode] = selection.score_baseline(problem, twin, problem.pairs)
+        differences = selection.max_abs_differences(ours, baseline[mode], problem.pairs)
+        assert None not in differences.values()
+        assert max(differences.values()) <= SCORE_TOLERANCE, (mode, differences)
+    # Agreement is not vacuous: the scores move far more than the tolerance with what differs
+    # between interventions (ablation at one layer or at every layer, the multiplier,
+    # ablation or none).
+    local, every_layer = baseline["local"], baseline["global"]
+    assert np.abs(local.bypass - every_layer.bypass).max() > 100 * SCORE_TOLERANCE
+    assert np.ptp(local.steering, axis=1).max() > 100 * SCORE_TOLERANCE
+    assert local.kl.max() > 100 * SCORE_TOLERANCE
+
+
+def test_candidates_spread_over_the_non_zero_pairs_and_0_takes_them_all(tiny_chat_selection):
+    model, _, directions, harmful, harmless = tiny_chat_selection
+    directions = directions.copy()
+    directions[:, 0] = 0.0  # layer 0: zero DiM directions, never candidates
+    n_positions, n_layers, _ = directions.shape
+    every = [(p, l) for p in range(n_positions) for l in range(1, n_layers)]
+    problem = selection.selection_problem(model, directions, harmful, harmless, candidates=0)
+    assert list(problem.pairs) == every and problem.zero[:, 0].all()
+    problem = selection.selection_problem(model, directions, harmful, harmless, candidates=3)
+    assert list(problem.pairs) == [every[0], every[len(every) // 2], every[-1]]
+
+
+def test_selection_problem_rejects_bad_input(tiny_chat_selection):
+    model, _, directions, harmful, harmless = tiny_chat_selection
+    with pytest.raises(ValueError, match="mode must be one of"):
+        selection.selection_problem(model, directions, harmful, harmless, candidates=1,
+                                    mode="everywhere")
+    with pytest.raises(ValueError, match="DiM grid"):
+        selection.selection_problem(model, directions[0], harmful, harmless, candidates=1)
+    with pytest.raises(ValueError, match="every DiM direction is zero"):
+        selection.selection_problem(model, np.zeros_like(directions), harmful, harmless,
+                                    candidates=1)
+    with pytest.raises(ValueError, match="at least one harmful"):
+        selection.selection_problem(model, directions, (), harmless, candidates=1)
+    with pytest.raises(ValueError, match=">= 0"):
+        selection.selection_problem(model, directions, harmful, harmless, candidates=-1)
+
+
+def test_workload_chat_inputs_explain_what_is_missing():
+    small = workload.random_workload(workload.llama_config(256, 16, 1, 1, 1, 16, 32),
+                                     prompt_length=8, dtype="float32", torch_options=TORCH_CPU)
+    assert len(small.instructions("harmless_val", 3)) == 3
+    with pytest.raises(ValueError, match="at most 32"):
+        small.instructions("harmless_val", 33)
+    with pytest.raises(ValueError, match="vocab_size >= 512"):
+        _ = small.chat_model
+
+
+def test_compile_seconds_counts_compilations_only():
+    double = jax.jit(lambda x: 2 * x + 1)
+    with selection.compile_seconds() as first:
+        double(jnp.ones(7)).block_until_ready()
+    with selection.compile_seconds() as cached:
+        double(jnp.ones(7)).block_until_ready()
+    assert first[0] > 0 and cached[0] == 0
+
+
+def test_interleaved_timing_rotates_the_order_and_keeps_every_result():
+    order = []
+    calls = {name: (lambda name=name: order.append(name) or name) for name in "abc"}
+    runs = selection.time_interleaved(calls, {"a": (lambda: None, 2)}, repeats=3)
+    assert "".join(order) == "abc" + "bca" + "cab"
+    assert runs["b"].results == ["b"] * 3 and len(runs["c"].seconds) == 3
+    assert runs["a"].first_call_s is not None and runs["b"].first_call_s is None

@@ -79,7 +79,8 @@ from refusal_jax.pipeline.progress import progress
 _NO_POSITION_LIMIT = np.iinfo(np.int32).max
 # A DiM direction shorter than this (relative to the largest one) is treated as zero.
 _DEGENERATE_NORM = 1e-6
-_SELECTION_LENGTH_BUCKET = 8
+# Val sets are padded to a multiple of this many tokens (every candidate pays for each column).
+SELECTION_LENGTH_BUCKET = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,6 +554,14 @@ def inlp_basis(directions: dict[str, np.ndarray], directions_config
     return np.where((slots < keep[..., None])[..., None], basis, 0.0).astype(np.float32), keep
 
 
+def dim_candidates(dim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unit directions, norms, degenerate mask) of a DiM grid [P, L, D]: a direction shorter
+    than 1e-6 of the longest counts as zero (degenerate) and keeps a zero unit vector."""
+    norms = np.linalg.norm(dim, axis=-1)
+    degenerate = norms <= _DEGENERATE_NORM * max(float(norms.max()), 1e-30)
+    return dim / np.where(degenerate, 1.0, norms)[..., None], norms, degenerate
+
+
 def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], config, *,
                   placement: Placement | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Scores, ranks and picks DiM and INLP components. Returns (summary, arrays). With a
@@ -561,16 +570,14 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
     refusal_ids = jnp.asarray(refusal_token_ids(model.tokenizer), jnp.int32)
     # Every candidate pays for each padding column, and a val set is usually one batch (one
     # compile per set whatever its length), so its padding is kept to a minimum here.
-    cache_args = dict(batch_size=runtime.batch_size, length_bucket=_SELECTION_LENGTH_BUCKET)
+    cache_args = dict(batch_size=runtime.batch_size, length_bucket=SELECTION_LENGTH_BUCKET)
     harmful = cache_baseline(model, prompts["harmful_val"], refusal_ids, name="harmful_val",
                              **cache_args)
     harmless = cache_baseline(model, prompts["harmless_val"], refusal_ids, name="harmless_val",
                               **cache_args)
     n_layers = model.config.n_layers
     dim = directions["dim"]
-    norms = np.linalg.norm(dim, axis=-1)
-    dim_degenerate = norms <= _DEGENERATE_NORM * max(float(norms.max()), 1e-30)
-    dim_unit = dim / np.where(dim_degenerate, 1.0, norms)[..., None]
+    dim_unit, norms, dim_degenerate = dim_candidates(dim)
     n_positions = dim.shape[0]
     if select_config.positions:
         if min(select_config.positions) < -n_positions:

@@ -1,4 +1,9 @@
-"""Model-running steps timed against transformers: capture, forward, candidate sweep, generation.
+"""Model-running steps timed against transformers: capture, forward, a candidate sweep,
+generation.
+
+`selection_rows` here is the scaling section's candidate step: a bypass-score sweep of
+all-layer ablations on token batches, which needs no chat template. Section 3 compares the
+pipeline's real selection stage instead (`bench_lib.selection`).
 
 Each function times one step for our jitted JAX code and for the transformers model with the
 same weights (forward hooks where the published pipelines use hooks), and returns `Row`s. Our
@@ -91,7 +96,8 @@ def ablation_candidates(w: Workload, directions: np.ndarray):
 
 def selection_rows(w: Workload, prompts: Prompts, directions: np.ndarray, *, warmup: int,
                    repeats: int, chunk: int = 0, section: str = "3 selection") -> list[Row]:
-    """Bypass score (mean refusal score under all-layer ablation) of every candidate direction.
+    """Bypass score (mean refusal score under all-layer ablation) of every candidate direction
+    on a token batch: the scaling section's stand-in for selection (see the module docstring).
 
     Ours: one compiled call, `jax.vmap` over the stacked candidates (`lax.map` over chunks of
     `chunk` candidates when `chunk` > 0). Baseline: hooks and one forward pass per candidate.

@@ -8,11 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from bench_lib import inlp_bench, model_steps, pipeline, scaling
-from bench_lib.activations import Activations, extract, spread
+from bench_lib import inlp_bench, model_steps, pipeline, scaling, selection
+from bench_lib.activations import Activations, extract
 from bench_lib.report import SCHEMA_VERSION, Row, machine_lines, markdown_table
 from bench_lib.measure import PeakRSS, Stats, machine_info
 from bench_lib.workload import Workload, chat_workload, preset_config, random_workload
@@ -68,21 +67,6 @@ class _Run:
                          "shape": list(acts.features.shape)}))
         return self._activations
 
-    def dim_candidates(self, count: int) -> tuple[np.ndarray, list[list[int]]]:
-        """`count` DiM directions spread over the (position, layer) grid, and their
-        (position counted from the end, layer) indices.
-
-        Directions that are zero are left out: at layer 0 the block input of an EOI position is
-        the embedding of the same template token for every prompt.
-        """
-        directions = self.activations.dim_directions()  # [P, L, D]
-        P, L, D = directions.shape
-        flat = directions.reshape(P * L, D)
-        norms = np.linalg.norm(flat, axis=-1)
-        usable = np.flatnonzero(norms > 1e-6 * norms.max())
-        chosen = usable[spread(len(usable), count)]
-        return flat[chosen], [[int(i // L) - P, int(i % L)] for i in chosen]
-
     def section(self, name: str) -> dict[str, Any]:
         """Runs one section, appending its rows; returns what the JSON records about it."""
         return getattr(self, f"_{name}")(self.flags)
@@ -101,12 +85,13 @@ class _Run:
         return info
 
     def _selection(self, f) -> dict[str, Any]:
-        w = self.workload
-        directions, where = self.dim_candidates(f.selection_candidates)
-        prompts = w.prompts("harmful_val", f.selection_prompts)
-        self.rows += model_steps.selection_rows(w, prompts, directions, warmup=f.warmup,
-                                                repeats=f.repeats, chunk=f.selection_chunk)
-        return {"candidates_position_layer": where}
+        rows, info = selection.selection_rows(
+            self.workload, self.activations.dim_directions(), candidates=f.selection_candidates,
+            baseline_candidates=f.selection_baseline_candidates, n_prompts=f.selection_prompts,
+            mode=f.selection_mode, chunk=f.selection_chunk, batch_size=f.selection_batch,
+            warmup=f.warmup, repeats=f.repeats, filters=f.selection_filters)
+        self.rows += rows
+        return info
 
     def _generation(self, f) -> dict[str, Any]:
         w = self.workload

@@ -5,15 +5,21 @@ forward hooks the published refusal pipelines use (Arditi et al.'s `refusal_dire
   compute the same function; it runs in eval mode under `torch.no_grad()` (the caller's job).
 - Activations are collected by forward pre-hooks on every decoder layer (the block input,
   `resid_pre`), gathered at the requested token indices.
-- Directional ablation is a forward pre-hook on every decoder layer plus forward hooks on every
-  attention and MLP module, each removing the direction's component.
+- Directional ablation is a forward pre-hook on a decoder layer plus forward hooks on its
+  attention and MLP modules, each removing the direction's component: at every layer (Arditi et
+  al.'s global ablation) or at chosen ones (local ablation at a candidate's layer). On Llama-family
+  models these are our `resid_pre`, `attn_out` and `mlp_out` sites (Gemma2's post-norms would sit
+  after the module outputs hooked here).
+- Activation addition (ActAdd) is a forward pre-hook on one decoder layer adding a vector at
+  every position.
 - Left padding: position ids are `cumsum(mask) - 1` (clamped at 0), as `generate` derives them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,6 +98,15 @@ def _replace_hidden_states(args: tuple, kwargs: dict, value: torch.Tensor):
 
 
 @contextlib.contextmanager
+def _removed_on_exit(handles: list[Any]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def capture_hooks(model: transformers.PreTrainedModel, positions: torch.Tensor
                   ) -> Iterator[list[torch.Tensor]]:
     """Collects every layer's block input at `positions` [B, P] into the yielded list."""
@@ -104,11 +119,8 @@ def capture_hooks(model: transformers.PreTrainedModel, positions: torch.Tensor
 
     handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
                for layer in decoder_layers(model)]
-    try:
+    with _removed_on_exit(handles):
         yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def capture_resid_pre(model: transformers.PreTrainedModel, input_ids: torch.Tensor,
@@ -133,8 +145,10 @@ def logits(model: transformers.PreTrainedModel, input_ids: torch.Tensor,
 
 
 @contextlib.contextmanager
-def ablation_hooks(model: transformers.PreTrainedModel, direction: torch.Tensor) -> Iterator[None]:
-    """Directional ablation at every block input, attention output and MLP output."""
+def ablation_hooks(model: transformers.PreTrainedModel, direction: torch.Tensor,
+                   layers: Sequence[int] | None = None) -> Iterator[None]:
+    """Directional ablation at the block input, attention output and MLP output of `layers`
+    (None: every layer)."""
     unit = direction / direction.norm()
 
     def ablate(x: torch.Tensor) -> torch.Tensor:
@@ -148,16 +162,28 @@ def ablation_hooks(model: transformers.PreTrainedModel, direction: torch.Tensor)
             return (ablate(output[0]), *output[1:])
         return ablate(output)
 
+    all_layers = decoder_layers(model)
     handles = []
-    for layer in decoder_layers(model):
+    for layer in all_layers if layers is None else [all_layers[index] for index in layers]:
         handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(layer.self_attn.register_forward_hook(output_hook))
         handles.append(layer.mlp.register_forward_hook(output_hook))
-    try:
+    with _removed_on_exit(handles):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+@contextlib.contextmanager
+def addition_hook(model: transformers.PreTrainedModel, vector: torch.Tensor,
+                  layer: int) -> Iterator[None]:
+    """ActAdd: `vector` added to the block input of `layer` at every position (padding
+    included, as in the reference code; padding is never attended to)."""
+    def pre_hook(module, args, kwargs):
+        hidden = _hidden_states(args, kwargs)
+        return _replace_hidden_states(args, kwargs, hidden + vector.to(hidden.dtype))
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    with _removed_on_exit([handle]):
+        yield
 
 
 def refusal_score(last_logits: torch.Tensor, refusal_ids: torch.Tensor,
@@ -166,6 +192,16 @@ def refusal_score(last_logits: torch.Tensor, refusal_ids: torch.Tensor,
     probs = torch.softmax(last_logits.double(), dim=-1)
     p = probs[:, refusal_ids].sum(dim=-1)
     return torch.log(p + eps) - torch.log(1 - p + eps)
+
+
+def kl_divergence(baseline_logprobs: torch.Tensor, last_logits: torch.Tensor) -> torch.Tensor:
+    """[B] KL(baseline || intervened) of next-token distributions in float64, exact (the
+    reference code adds 1e-6 inside both logs; METHOD.md asks for the KL itself, as ours).
+
+    baseline_logprobs: [B, V] float64 log-softmax of the unintervened last-position logits.
+    """
+    logprobs = torch.log_softmax(last_logits.double(), dim=-1)
+    return torch.sum(baseline_logprobs.exp() * (baseline_logprobs - logprobs), dim=-1)
 
 
 def generate(model: transformers.PreTrainedModel, input_ids: torch.Tensor,

@@ -9,12 +9,19 @@ Two kinds of workload:
   section) with random token prompts: "harmful" prompts draw tokens from the lower half of the
   vocabulary and "harmless" ones from the upper half, so that the two classes are linearly
   separable and INLP has something to find. The last `n_eoi` tokens stand in for EOI tokens.
+
+The candidate-selection section runs the pipeline's own selection code, which takes a chat
+`Model` and instruction texts (`Workload.chat_model`, `Workload.instructions`). A chat workload
+has both. A random model gets the pipeline's tiny ChatML tokenizer (512 tokens, the one of
+`random:llama-tiny`, trained on the built-in prompts) when its vocabulary holds those ids, and
+instructions from the built-in prompt sets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.loading import Model
 from refusal_jax.models.params import Params, init_params
 
 from bench_lib import torch_stack
@@ -33,13 +41,15 @@ PROMPT_SETS = {
     "harmful_train": ("splits_harmful_train.json", "harmful_train"),
     "harmless_train": ("splits_harmless_train.json", "harmless_train"),
     "harmful_val": ("splits_harmful_val.json", "harmful_val"),
+    "harmless_val": ("splits_harmless_val.json", "harmless_val"),
 }
+BUILTIN_SOURCE = "refusal_jax built-in prompt sets"
 PROMPT_SEED = 42  # METHOD.md: the reference samples its prompt sets with seed 42
 RANDOM_N_EOI = 4
 
 # Llama-shaped presets: (vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, tied).
 RANDOM_PRESETS = {
-    "tiny": (256, 64, 4, 4, 2, 16, 128, True),
+    "tiny": (512, 64, 4, 4, 2, 16, 128, True),  # 512: the tiny ChatML tokenizer fits
     "small": (4096, 512, 8, 8, 4, 64, 1536, True),
     "1b": (128256, 2048, 16, 32, 8, 64, 8192, True),  # Llama-3.2-1B's shape
     "8b": (128256, 4096, 32, 32, 8, 128, 14336, False),  # Llama-3-8B's shape
@@ -80,18 +90,35 @@ class Workload:
     encode: Any  # (set name, first index, count) -> Prompts
     prompt_source: str
     torch_options: dict[str, str]
+    texts: Callable[[str], tuple[str, ...]]  # set name -> its instructions, sampled (seed 42)
+    instruction_source: str  # where `texts` come from
+    load_chat_model: Callable[[], Model]  # the model with its chat format (raises if none)
 
     @functools.cached_property
     def torch_model(self):
         return torch_stack.torch_model(self.hf_config, self.config, self.params,
                                        **self.torch_options)
 
+    @functools.cached_property
+    def chat_model(self) -> Model:
+        """This model as refusal_jax's pipeline holds it: the same params, a tokenizer and a chat
+        format. Raises ValueError when the workload has none."""
+        return self.load_chat_model()
+
+    def instructions(self, split: str, count: int) -> tuple[str, ...]:
+        """The first `count` instructions of `split` (any key of PROMPT_SETS)."""
+        texts = self.texts(split)
+        if len(texts) < count:
+            raise ValueError(f"{split} has {len(texts)} instructions; asked for {count} (ask "
+                             f"for at most {len(texts)}, e.g. with --selection_prompts)")
+        return texts[:count]
+
     @property
     def torch_device(self) -> str:
         return self.torch_options["device"]
 
     def prompts(self, split: str, count: int, start: int = 0) -> Prompts:
-        """`count` prompts of `split` (harmful_train, harmless_train, harmful_val) from `start`."""
+        """`count` prompts of `split` (a key of PROMPT_SETS) from `start`."""
         return self.encode(split, start, count)
 
     def mixed(self, count: int) -> Prompts:
@@ -117,7 +144,6 @@ def concatenate(batches: list[Prompts]) -> Prompts:
 def chat_workload(source: str, *, prompts_dir: Path | None, dtype: str, torch_options) -> Workload:
     """A real chat model loaded with `refusal_jax.models.loading.load_model`."""
     from refusal_jax.chat import refusal_token_ids
-    from refusal_jax.data import load_instructions
     from refusal_jax.models.loading import load_model
 
     model = load_model(source, dtype=jnp.dtype(dtype))
@@ -130,9 +156,7 @@ def chat_workload(source: str, *, prompts_dir: Path | None, dtype: str, torch_op
     @functools.lru_cache(maxsize=None)
     def instructions(split: str) -> tuple[str, ...]:
         file_name, builtin = PROMPT_SETS[split]
-        source_set = str(folder / file_name) if use_shared else builtin
-        every = load_instructions(source_set)
-        return tuple(load_instructions(source_set, n=len(every), seed=PROMPT_SEED))
+        return _sampled(str(folder / file_name) if use_shared else builtin)
 
     def encode(split: str, start: int, count: int) -> Prompts:
         texts = instructions(split)[start:start + count]
@@ -146,8 +170,10 @@ def chat_workload(source: str, *, prompts_dir: Path | None, dtype: str, torch_op
         name=source, config=model.config, params=model.params, hf_config=model.hf_config,
         refusal_ids=np.asarray(refusal_token_ids(model.tokenizer), np.int32),
         n_eoi=model.chat.n_eoi, encode=encode,
-        prompt_source=str(folder) if use_shared else "refusal_jax built-in prompt sets",
-        torch_options=torch_options)
+        prompt_source=str(folder) if use_shared else BUILTIN_SOURCE,
+        torch_options=torch_options, texts=instructions,
+        instruction_source=str(folder) if use_shared else BUILTIN_SOURCE,
+        load_chat_model=lambda: model)
 
 
 def random_workload(config: ModelConfig, *, prompt_length: int, dtype: str, torch_options,
@@ -158,7 +184,7 @@ def random_workload(config: ModelConfig, *, prompt_length: int, dtype: str, torc
     if half < 8:
         raise ValueError(f"vocab_size {config.vocab_size} is too small for random prompts")
     low = {"harmful_train": (4, half), "harmless_train": (half, config.vocab_size),
-           "harmful_val": (4, half)}
+           "harmful_val": (4, half), "harmless_val": (half, config.vocab_size)}
 
     def encode(split: str, start: int, count: int) -> Prompts:
         rng = np.random.default_rng([seed, start, list(PROMPT_SETS).index(split)])
@@ -177,7 +203,37 @@ def random_workload(config: ModelConfig, *, prompt_length: int, dtype: str, torc
         name=name or f"random Llama d={config.d_model} L={config.n_layers}", config=config,
         params=params, hf_config=torch_stack.llama_hf_config(config),
         refusal_ids=np.arange(4, 8, dtype=np.int32), n_eoi=RANDOM_N_EOI, encode=encode,
-        prompt_source=f"random tokens, length {prompt_length}", torch_options=torch_options)
+        prompt_source=f"random tokens, length {prompt_length}", torch_options=torch_options,
+        texts=_builtin_instructions, instruction_source=BUILTIN_SOURCE,
+        load_chat_model=lambda: _tiny_chat_model(config, params))
+
+
+def _sampled(source: str) -> tuple[str, ...]:
+    """Every instruction of a prompt set, shuffled as the pipeline samples (seed 42)."""
+    from refusal_jax.data import load_instructions
+
+    every = load_instructions(source)
+    return tuple(load_instructions(source, n=len(every), seed=PROMPT_SEED))
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_instructions(split: str) -> tuple[str, ...]:
+    return _sampled(PROMPT_SETS[split][1])
+
+
+def _tiny_chat_model(config: ModelConfig, params: Params) -> Model:
+    """A random model with the pipeline's tiny ChatML tokenizer (see the module docstring)."""
+    from refusal_jax.chat import ChatFormat
+    from refusal_jax.pipeline.models import tiny_chatml_tokenizer
+
+    tokenizer = tiny_chatml_tokenizer()
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"a random model of vocabulary {config.vocab_size} cannot take the "
+                         f"{len(tokenizer)}-token ChatML tokenizer that chat prompts need here; "
+                         f"use a shape with vocab_size >= {len(tokenizer)} (e.g. random:tiny)")
+    return Model(config=config, params=params, tokenizer=tokenizer, chat=ChatFormat(tokenizer),
+                 hf_config=torch_stack.llama_hf_config(config), source="random (tiny ChatML "
+                 "tokenizer)")
 
 
 def preset_config(preset: str) -> ModelConfig:
