@@ -94,13 +94,6 @@ class SelectionProblem:
     select_config: Any  # the `select` ConfigDict (filters and ranking)
 
 
-def dim_grid(directions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(unit directions, norms, zero mask) of a DiM grid [P, L, D], as `run_selection` makes
-    them, in float32."""
-    unit, norms, zero = select.dim_candidates(np.asarray(directions, np.float32))
-    return unit.astype(np.float32), norms.astype(np.float32), zero
-
-
 def selection_problem(model: Model, directions: np.ndarray, harmful: Sequence[str],
                       harmless: Sequence[str], *, candidates: int, mode: str | None = None,
                       chunk: int = 0, batch_size: int = 0) -> SelectionProblem:
@@ -121,7 +114,7 @@ def selection_problem(model: Model, directions: np.ndarray, harmful: Sequence[st
                          f"{width}], got shape {directions.shape}")
     if not harmful or not harmless:
         raise ValueError("selection needs at least one harmful and one harmless val prompt")
-    unit, norms, zero = dim_grid(directions)
+    unit, norms, zero = select.dim_candidates(directions)  # float32, as directions
     usable = np.argwhere(~zero)
     if usable.size == 0:
         raise ValueError("every DiM direction is zero: the training activations do not "
