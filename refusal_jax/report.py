@@ -29,6 +29,7 @@ Schema (version `SCHEMA_VERSION`). `results.json` is `StudyResults` serialised b
                      variants, or every variant when both methods chose one (position, layer))
         position, layer              the source (EOI position, layer) of the activations shown
         cosine_dim_inlp              cosine between the DiM direction and the first INLP one
+                                     (null when INLP kept no direction there)
         principal_angles_deg         principal angle(s) between the DiM direction and the INLP
                                      subspace, in degrees (one angle for a 1-D direction)
         plots                        list of PNG paths, relative to the workdir
@@ -119,7 +120,7 @@ class SelectedComponent:
 class GeometrySummary:
     position: int
     layer: int
-    cosine_dim_inlp: float
+    cosine_dim_inlp: float | None
     principal_angles_deg: list[float]
     plots: list[str] = dataclasses.field(default_factory=list)
 
@@ -575,9 +576,14 @@ def _geometry_section(results: StudyResults, workdir: Path) -> str:
                  f"{geometry.layer} (the baseline and the {method} interventions)"
                  if results.inlp_geometry is not None else
                  f"Activations at EOI position {geometry.position}, layer {geometry.layer}")
-        text.append(f"{where}. Cosine between the DiM direction and the first INLP direction: "
-                    f"{geometry.cosine_dim_inlp:.3f}. Principal angle(s) between the DiM "
-                    f"direction and the INLP subspace: {angles or '–'}.")
+        if geometry.cosine_dim_inlp is None:
+            text.append(f"{where}. INLP kept no direction there (k = 0: its first classifier did "
+                        "not beat chance or the k policy kept none), so there is no DiM/INLP "
+                        "angle to show.")
+        else:
+            text.append(f"{where}. Cosine between the DiM direction and the first INLP "
+                        f"direction: {geometry.cosine_dim_inlp:.3f}. Principal angle(s) between "
+                        f"the DiM direction and the INLP subspace: {angles or '–'}.")
         text += [_link(workdir, plot, "geometry plot") for plot in geometry.plots]
     text.append(_GEOMETRY_NOTE)
     return "\n\n".join(text)

@@ -168,6 +168,16 @@ def test_parallel_directions_give_only_the_pca_plot(tmp_path):
         geometry.dim_inlp_plane(u, -3 * u, harmful, harmless)
 
 
+def test_an_empty_inlp_basis_leaves_the_angles_out(tmp_path):
+    harmful, harmless, u = clusters(n=10)
+    result = geometry.analyse_geometry(harmful, harmless, {"x": (harmful, None)},
+                                       dim_direction=u, inlp_basis=np.zeros((3, D)),
+                                       position=-1, layer=2, out_dir=tmp_path)
+    assert result.summary.cosine_dim_inlp is None
+    assert result.summary.principal_angles_deg == []
+    assert result.summary.plots == ["geometry_pca.png"]
+
+
 def test_errors():
     harmful, harmless, u = clusters(n=5)
     with pytest.raises(ValueError, match="centroids coincide"):

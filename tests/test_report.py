@@ -173,7 +173,8 @@ def mutated(change):
     (lambda r: r["k_curve"]["points"].reverse(), "distinct increasing k"),
     (lambda r: r["interventions"][0].update(cross_entropy={"builtin": "3"}),
      r"cross_entropy.builtin must be a number"),
-    (lambda r: r["geometry"].update(cosine_dim_inlp=None), "cosine_dim_inlp is null"),
+    (lambda r: r["geometry"].update(layer=None), "layer is null"),
+    (lambda r: r["geometry"].update(cosine_dim_inlp="high"), "cosine_dim_inlp must be a number"),
 ])
 def test_schema_errors(change, message):
     with pytest.raises(ValueError, match=message):
@@ -247,6 +248,15 @@ def test_a_second_geometry_view_at_the_inlp_source(workdir, tmp_path):
     report.update_readme(readme, workdir, plot="geometry.png")
     assert (tmp_path / "geometry.png").read_bytes() == _palette_png(
         workdir / "inlp_source" / "geometry_dim_inlp.png")
+
+
+def test_geometry_where_inlp_found_no_direction(workdir):
+    results = fixture_results(PLOTS)
+    results["geometry"].update(cosine_dim_inlp=None, principal_angles_deg=[])
+    _, report_path = report.write_report(workdir, results)
+    text = report_path.read_text()
+    assert "INLP kept no direction there" in text and "Cosine between" not in text
+    assert report.read_results(workdir / "results.json").geometry.cosine_dim_inlp is None
 
 
 def _palette_png(path):

@@ -233,7 +233,9 @@ def analyse_geometry(harmful, harmless, intervened: Intervened, *, dim_direction
       harmful, harmless: baseline activations [N, D], [M, D] at (position, layer).
       intervened: name -> (harmful [N, D], harmless [M, D] or None) after each intervention.
       dim_direction: [D] DiM direction; inlp_basis: [k, D] INLP directions in the order found
-        (row 0 is the first; zero rows are unused and ignored).
+        (row 0 is the first; zero rows are unused and ignored). When every row is zero (INLP
+        kept no direction at this (position, layer)), the DiM/INLP cosine and angles are None
+        and [], and only the PCA view is drawn.
       out_dir: where `geometry_pca.png` and `geometry_dim_inlp.png` are written.
       workdir: plot paths in the summary are relative to it (default: `out_dir`).
     """
@@ -263,17 +265,21 @@ def analyse_geometry(harmful, harmless, intervened: Intervened, *, dim_direction
     where = f"EOI position {position}, layer {layer}"
     plots = [plot_view(out_dir / "geometry_pca.png", pca_plane(harmful, harmless), harmful,
                        harmless, checked, title=f"PCA of the baseline activations ({where})")]
-    try:
-        plane = dim_inlp_plane(dim_direction, inlp_basis[0], harmful, harmless)
-    except ValueError:
-        plane = None  # parallel directions: only the PCA view exists
-    if plane is not None:
-        plots.append(plot_view(out_dir / "geometry_dim_inlp.png", plane, harmful, harmless,
-                               checked, title=f"DiM / first INLP direction plane ({where})"))
+    found = np.any(inlp_basis != 0.0, axis=1)
+    cosine, angles = None, []
+    if found.any():
+        first = inlp_basis[found][0]
+        cosine = cosine_similarity(dim_direction, first)
+        angles = principal_angles_deg(dim_direction, inlp_basis)
+        try:
+            plane = dim_inlp_plane(dim_direction, first, harmful, harmless)
+        except ValueError:
+            plane = None  # parallel directions: only the PCA view exists
+        if plane is not None:
+            plots.append(plot_view(out_dir / "geometry_dim_inlp.png", plane, harmful, harmless,
+                                   checked, title=f"DiM / first INLP direction plane ({where})"))
     base = Path(workdir) if workdir is not None else out_dir
     summary = GeometrySummary(
-        position=int(position), layer=int(layer),
-        cosine_dim_inlp=cosine_similarity(dim_direction, inlp_basis[0]),
-        principal_angles_deg=principal_angles_deg(dim_direction, inlp_basis),
-        plots=[os.path.relpath(plot, base) for plot in plots])
+        position=int(position), layer=int(layer), cosine_dim_inlp=cosine,
+        principal_angles_deg=angles, plots=[os.path.relpath(plot, base) for plot in plots])
     return GeometryResult(summary=summary, positions=positions)
