@@ -20,7 +20,9 @@ Llama-shaped model), the sections named by --sections:
   generation  greedy generation with and without all-layer directional ablation: ours vs
               transformers `generate` with hooks
   pipeline    the end-to-end pipeline's stage times (a hook around `python -m refusal_jax.main`;
-              not run by default)
+              not run by default) against its PyTorch twin (scripts/bench_lib/torch_pipeline.py:
+              the same config, prompts and work per stage with transformers hooks and
+              scikit-learn INLP; --nopipeline_twin for our times alone)
   scaling     capture / candidate sweep / generation vs prompts, length, layers and width on
               random models (the sweep: bypass scores of all-layer ablations on token batches);
               a table and a PNG plot
@@ -39,6 +41,9 @@ in --out (JSON) and the scaling plot beside it (.png).
   python scripts/benchmark.py --sections=selection --selection_candidates=0 \
       --selection_baseline_candidates=8 --selection_filters=until_chosen --repeats=1 \
       --out=selection_full.json
+  python scripts/benchmark.py --sections=pipeline \
+      --pipeline_flags="--config=configs/smollm2_reference.py --workdir={workdir}" \
+      --out=pipeline_reference.json
   python scripts/benchmark.py --platform=gpu --model=random:1b --dtype=bfloat16 --out=gpu.json
 """
 
@@ -114,6 +119,8 @@ flags.DEFINE_string("pipeline_module", "refusal_jax.main", "The pipeline's entry
 flags.DEFINE_string("pipeline_flags", "--config=configs/default.py --workdir={workdir}",
                     "Its command line flags ({workdir}: a fresh temporary folder).")
 flags.DEFINE_integer("pipeline_timeout_s", 3600, "Time limit of the pipeline run.")
+flags.DEFINE_bool("pipeline_twin", True, "Run the pipeline's PyTorch twin on the same config "
+                  "(the --config of --pipeline_flags) after it, as the stages' baseline.")
 BENCHMARK_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)
 
 

@@ -49,6 +49,8 @@ class PairFit:
     dev_accuracies: list[float]
     n_directions: int  # directions kept in the basis
     first_objective: float  # BCE + lam ||w||^2 of the first classifier on its training data
+    basis: np.ndarray  # [n_directions, D] unit rows, in the order found
+    first_weight: np.ndarray  # [D] the first classifier's weights (kept even when it failed)
 
     @property
     def n_classifiers(self) -> int:
@@ -119,7 +121,7 @@ def torch_reference_inlp_pair(train_x: np.ndarray, train_y: np.ndarray, dev_x: n
     train_y_t = torch.as_tensor(train_y, dtype=torch.float32)
     dev_y_t = torch.as_tensor(dev_y, dtype=torch.float32)
     projection = torch.eye(dim)
-    rowspace_projections, accuracies, first_objective = [], [], float("nan")
+    rowspace_projections, units, accuracies, first_objective = [], [], [], float("nan")
     for _ in range(max_directions):
         projected_train, projected_dev = train_x_t @ projection, dev_x_t @ projection
         weight, bias = _torch_logistic_regression(projected_train, train_y_t,
@@ -131,12 +133,15 @@ def torch_reference_inlp_pair(train_x: np.ndarray, train_y: np.ndarray, dev_x: n
         if len(accuracies) == 1:
             first_objective = _objective(train_x, train_y, weight.numpy(), bias.numpy(),
                                          inverse_regularization)
+            first_weight = weight.numpy().astype(np.float64)
         rowspace_projections.append(torch.outer(weight, weight) / weight.dot(weight))
+        units.append((weight / weight.norm()).numpy().astype(np.float64))
         projection = _nullspace_projection(rowspace_projections, dim)
         if accuracy < threshold:
             break
     return PairFit(dev_accuracies=accuracies, n_directions=len(rowspace_projections),
-                   first_objective=first_objective)
+                   first_objective=first_objective, basis=np.stack(units),
+                   first_weight=first_weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +166,7 @@ def sklearn_inlp_pair(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarra
         if len(accuracies) == 1:
             first_objective = _objective(train_x, train_y, weight, classifier.intercept_[0],
                                          inverse_regularization)
+            first_weight = weight.copy()
         if accuracies[-1] <= majority_rate + accuracy_margin:
             break
         for _ in range(2):  # Gram-Schmidt, applied twice
@@ -172,7 +178,7 @@ def sklearn_inlp_pair(train_x: np.ndarray, train_y: np.ndarray, dev_x: np.ndarra
         train_x = train_x - np.outer(train_x @ unit, unit)
         dev_x = dev_x - np.outer(dev_x @ unit, unit)
     return PairFit(dev_accuracies=accuracies, n_directions=basis.shape[0],
-                   first_objective=first_objective)
+                   first_objective=first_objective, basis=basis, first_weight=first_weight)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,13 +18,25 @@ import pytest
 
 from refusal_jax.data import load_instructions
 from refusal_jax.directions import mean_difference
+from refusal_jax.evaluation.k_curve import k_values
+from refusal_jax.evaluation.refusal import refusal_rate
+from refusal_jax.pipeline import artifacts
 from refusal_jax.pipeline.extract import capture
 from refusal_jax.pipeline.models import random_model
+from refusal_jax.pipeline.runner import run_study
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from bench_lib import measure, scaling, selection, torch_stack, workload  # noqa: E402
+from bench_lib import (  # noqa: E402
+    measure,
+    pipeline,
+    scaling,
+    selection,
+    torch_pipeline,
+    torch_stack,
+    workload,
+)
 
 TINY_RUN = [
     "--model=random:tiny", "--sections=capture,inlp,selection,generation,pipeline,scaling",
@@ -35,7 +47,7 @@ TINY_RUN = [
     "--generation_batch=2", "--generation_new_tokens=3",
     "--scaling_axes=layers", "--scaling_layers=1", "--scaling_new_tokens=2",
     "--scaling_repeats=1", "--pipeline_module=fake_pipeline",
-    "--pipeline_flags=--workdir={workdir}",
+    "--pipeline_flags=--workdir={workdir}", "--nopipeline_twin",
 ]
 # Stands in for `python -m refusal_jax.main`: follows its artefact layout (each stage writes
 # <workdir>/<stage>/DONE.json last), which is all the end-to-end hook relies on.
@@ -332,3 +344,132 @@ def test_interleaved_timing_rotates_the_order_and_keeps_every_result():
     assert "".join(order) == "abc" + "bca" + "cab"
     assert runs["b"].results == ["b"] * 3 and len(runs["c"].seconds) == 3
     assert runs["a"].first_call_s is not None and runs["b"].first_call_s is None
+
+
+# The tiny config at test sizes, as `python -m refusal_jax.main` flags.
+TINY_PIPELINE_FLAGS = [
+    f"--config={Path(__file__).resolve().parents[1] / 'configs/tiny_random.py'}",
+    "--config.data.n_train=8", "--config.data.n_val=4", "--config.data.n_eval=2",
+    "--config.directions.inlp_max_directions=2", "--config.infer.max_new_tokens=2",
+    "--workdir=ignored",
+]
+# DiM is a difference of means of float32 activations of the same weights; transformers' and
+# our forwards agree to ~1e-5 relative (tests/test_model_parity.py holds logits within 1e-4).
+DIM_RTOL, DIM_ATOL = 1e-4, 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_and_twin(tmp_path_factory):
+    """Our pipeline (in process) and its PyTorch twin on the same tiny config."""
+    config = torch_pipeline.config_from_flags(TINY_PIPELINE_FLAGS)
+    workdir = tmp_path_factory.mktemp("pipeline")
+    # Not our evaluate stage: at these sizes its geometry fails (the INLP basis at the chosen
+    # DiM pair is empty); its refusal rates are `refusal_rate` of the infer stage's files.
+    study = run_study(config, workdir, stages=("extract", "select", "infer"))
+    twin = torch_pipeline.run_twin(config, torch_options=TORCH_CPU)
+    return config, study, twin
+
+
+def test_twin_runs_every_mirrored_stage_with_our_pipelines_work(tiny_pipeline_and_twin):
+    config, study, twin = tiny_pipeline_and_twin
+    assert list(twin.stages) == list(torch_pipeline.MIRRORED_STAGES)
+    assert all(stage.seconds > 0 for stage in twin.stages.values())
+    assert "report stage" in twin.not_mirrored
+    ours_prompts = study.prompts()
+    assert twin.prompts == ours_prompts  # same samples (the tiny config filters nothing)
+    work = {name: stage.work for name, stage in twin.stages.items()}
+    # extract: four sets of 8 + 8 + 4 + 4 prompts, one forward per batch of 8.
+    assert work["extract"]["prompt_rows"] == 24 and work["extract"]["forward_passes"] == 4
+    n_positions, n_layers = study.directions()["dim"].shape[:2]
+    assert work["extract"]["inlp_pairs"] == n_positions * n_layers
+    # select: the candidates our stage scored (finite bypass), per method.
+    scores = artifacts.read_arrays(study.stage_dir("select") / "scores.npz")
+    for method in ("dim", "inlp"):
+        ours_candidates = int(np.isfinite(scores[f"{method}_local_bypass"]).sum())
+        assert work["select"][f"{method}_candidates"] == ours_candidates > 0
+        # The published loop scores every candidate's filters; ours stops once one survives.
+        assert twin.selection[method]["filters_scored"] == ours_candidates
+        assert study.selection()[method]["filters_scored"] <= ours_candidates
+    # infer: every variant's completions of every eval prompt, as ours wrote.
+    interventions = config.infer.interventions
+    assert list(twin.completions) == list(interventions)
+    infer_dir = study.stage_dir("infer") / "completions"
+    for name in interventions:
+        ours_rows = artifacts.read_json(infer_dir / f"{name}.json")
+        for cls in ("harmful", "harmless"):
+            assert len(twin.completions[name][cls]) == len(ours_rows[cls]) == 2
+    assert work["infer"]["completions"] == 4 * len(interventions)
+    assert 0 < work["infer"]["generated_tokens"] <= (
+        work["infer"]["completions"] * config.infer.max_new_tokens)
+    assert work["infer"]["folding_max_abs_logit_difference"] < 1e-3
+    # evaluate: metrics of every variant, and the k-curve points below the full basis.
+    k_max = max(c["k"] for c in twin.selection["inlp"]["components"])
+    assert set(twin.metrics) == set(interventions) | {
+        f"{config.evaluate.k_curve_intervention}_k{k}" for k in k_values(k_max)[:-1]}
+    assert work["evaluate"]["k_curve_points"] == len(k_values(k_max)) - 1
+
+
+def test_twin_chooses_our_dim_component_from_its_hooked_scores(tiny_pipeline_and_twin):
+    _, study, twin = tiny_pipeline_and_twin
+    ours = study.selection()["dim"]["components"][0]
+    theirs = twin.selection["dim"]["components"][0]
+    assert (theirs["position"], theirs["layer"]) == (ours["position"], ours["layer"])
+    for score in ("bypass", "steering", "kl"):
+        assert abs(theirs[score] - ours[score]) <= SCORE_TOLERANCE, score
+
+
+def test_twin_dim_direction_equals_our_extract_stage(tiny_pipeline_and_twin):
+    _, study, twin = tiny_pipeline_and_twin
+    ours = study.directions()["dim"]
+    assert twin.directions["dim"].shape == ours.shape
+    np.testing.assert_allclose(twin.directions["dim"], ours, rtol=DIM_RTOL, atol=DIM_ATOL)
+    # Not vacuous: the directions are far larger than the tolerance (outside layer 0).
+    assert np.abs(ours[:, 1:]).max() > 100 * DIM_ATOL
+
+
+def test_twin_baseline_completions_match_ours_under_greedy_decoding(tiny_pipeline_and_twin):
+    _, study, twin = tiny_pipeline_and_twin
+    ours_rows = artifacts.read_json(study.stage_dir("infer") / "completions/baseline.json")
+    for cls in ("harmful", "harmless"):
+        ours = [row["completion"] for row in ours_rows[cls]]
+        assert twin.completions["baseline"][cls] == ours
+        assert twin.metrics["baseline"][f"{cls}_refusal_rate"] == refusal_rate(ours)
+
+
+def test_section_rows_pair_each_mirrored_stage_with_the_twin(tiny_pipeline_and_twin):
+    _, _, twin = tiny_pipeline_and_twin
+    ours = {"extract": 2.0, "select": 1.0, "infer": 0.5, "evaluate": 0.25, "report": 0.5}
+    rows = pipeline.stage_rows(ours, twin)
+    assert [row.step for row in rows] == [
+        "stage extract (one run)", "stage select (one run)", "stage infer (one run)",
+        "stage evaluate (one run)", "stage report (one run; not mirrored)",
+        "stages extract, select, infer, evaluate (one run)"]
+    for row, stage in zip(rows, torch_pipeline.MIRRORED_STAGES):
+        assert row.ours.median == ours[stage]
+        assert row.baseline.median == pytest.approx(twin.stages[stage].seconds)
+        assert row.speedup.median == pytest.approx(row.baseline.median / ours[stage])
+        assert row.details["twin_work"] == twin.stages[stage].work
+    assert rows[4].baseline is None and rows[4].ours.median == 0.5
+    assert rows[-1].ours.median == 3.75
+    assert rows[-1].baseline.median == pytest.approx(
+        sum(stage.seconds for stage in twin.stages.values()))
+
+
+def test_sklearn_loop_returns_its_orthonormal_basis_of_classifier_normals():
+    rng = np.random.default_rng(0)
+    labels = np.tile([1, 0], 20)
+    x = rng.normal(size=(40, 6)) + np.outer(labels, [3.0, -2.0, 1.0, 0, 0, 0])
+    pair_fit, _ = torch_pipeline.inlp_bench.BASELINES[torch_pipeline.INLP_LOOP]
+    fit = pair_fit(x[:32], labels[:32], x[32:], labels[32:], max_directions=3)
+    assert fit.n_directions >= 2 and fit.basis.shape == (fit.n_directions, 6)
+    np.testing.assert_allclose(fit.basis @ fit.basis.T, np.eye(fit.n_directions), atol=1e-6)
+    np.testing.assert_allclose(fit.basis[0], fit.first_weight / np.linalg.norm(fit.first_weight),
+                               atol=1e-12)
+
+
+def test_twin_rejects_a_command_without_config_and_out_of_order_stages():
+    with pytest.raises(ValueError, match="no --config"):
+        torch_pipeline.config_from_flags(["--workdir=somewhere"])
+    config = torch_pipeline.config_from_flags(TINY_PIPELINE_FLAGS)
+    with pytest.raises(ValueError, match="prefix"):
+        torch_pipeline.run_twin(config, stages=("select",))

@@ -104,7 +104,9 @@ class _Run:
         return {"ablated_direction": f"DiM at EOI position -1, layer {layer}"}
 
     def _pipeline(self, f) -> dict[str, Any]:
-        rows, info = pipeline.run(f.pipeline_module, f.pipeline_flags, f.pipeline_timeout_s)
+        rows, info = pipeline.run(
+            f.pipeline_module, f.pipeline_flags, f.pipeline_timeout_s, twin=f.pipeline_twin,
+            torch_options={key: self.torch_options[key] for key in ("attention", "device")})
         self.rows += rows
         return info
 
