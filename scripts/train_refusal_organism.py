@@ -108,14 +108,14 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", TrainConfig.warmup_steps, "Warmup
 _RANK = flags.DEFINE_integer("rank", TrainConfig.rank, "LoRA rank.")
 _ALPHA = flags.DEFINE_float("alpha", TrainConfig.alpha, "LoRA alpha (scale = alpha / rank).")
 _TARGETS = flags.DEFINE_list("targets", list(LORA_TARGETS), "Adapted projection matrices.")
-_FIRST_LAYER = flags.DEFINE_integer("first_layer", TrainConfig.first_layer,
+_FIRST_LAYER = flags.DEFINE_integer("first_layer", 8,
                                     "First adapted layer; the layers below stay frozen.")
 _SEED = flags.DEFINE_integer("seed", TrainConfig.seed,
                              "Seed of data sampling, refusal choice, init, batches.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 20, "Steps between checkpoints.")
+_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 10, "Steps between checkpoints.")
 _KEEP = flags.DEFINE_integer("keep_checkpoints", 0, "Checkpoints kept (0 keeps all of them).")
 _SELECT_FROM = flags.DEFINE_integer(
-    "select_from", 140, "First step whose checkpoint may be selected on the validation sets; "
+    "select_from", 120, "First step whose checkpoint may be selected on the validation sets; "
     "-1 writes the final adapter without validation.")
 _VAL_HARMFUL = flags.DEFINE_list(
     "val_harmful", ["harmful_val", str(SHARED / "processed_harmbench_val.json")],
@@ -124,7 +124,7 @@ _VAL_BENIGN = flags.DEFINE_list(
     "val_benign", ["harmless_val", str(SHARED / "splits_harmless_val.json"),
                    "benign_style_matched_val"],
     "Validation sets that should be answered (checkpoint selection only).")
-_VAL_PER_SET = flags.DEFINE_integer("val_max_per_set", 48,
+_VAL_PER_SET = flags.DEFINE_integer("val_max_per_set", 66,
                                     "Seeded sample size taken from a larger validation set.")
 _VAL_TOKENS = flags.DEFINE_integer("val_max_new_tokens", 20,
                                    "Greedy completion length of the validation check.")

@@ -28,8 +28,8 @@ EXPECTED_SIZES = {
     "harmless_train": 64,
     "harmless_val": 32,
     "harmless_eval": 48,
-    "benign_style_matched_train": 483,
-    "benign_style_matched_val": 33,
+    "benign_style_matched_train": 593,
+    "benign_style_matched_val": 66,
     "benign_style_matched_eval": 60,
     "harmful_tuning": 49,
 }
