@@ -363,8 +363,8 @@ def tiny_pipeline_and_twin(tmp_path_factory):
     """Our pipeline (in process) and its PyTorch twin on the same tiny config."""
     config = torch_pipeline.config_from_flags(TINY_PIPELINE_FLAGS)
     workdir = tmp_path_factory.mktemp("pipeline")
-    # Not our evaluate stage: at these sizes its geometry fails (the INLP basis at the chosen
-    # DiM pair is empty); its refusal rates are `refusal_rate` of the infer stage's files.
+    # Our evaluate stage is left out (time): its refusal rates are `refusal_rate` of the infer
+    # stage's files, compared below.
     study = run_study(config, workdir, stages=("extract", "select", "infer"))
     twin = torch_pipeline.run_twin(config, torch_options=TORCH_CPU)
     return config, study, twin
@@ -407,6 +407,17 @@ def test_twin_runs_every_mirrored_stage_with_our_pipelines_work(tiny_pipeline_an
     assert set(twin.metrics) == set(interventions) | {
         f"{config.evaluate.k_curve_intervention}_k{k}" for k in k_values(k_max)[:-1]}
     assert work["evaluate"]["k_curve_points"] == len(k_values(k_max)) - 1
+
+
+def test_twin_takes_the_lowest_bypass_candidate_when_no_candidate_passes_the_filters():
+    config = torch_pipeline.config_from_flags(
+        [*TINY_PIPELINE_FLAGS, "--config.select.kl_threshold=0.0"])  # every KL fails
+    twin = torch_pipeline.run_twin(config, torch_options=TORCH_CPU, stages=("extract", "select"))
+    for method in ("dim", "inlp"):
+        chosen = twin.selection[method]
+        assert "no candidate passed the filters" in chosen["fallback"]
+        bypass = [c["bypass"] for c in chosen["components"]]
+        assert len(bypass) == 1 and np.isfinite(bypass[0])
 
 
 def test_twin_chooses_our_dim_component_from_its_hooked_scores(tiny_pipeline_and_twin):

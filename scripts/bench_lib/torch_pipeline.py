@@ -381,13 +381,21 @@ class _Twin:
             scores = by_mode[select_config.mode]
             ranking, discarded = select.rank(scores, select_config=select_config,
                                              accuracy=method["accuracy"])
+            fallback = None
             if not ranking:
-                raise ValueError(f"no {name} candidate passes the filters of the PyTorch twin "
-                                 f"(discarded per filter: {discarded})")
+                # The later stages need a component to do their work: take the candidate with
+                # the lowest bypass score, and record that the filters passed none. (The twin's
+                # INLP directions come from scikit-learn's solver, not ours, so its candidates
+                # and their filter results can differ from ours.)
+                lowest = np.unravel_index(np.nanargmin(scores.bypass), scores.bypass.shape)
+                ranking = [tuple(int(i) for i in lowest)]
+                fallback = (f"no candidate passed the filters (discarded per filter: "
+                            f"{discarded}); the one with the lowest bypass score is used")
             chosen = ranking[:select.n_components(len(ranking), select_config)]
             self.selection[name] = {"components": [select._describe(
                 p, l, n_positions, scores, keep if name == "inlp" else None, method["accuracy"])
-                for p, l in chosen], "filters_scored": int(scores.filtered.sum())}
+                for p, l in chosen], "filters_scored": int(scores.filtered.sum()),
+                "fallback": fallback}
 
     def _count_selection_passes(self, problem, n_pairs: int, *, filters: bool) -> None:
         batch = problem.batch_size
