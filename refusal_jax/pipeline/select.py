@@ -628,8 +628,9 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
                 "model refuses")
         chosen = ranking[:n_components(len(ranking), select_config)]
         summary[name] = {
-            "components": [_describe(p, l, n_positions, scores, keep if name == "inlp" else None,
-                                     accuracy) for p, l in chosen],
+            "components": [describe_component(p, l, n_positions, scores,
+                                              keep if name == "inlp" else None, accuracy)
+                           for p, l in chosen],
             "ranking": [[p - n_positions, l] for p, l in ranking],
             "discarded": discarded,
             "filters_scored": int(scores.filtered.sum()),
@@ -644,8 +645,10 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
     return summary, arrays
 
 
-def _describe(p: int, l: int, n_positions: int, scores: CandidateScores,
-              keep: np.ndarray | None, accuracy: np.ndarray | None) -> dict:
+def describe_component(p: int, l: int, n_positions: int, scores: CandidateScores,
+                       keep: np.ndarray | None, accuracy: np.ndarray | None) -> dict:
+    """The selection record of the candidate (p, l): its EOI position (negative) and index,
+    layer and scores, and for INLP (`keep`, `accuracy` given) its k and first dev accuracy."""
     entry = {"position": p - n_positions, "position_index": p, "layer": l,
              "bypass": float(scores.bypass[p, l]),
              "steering": float(np.max(scores.steering[p, l])),

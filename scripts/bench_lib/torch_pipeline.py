@@ -392,7 +392,7 @@ class _Twin:
                 fallback = (f"no candidate passed the filters (discarded per filter: "
                             f"{discarded}); the one with the lowest bypass score is used")
             chosen = ranking[:select.n_components(len(ranking), select_config)]
-            self.selection[name] = {"components": [select._describe(
+            self.selection[name] = {"components": [select.describe_component(
                 p, l, n_positions, scores, keep if name == "inlp" else None, method["accuracy"])
                 for p, l in chosen], "filters_scored": int(scores.filtered.sum()),
                 "fallback": fallback}
