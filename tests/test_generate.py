@@ -11,7 +11,7 @@ import pytest
 from hf_reference import ragged_batch, tiny_hf_model, to_ours
 from refusal_jax import interventions
 from refusal_jax.models.core import forward
-from refusal_jax.models.generate import Sampling, generate
+from refusal_jax.models.generate import Sampling, generate, generate_each
 
 NEW_TOKENS = 8
 NEVER = 127  # a stop id; tests that need a stop pick one from the generated text
@@ -86,6 +86,37 @@ def test_rows_stop_at_their_stop_token_and_are_padded_after():
         assert out.lengths[row] == n
         np.testing.assert_array_equal(out.tokens[row, :n], free[row, :n])
         assert np.all(np.asarray(out.tokens[row, n:]) == 0)
+
+
+def test_generate_each_equals_one_generate_per_intervention():
+    """Tokens and lengths row for row, with rows and variants stopping at different steps."""
+    config, params = _model("llama3_gqa_rope_scaling")
+    tokens, valid = ragged_batch(lengths=(9, 5, 2), vocab=config.vocab_size, seed=3)
+    sweep = [interventions.activation_addition(jax.random.normal(jax.random.key(seed),
+                                                                 (config.d_model,)),
+                                               coeff, n_layers=config.n_layers, layers=[1])
+             for seed, coeff in ((0, 0.0), (1, 4.0), (2, -4.0))]
+    free = np.asarray(generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                               stop_ids=[NEVER]).tokens)
+    stop_ids = [int(free[0, 1]), int(free[1, 4])]  # some rows stop early, some never
+    one_by_one = [generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                           intervention=intervention, stop_ids=stop_ids)
+                  for intervention in sweep]
+    together = generate_each(params, tokens, valid, sweep, config=config,
+                             max_new_tokens=NEW_TOKENS, stop_ids=stop_ids)
+    assert together.tokens.shape == (len(sweep), len(tokens), NEW_TOKENS)
+    lengths = np.stack([np.asarray(out.lengths) for out in one_by_one])
+    assert len(set(lengths.ravel())) > 1, "pick stop ids that end rows at different steps"
+    np.testing.assert_array_equal(together.lengths, lengths)
+    np.testing.assert_array_equal(together.tokens,
+                                  np.stack([np.asarray(out.tokens) for out in one_by_one]))
+
+
+def test_generate_each_needs_an_intervention():
+    config, params = _model("llama_mha")
+    tokens, valid = ragged_batch(lengths=(6,), vocab=config.vocab_size)
+    with pytest.raises(ValueError, match="at least one intervention"):
+        generate_each(params, tokens, valid, [], config=config, max_new_tokens=2)
 
 
 def test_sampling_is_reproducible_and_tiny_top_p_is_greedy():

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,7 +13,8 @@ from ml_collections import config_flags
 from tiny_pipeline import shrunk_tiny_config
 
 from refusal_jax import report
-from refusal_jax.pipeline import artifacts, extract, models, runner
+from refusal_jax.models.generate import generate_each
+from refusal_jax.pipeline import artifacts, extract, infer, models, runner
 from refusal_jax.pipeline.config import base_config, check_config
 from refusal_jax.pipeline.data import sample_sets
 from refusal_jax.pipeline.models import load_pipeline_model
@@ -133,6 +135,30 @@ def test_every_stage_writes_its_artefacts_and_the_report_schema(resumed_run):
 
 
 # ---------------------------------------------------------------------------------- bad input
+
+def test_variants_generated_together_complete_as_one_at_a_time(resumed_run, tmp_path,
+                                                               monkeypatch):
+    """runtime.generation_variants changes how the infer stage batches, not its completions."""
+    workdir, _ = resumed_run
+    config = tiny_config()
+    assert config.runtime.generation_variants > 1
+    shutil.copytree(workdir, tmp_path / "run", ignore=shutil.ignore_patterns("infer"))
+    config.runtime.generation_variants = 1
+    variants_per_call = []
+
+    def counting(params, tokens, valid, interventions, **kwargs):
+        variants_per_call.append(len(interventions))
+        return generate_each(params, tokens, valid, interventions, **kwargs)
+
+    monkeypatch.setattr(infer, "generate_each", counting)
+    runner.run_study(config, tmp_path / "run", ("infer",))
+    n_variants = len(config.infer.interventions)
+    assert variants_per_call == [1] * 2 * n_variants  # harmful and harmless batches
+    for name in config.infer.interventions:
+        one_at_a_time = json.loads((tmp_path / f"run/infer/completions/{name}.json").read_text())
+        together = json.loads((workdir / f"infer/completions/{name}.json").read_text())
+        assert one_at_a_time == together, name
+
 
 def test_missing_prompt_file(tmp_path):
     config = tiny_config(harmful_train=str(tmp_path / "absent.json"))

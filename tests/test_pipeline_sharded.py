@@ -100,9 +100,10 @@ def _sharded_run(workdir: Path) -> dict:
     _recording(extract, "fit_inlp", fitted, lambda features, *_, **__: {
         "features": _spec(features), "shape": list(features.shape),
         "shard": _shard_shape(features)})
-    _recording(infer, "generate", generated, lambda params, tokens, valid, **kwargs: {
-        "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
-        "mesh": dict(kwargs["mesh"].shape)})
+    _recording(infer, "generate_each", generated,
+               lambda params, tokens, valid, interventions, **kwargs: {
+                   "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
+                   "variants": len(interventions), "mesh": dict(kwargs["mesh"].shape)})
     study = runner.run_study(tiny_config(MESH), workdir, STAGES)
     params = sharding.leaves_by_path(study.model.params)
     expected = sharding.leaves_by_path(sharding.param_shardings(
@@ -274,8 +275,9 @@ def test_prompt_batches_are_split_over_data_and_fsdp(runs):
         assert call["tokens"][0] == ["data", "fsdp"] and call["positions"][0] == ["data", "fsdp"]
         assert call["tokens_shard"][0] == 2  # 8 rows over 4 devices
     generated = runs["recorded"]["generated"]
-    assert len(generated) == 6  # 3 variants x (harmful, harmless), one batch each
+    assert len(generated) == 2  # harmful, harmless: one batch each, the 3 variants together
     for call in generated:
+        assert call["variants"] == 3
         assert call["tokens"][0] == ["data", "fsdp"] and call["tokens_shard"][0] == 1
         assert call["mesh"] == {"data": 2, "fsdp": 2, "model": 2}
 
@@ -288,10 +290,14 @@ def test_inlp_pairs_are_split_over_every_device(runs):
 
 def test_kv_cache_is_split_over_batch_and_over_kv_heads_where_they_divide(runs):
     layouts = runs["recorded"]["kv_cache"]
-    # keys/values [L, B, S, K=2, head_dim]: two KV heads split over model=2, replicated on 4.
+    # keys/values [L, B, S, K=2, head_dim]: two KV heads split over model=2, replicated on 4;
+    # once filled they carry generate's leading variant axis, left open ({?}) to the partitioner.
     assert layouts["data=2,fsdp=2,model=2"]["constraints"] == [
+        '[{?}, {}, {"data", "fsdp"}, {}, {"model"}, {}]',
         '[{}, {"data", "fsdp"}, {}, {"model"}, {}]']
-    assert layouts["data=2,model=4"]["constraints"] == ['[{}, {"data", "fsdp"}, {}, {}, {}]']
+    # (On that mesh fsdp has size 1, which the open constraint drops.)
+    assert layouts["data=2,model=4"]["constraints"] == [
+        '[{?}, {}, {"data"}, {}, {}, {}]', '[{}, {"data", "fsdp"}, {}, {}, {}]']
     assert layouts["token_mismatches"] == 0
 
 

@@ -1,9 +1,13 @@
 """Jitted generation with a KV cache: one prefill, then a `lax.while_loop` of single-token steps.
 
 Shapes are static (the cache holds prompt + `max_new_tokens` slots), so a batch compiles once per
-(batch size, prompt bucket, max_new_tokens). The same intervention is active during prefill and
-every decode step. Greedy decoding is the default; temperature and top-p sampling take an
-explicit PRNG key, and their values are traced arrays (changing them does not recompile).
+(batch size, prompt bucket, max_new_tokens, number of interventions). The same intervention is
+active during prefill and every decode step. `generate_each` runs one batch under several
+interventions of one kind at once (the forward passes vmapped over them inside one decode loop),
+so a decode step reads each weight once for all of them: where decoding is bound by reading the
+weights (small batches, CPUs), V interventions cost much less than V calls. Greedy decoding is
+the default; temperature and top-p sampling take an explicit PRNG key, and their values are
+traced arrays (changing them does not recompile).
 
 On a mesh (``mesh=``), the KV cache is constrained to its layout from the sharding rules: rows
 over ``batch``, KV heads over ``model``; an axis whose mesh split does not divide it (e.g. 2 KV
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 
 from jax.sharding import Mesh
 
+from refusal_jax import interventions as iv
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.params import Params
@@ -54,6 +59,7 @@ class Sampling:
 
 
 def _choose(logits: jax.Array, sampling: Sampling | None, key: jax.Array | None) -> jax.Array:
+    """The next token of each row of `logits` [..., vocab]."""
     if sampling is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / sampling.temperature
@@ -63,7 +69,7 @@ def _choose(logits: jax.Array, sampling: Sampling | None, key: jax.Array | None)
     # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
     keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p
     choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.take_along_axis(order, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
 def _constrain(cache: KVCache, cache_shardings: tuple | None) -> KVCache:
@@ -74,19 +80,44 @@ def _constrain(cache: KVCache, cache_shardings: tuple | None) -> KVCache:
     return jax.lax.with_sharding_constraint(cache, layout)
 
 
+def _count(interventions: Any) -> int:
+    """The length of the leading variant axis of `interventions` (1 for None)."""
+    leaves = jax.tree.leaves(interventions)
+    return 1 if not leaves else leaves[0].shape[0]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_shardings"))
-def _generate(params, tokens, valid, intervention, stop_ids, pad_id, sampling, key, *,
+def _generate(params, tokens, valid, interventions, stop_ids, pad_id, sampling, key, *,
               config: ModelConfig, max_new_tokens: int,
               cache_shardings: tuple | None) -> Generation:
+    """Generation under each of `interventions` (leaves with a leading variant axis [V, ...];
+    None for V = 1 without intervention): tokens [V, B, max_new_tokens], lengths [V, B].
+
+    The forward passes are vmapped over the variants inside one loop, so a decode step reads
+    each weight once for all V x B rows, and the loop ends once every row of every variant
+    has stopped (a vmapped `while_loop` would instead carry, and copy, every variant's KV
+    cache through a select at each step).
+    """
     B, T = tokens.shape
-    cache = _constrain(KVCache.empty(config, B, T + max_new_tokens, params.embed.dtype),
-                       cache_shardings)
-    out = forward(params, tokens, valid, config=config, intervention=intervention, cache=cache,
-                  logits="last")
-    first = _choose(out.logits, sampling, None if key is None else jax.random.fold_in(key, 0))
-    generated = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    V = _count(interventions)
+
+    def prefill(intervention):
+        cache = _constrain(KVCache.empty(config, B, T + max_new_tokens, params.embed.dtype),
+                           cache_shardings)
+        out = forward(params, tokens, valid, config=config, intervention=intervention,
+                      cache=cache, logits="last")
+        return out.logits, _constrain(out.cache, cache_shardings)
+
+    def decode(intervention, last, cache):
+        out = forward(params, last[:, None], jnp.ones((B, 1), bool), config=config,
+                      intervention=intervention, cache=cache, logits="last")
+        return out.logits, _constrain(out.cache, cache_shardings)
+
+    logits, cache = jax.vmap(prefill, axis_size=V)(interventions)
+    first = _choose(logits, sampling, None if key is None else jax.random.fold_in(key, 0))
+    generated = jnp.full((V, B, max_new_tokens), pad_id, jnp.int32).at[..., 0].set(first)
     done = jnp.isin(first, stop_ids)
-    lengths = jnp.ones((B,), jnp.int32)
+    lengths = jnp.ones((V, B), jnp.int32)
 
     def not_finished(state):
         step, _, _, done, _, _ = state
@@ -94,33 +125,22 @@ def _generate(params, tokens, valid, intervention, stop_ids, pad_id, sampling, k
 
     def step_fn(state):
         step, last, cache, done, generated, lengths = state
-        out = forward(params, last[:, None], jnp.ones((B, 1), bool), config=config,
-                      intervention=intervention, cache=cache, logits="last")
+        logits, cache = jax.vmap(decode)(interventions, last, cache)
         step_key = None if key is None else jax.random.fold_in(key, step)
-        token = jnp.where(done, pad_id, _choose(out.logits, sampling, step_key))
-        generated = jax.lax.dynamic_update_index_in_dim(generated, token, step, 1)
+        token = jnp.where(done, pad_id, _choose(logits, sampling, step_key))
+        generated = jax.lax.dynamic_update_index_in_dim(generated, token, step, 2)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stop_ids)
-        return step + 1, token, _constrain(out.cache, cache_shardings), done, generated, lengths
+        return step + 1, token, cache, done, generated, lengths
 
-    state = (jnp.ones((), jnp.int32), first, _constrain(out.cache, cache_shardings), done,
-             generated, lengths)
+    state = (jnp.ones((), jnp.int32), first, cache, done, generated, lengths)
     _, _, _, _, generated, lengths = jax.lax.while_loop(not_finished, step_fn, state)
     return Generation(tokens=generated, lengths=lengths)
 
 
-def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
-             max_new_tokens: int, intervention: Any = None,
-             stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
-             sampling: Sampling | None = None, key: jax.Array | None = None,
-             mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None) -> Generation:
-    """Generates up to `max_new_tokens` for a left-padded batch (greedy unless `sampling`).
-
-    Rows stop at the first token in `stop_ids` (default: the config's EOS ids); the loop ends
-    early once every row has stopped. With `mesh` (the one `params` and the batch live on), the
-    KV cache is laid out by `rules` (default `sharding.DEFAULT_RULES`; see the module
-    docstring).
-    """
+def _settings(tokens, config: ModelConfig, max_new_tokens: int, stop_ids, pad_id, sampling,
+              key, mesh: Mesh | None, rules) -> tuple[jax.Array, jax.Array, tuple | None]:
+    """Checks the request; returns (stop ids, pad id, KV cache shardings or None)."""
     total = tokens.shape[1] + max_new_tokens
     if total > config.max_context:
         raise ValueError(f"prompt of {tokens.shape[1]} tokens + {max_new_tokens} new tokens exceeds"
@@ -141,7 +161,48 @@ def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mod
         cache_shardings = tuple(jax.tree.leaves(sharding.kv_cache_shardings(
             config, mesh, tokens.shape[0], total, sharding.DEFAULT_RULES if rules is None
             else rules, replicate_indivisible=True)))
+    return jnp.asarray(stop_ids, jnp.int32), jnp.asarray(pad_id, jnp.int32), cache_shardings
+
+
+def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
+             max_new_tokens: int, intervention: Any = None,
+             stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
+             sampling: Sampling | None = None, key: jax.Array | None = None,
+             mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None) -> Generation:
+    """Generates up to `max_new_tokens` for a left-padded batch (greedy unless `sampling`).
+
+    Rows stop at the first token in `stop_ids` (default: the config's EOS ids); the loop ends
+    early once every row has stopped. With `mesh` (the one `params` and the batch live on), the
+    KV cache is laid out by `rules` (default `sharding.DEFAULT_RULES`; see the module
+    docstring).
+    """
+    stop, pad, cache_shardings = _settings(tokens, config, max_new_tokens, stop_ids, pad_id,
+                                           sampling, key, mesh, rules)
+    one = jax.tree.map(lambda leaf: leaf[None], intervention)
+    out = _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), one,
+                    stop, pad, sampling, key, config=config, max_new_tokens=max_new_tokens,
+                    cache_shardings=cache_shardings)
+    return Generation(tokens=out.tokens[0], lengths=out.lengths[0])
+
+
+def generate_each(params: Params, tokens: jax.Array, valid: jax.Array,
+                  interventions: Sequence[Any], *, config: ModelConfig, max_new_tokens: int,
+                  stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
+                  sampling: Sampling | None = None, key: jax.Array | None = None,
+                  mesh: Mesh | None = None,
+                  rules: Mapping[str, Any] | None = None) -> Generation:
+    """`generate` of the same batch under each of `interventions` (one kind and shape, e.g.
+    a sweep of directions or coefficients), in one pass: tokens [V, B, max_new_tokens] and
+    lengths [V, B] for V interventions.
+
+    Row for row the same tokens as V calls of `generate`, but a decode step reads the weights
+    once for all V x B rows; the KV caches of all V variants are held at once. Sampling uses
+    the same random numbers for every variant.
+    """
+    if not interventions:
+        raise ValueError("generate_each needs at least one intervention")
+    stop, pad, cache_shardings = _settings(tokens, config, max_new_tokens, stop_ids, pad_id,
+                                           sampling, key, mesh, rules)
     return _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool),
-                     intervention, jnp.asarray(stop_ids, jnp.int32),
-                     jnp.asarray(pad_id, jnp.int32), sampling, key, config=config,
+                     iv.stack(interventions), stop, pad, sampling, key, config=config,
                      max_new_tokens=max_new_tokens, cache_shardings=cache_shardings)

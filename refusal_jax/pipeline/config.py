@@ -17,6 +17,10 @@ infer.*               completions: which interventions, ``max_new_tokens``
 evaluate.*            evaluation options, passed to the evaluation modules
 runtime.*             batch sizes, chunking and the device mesh; left out of the config hash
                       (they change speed, not results)
+runtime.generation_variants  how many variants of the infer stage (and of the k-curve) are
+                      generated together: a decode step then reads the weights once for all of
+                      them, and the KV cache is this many times larger (1 on the GPU-sized
+                      configs; 8 on the CPU ones, where decoding is bound by reading weights)
 runtime.mesh          "" (one device, no mesh) or the (data, fsdp, model) mesh sizes as
                       ``"data=-1,model=4"`` (missing axes 1, one may be -1: the devices left
                       over; see ``refusal_jax.sharding``). Batch sizes must be multiples of
@@ -119,6 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.runtime = ml_collections.ConfigDict()
     config.runtime.batch_size = 32
     config.runtime.generation_batch_size = 32
+    # Variants generated together (one decode loop; their KV caches are held at once).
+    config.runtime.generation_variants = 1
     config.runtime.candidate_chunk = 8
     config.runtime.length_bucket = 32
     config.runtime.mesh = ""
@@ -195,7 +201,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          "evaluate.judge_prompt_style must be 'instruction' or 'conversation'")
     need(config.infer.max_new_tokens >= 1, "infer.max_new_tokens must be >= 1")
     runtime = config.runtime
-    for name in ("batch_size", "generation_batch_size", "candidate_chunk", "length_bucket"):
+    for name in ("batch_size", "generation_batch_size", "generation_variants", "candidate_chunk",
+                 "length_bucket"):
         need(runtime[name] >= 1, f"runtime.{name} must be >= 1")
     need(runtime.mesh.strip() or not runtime.sharding_rules.strip(),
          f"runtime.sharding_rules={runtime.sharding_rules!r} needs a mesh: set runtime.mesh "

@@ -41,7 +41,7 @@ from refusal_jax.evaluation.kl import mean_kl
 from refusal_jax.evaluation.refusal import refusal_rate
 from refusal_jax.models.core import KVCache, forward
 from refusal_jax.pipeline import artifacts
-from refusal_jax.pipeline.infer import complete_variant
+from refusal_jax.pipeline.infer import complete_variants
 from refusal_jax.pipeline.models import load_pipeline_model
 from refusal_jax.pipeline.progress import progress
 from refusal_jax.pipeline.select import inlp_basis, shared_prefix_batches
@@ -206,18 +206,21 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
     if not name:
         return None
     n_directions = max(c["k"] for c in selection["inlp"]["components"])
+    ks = k_values(n_directions)
+    reused = {n_directions: evaluated[name]} if name in evaluated else {}
+    variants = {k: build_variants(study.model, directions, selection, study.config,
+                                  names=[name], inlp_k=k)[0] for k in ks if k not in reused}
+    k_of = {id(variant): k for k, variant in variants.items()}
+    completions = {k_of[id(variant)]: texts for variant, texts in complete_variants(
+        study.model, list(variants.values()), study.prompts(), study.config.infer,
+        study.config.runtime)}
     points = []
-    for k in progress(k_values(n_directions), len(k_values(n_directions)),
-                      f"k-curve of {name}", every_seconds=0):
-        if k == n_directions and name in evaluated:
-            metrics = evaluated[name]
+    for k in progress(ks, len(ks), f"k-curve of {name}", every_seconds=0):
+        if k in reused:
+            metrics = reused[k]
         else:
-            (variant,) = build_variants(study.model, directions, selection, study.config,
-                                        names=[name], inlp_k=k)
-            completions = complete_variant(study.model, variant, study.prompts(),
-                                           study.config.infer, study.config.runtime)
-            metrics, _, _ = _variant_metrics(study, variant, corpora, base_harmless_logits,
-                                             sources, completions=completions, geometry=False)
+            metrics, _, _ = _variant_metrics(study, variants[k], corpora, base_harmless_logits,
+                                             sources, completions=completions[k], geometry=False)
         points.append({"k": k, "harmful_refusal_rate": metrics["harmful_refusal_rate"],
                        "harmless_refusal_rate": metrics["harmless_refusal_rate"],
                        "cross_entropy": metrics["cross_entropy"]["builtin"],

@@ -34,7 +34,7 @@ from refusal_jax.pipeline import artifacts
 from refusal_jax.pipeline.config import STAGES, check_config
 from refusal_jax.pipeline.data import refusal_filter, sample_sets
 from refusal_jax.pipeline.extract import capture, fit_directions
-from refusal_jax.pipeline.infer import complete_variant
+from refusal_jax.pipeline.infer import complete_variants
 from refusal_jax.pipeline.models import load_pipeline_model, weights_identity
 from refusal_jax.pipeline.select import run_selection
 from refusal_jax.pipeline.variants import build_variants, folding_agreement
@@ -132,22 +132,27 @@ def run_infer(study: Study) -> list[str]:
     config, model, out = study.config, study.model, study.stage_dir("infer")
     prompts, directions = study.prompts(), study.directions()
     variants = build_variants(model, directions, study.selection(), config)
-    files = []
+    files, pending = [], []
     for variant in variants:
         if variant.name == "dim_folded":
             _check_folding(study, variant, directions, prompts)
             files.append("folding.json")
-        relative = f"completions/{variant.name}.json"
-        path = out / relative
+        path = out / _completions_file(variant)
+        files.append(_completions_file(variant))
         if path.exists() and artifacts.read_json(path).get("config_hash") == study.digest:
             logging.info("completions of %s exist; skipped", variant.name)
         else:
-            completions = complete_variant(model, variant, prompts, config.infer, config.runtime,
-                                           placement=study.placement)
-            artifacts.write_json(path, {"config_hash": study.digest, "name": variant.name,
-                                        "description": variant.description, **completions})
-        files.append(relative)
+            pending.append(variant)
+    for variant, completions in complete_variants(model, pending, prompts, config.infer,
+                                                  config.runtime, placement=study.placement):
+        artifacts.write_json(out / _completions_file(variant),
+                             {"config_hash": study.digest, "name": variant.name,
+                              "description": variant.description, **completions})
     return files
+
+
+def _completions_file(variant) -> str:
+    return f"completions/{variant.name}.json"
 
 
 def _check_folding(study: Study, variant, directions, prompts) -> None:
