@@ -108,6 +108,9 @@ flags.DEFINE_integer("selection_batch", 0, "Val prompts per forward pass, both s
                      "pipeline's runtime.batch_size, 32).")
 flags.DEFINE_integer("generation_batch", 16, "Prompts per generation call.")
 flags.DEFINE_integer("generation_new_tokens", 64, "New tokens per prompt.")
+flags.DEFINE_integer("generation_sweep", 8, "All-layer ablations of the sweep row (DiM directions "
+                     "of layers spread over the model; ours: one generate_each call, "
+                     "transformers: one hooked generate each); 0 skips the row.")
 flags.DEFINE_list("scaling_axes", ["prompts", "length", "layers", "width"], "Scaling axes.")
 flags.DEFINE_string("scaling_prompts", "2,8,32", "Prompt counts of the scaling section.")
 flags.DEFINE_string("scaling_length", "16,64,256", "Sequence lengths of the scaling section.")
@@ -132,7 +135,8 @@ def _check_flags() -> None:
         raise app.UsageError("--selection_filters takes 'all' and/or 'until_chosen', got "
                              f"{FLAGS.selection_filters}")
     for name in ("warmup", "inlp_pairs", "inlp_baseline_pairs", "selection_candidates",
-                 "selection_baseline_candidates", "selection_chunk", "selection_batch"):
+                 "selection_baseline_candidates", "selection_chunk", "selection_batch",
+                 "generation_sweep"):
         if getattr(FLAGS, name) < 0:
             raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
     for name in ("repeats", "capture_batch", "inlp_prompts", "extract_batch",

@@ -44,7 +44,7 @@ TINY_RUN = [
     "--inlp_prompts=8", "--extract_batch=8", "--inlp_max_directions=2",
     "--inlp_pairs=3", "--inlp_baseline_pairs=2", "--inlp_repeats=1", "--selection_candidates=3",
     "--selection_baseline_candidates=2", "--selection_prompts=2", "--selection_batch=2",
-    "--generation_batch=2", "--generation_new_tokens=3",
+    "--generation_batch=2", "--generation_new_tokens=3", "--generation_sweep=2",
     "--scaling_axes=layers", "--scaling_layers=1", "--scaling_new_tokens=2",
     "--scaling_repeats=1", "--pipeline_module=fake_pipeline",
     "--pipeline_flags=--workdir={workdir}", "--nopipeline_twin",
@@ -132,8 +132,8 @@ def test_outputs_of_both_stacks_agree(tiny_run):
     # filters="all" scores every score of every candidate the baseline ran.
     assert None not in selections[0]["details"]["max_abs_diff"].values()
     generations = [row for row in result["rows"] if row["section"] == "4 generation"]
-    assert len(generations) == 2
-    assert all(row["details"]["rows_identical"] == 2 for row in generations)
+    assert len(generations) == 3  # no intervention, ablation, a sweep of 2 ablations
+    assert [row["details"]["rows_identical"] for row in generations] == [2, 2, 4]
 
 
 def test_inlp_section_compares_each_baseline_under_its_rules_on_the_same_pairs(tiny_run):

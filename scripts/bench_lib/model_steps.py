@@ -28,7 +28,7 @@ import torch
 from refusal_jax import interventions
 from refusal_jax.evaluation.refusal import refusal_score
 from refusal_jax.models.core import forward
-from refusal_jax.models.generate import generate
+from refusal_jax.models.generate import generate, generate_each
 
 from bench_lib import torch_stack
 from bench_lib.measure import compile_timed, time_pair
@@ -149,9 +149,12 @@ def selection_rows(w: Workload, prompts: Prompts, directions: np.ndarray, *, war
 
 def generation_rows(w: Workload, prompts: Prompts, direction: np.ndarray, *,
                     max_new_tokens: int, warmup: int, repeats: int,
+                    sweep: np.ndarray | None = None,
                     section: str = "4 generation") -> list[Row]:
     """Greedy generation of exactly `max_new_tokens` per row (no stop token on either side),
-    without and with all-layer directional ablation."""
+    without and with all-layer directional ablation; with `sweep` ([V, D] directions), also
+    the all-layer ablation of each of them: ours in one `generate_each`, transformers in one
+    hooked `generate` per direction."""
     config = w.config
     tokens, valid, _ = _arrays(prompts)
     model = w.torch_model
@@ -189,4 +192,44 @@ def generation_rows(w: Workload, prompts: Prompts, direction: np.ndarray, *,
                      "same_shape": list(ours_tokens.shape) == list(theirs.shape),
                      "rows_identical": int(np.sum(np.all(ours_tokens == theirs, axis=1)))
                      if ours_tokens.shape == theirs.shape else None}))
+    if sweep is not None:
+        rows.append(_sweep_row(w, prompts, sweep, max_new_tokens=max_new_tokens, warmup=warmup,
+                               repeats=repeats, section=section))
     return rows
+
+
+def _sweep_row(w: Workload, prompts: Prompts, directions: np.ndarray, *, max_new_tokens: int,
+               warmup: int, repeats: int, section: str) -> Row:
+    config, model = w.config, w.torch_model
+    tokens, valid, _ = _arrays(prompts)
+    ids, mask = torch_stack.as_torch(prompts.tokens, prompts.valid, w.torch_device)
+    ablations = [interventions.directional_ablation(d, n_layers=config.n_layers, layers=None)
+                 for d in directions]
+    run = jax.jit(lambda p, t, v, ivs: generate_each(
+        p, t, v, ivs, config=config, max_new_tokens=max_new_tokens, stop_ids=[-1],
+        pad_id=0).tokens)
+    compiled, compile_s = compile_timed(run, w.params, tokens, valid, ablations)
+
+    def hooked_sweep(new_tokens=max_new_tokens):
+        outputs = []
+        for direction in directions:
+            with torch_stack.ablation_hooks(model, torch.as_tensor(direction,
+                                                                   device=w.torch_device)):
+                outputs.append(torch_stack.generate(model, ids, mask, max_new_tokens=new_tokens,
+                                                    pad_id=0))
+        return torch.stack(outputs)
+
+    pair = time_pair(lambda: compiled(w.params, tokens, valid, ablations), hooked_sweep,
+                     warmup=warmup, repeats=repeats, ours_warmup=0,
+                     baseline_warmup=functools.partial(hooked_sweep, new_tokens=2))
+    ours, theirs = np.asarray(pair.ours.result), pair.baseline.result.cpu().numpy()
+    V, B = len(directions), prompts.tokens.shape[0]
+    return Row.from_pair(
+        section, f"greedy generation, {V} all-layer ablations (a sweep), batch {B}, "
+        f"{max_new_tokens} new tokens", pair,
+        baseline_label=f"transformers generate + hooks, {V} calls", work=V * B * max_new_tokens,
+        work_unit="new tok", compile_s=compile_s,
+        details={"interventions": V, "batch": B, "prompt_length": prompts.tokens.shape[1],
+                 "new_tokens": max_new_tokens, "ours": "one generate_each call",
+                 "rows_identical": int(np.sum(np.all(ours == theirs, axis=-1)))
+                 if ours.shape == theirs.shape else None, "rows": V * B})

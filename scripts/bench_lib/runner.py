@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench_lib import inlp_bench, model_steps, pipeline, scaling, selection
@@ -98,10 +99,14 @@ class _Run:
         directions = self.activations.dim_directions()
         position, layer = directions.shape[0] - 1, directions.shape[1] // 2
         prompts = w.prompts("harmful_val", f.generation_batch)
+        sweep_layers = np.linspace(0, directions.shape[1] - 1, f.generation_sweep).round()
+        sweep_layers = sweep_layers.astype(int).tolist()
         self.rows += model_steps.generation_rows(
             w, prompts, directions[position, layer], max_new_tokens=f.generation_new_tokens,
-            warmup=f.warmup, repeats=f.repeats)
-        return {"ablated_direction": f"DiM at EOI position -1, layer {layer}"}
+            warmup=f.warmup, repeats=f.repeats,
+            sweep=directions[position, sweep_layers] if sweep_layers else None)
+        return {"ablated_direction": f"DiM at EOI position -1, layer {layer}",
+                "sweep_directions": f"DiM at EOI position -1, layers {sweep_layers}"}
 
     def _pipeline(self, f) -> dict[str, Any]:
         rows, info = pipeline.run(
