@@ -35,5 +35,4 @@ def get_config():
     config.evaluate.cross_entropy_max_tokens = 1024
     config.runtime.batch_size = 16
     config.runtime.generation_batch_size = 16
-    config.runtime.generation_variants = 8
     return config

@@ -10,5 +10,4 @@ def get_config():
     config.infer.max_new_tokens = 64
     config.runtime.batch_size = 32
     config.runtime.generation_batch_size = 50
-    config.runtime.generation_variants = 8
     return config

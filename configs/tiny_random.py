@@ -21,6 +21,5 @@ def get_config():
     config.evaluate.cross_entropy_max_tokens = 64
     config.runtime.batch_size = 8
     config.runtime.generation_batch_size = 4
-    config.runtime.generation_variants = 8
     config.runtime.length_bucket = 64  # one padded length for every prompt: fewest compiles
     return config

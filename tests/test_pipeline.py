@@ -141,9 +141,9 @@ def test_variants_generated_together_complete_as_one_at_a_time(resumed_run, tmp_
     """runtime.generation_variants changes how the infer stage batches, not its completions."""
     workdir, _ = resumed_run
     config = tiny_config()
-    assert config.runtime.generation_variants > 1
+    assert config.runtime.generation_variants == 1
     shutil.copytree(workdir, tmp_path / "run", ignore=shutil.ignore_patterns("infer"))
-    config.runtime.generation_variants = 1
+    config.runtime.generation_variants = 8
     variants_per_call = []
 
     def counting(params, tokens, valid, interventions, **kwargs):
@@ -152,11 +152,11 @@ def test_variants_generated_together_complete_as_one_at_a_time(resumed_run, tmp_
 
     monkeypatch.setattr(infer, "generate_each", counting)
     runner.run_study(config, tmp_path / "run", ("infer",))
-    n_variants = len(config.infer.interventions)
-    assert variants_per_call == [1] * 2 * n_variants  # harmful and harmless batches
+    # harmful, then harmless: the three variants on the model's weights, then the folded one
+    assert variants_per_call == [3, 3, 1, 1]
     for name in config.infer.interventions:
-        one_at_a_time = json.loads((tmp_path / f"run/infer/completions/{name}.json").read_text())
-        together = json.loads((workdir / f"infer/completions/{name}.json").read_text())
+        together = json.loads((tmp_path / f"run/infer/completions/{name}.json").read_text())
+        one_at_a_time = json.loads((workdir / f"infer/completions/{name}.json").read_text())
         assert one_at_a_time == together, name
 
 

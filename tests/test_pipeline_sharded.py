@@ -48,6 +48,7 @@ def tiny_config(mesh: str = ""):
     """configs/tiny_random.py, shrunk; runtime.mesh does not enter the config hash."""
     config = shrunk_tiny_config()
     config.infer.interventions = ("baseline", "dim_ablation", "inlp_nullspace")
+    config.runtime.generation_variants = 3  # generated together
     config.runtime.mesh = mesh
     return config
 

@@ -18,9 +18,10 @@ evaluate.*            evaluation options, passed to the evaluation modules
 runtime.*             batch sizes, chunking and the device mesh; left out of the config hash
                       (they change speed, not results)
 runtime.generation_variants  how many variants of the infer stage (and of the k-curve) are
-                      generated together: a decode step then reads the weights once for all of
-                      them, and the KV cache is this many times larger (1 on the GPU-sized
-                      configs; 8 on the CPU ones, where decoding is bound by reading weights)
+                      generated together (``models.generate.generate_each``): a decode step then
+                      reads the weights once for all of them, and the KV cache is this many
+                      times larger. 1 (one at a time) everywhere: on the 2-core CPU, 8 at once
+                      did not shorten the default run's infer stage
 runtime.mesh          "" (one device, no mesh) or the (data, fsdp, model) mesh sizes as
                       ``"data=-1,model=4"`` (missing axes 1, one may be -1: the devices left
                       over; see ``refusal_jax.sharding``). Batch sizes must be multiples of
