@@ -4,10 +4,11 @@ Shapes are static (the cache holds prompt + `max_new_tokens` slots), so a batch 
 (batch size, prompt bucket, max_new_tokens, number of interventions). The same intervention is
 active during prefill and every decode step. `generate_each` runs one batch under several
 interventions of one kind at once (the forward passes vmapped over them inside one decode loop),
-so a decode step reads each weight once for all of them: where decoding is bound by reading the
-weights (small batches, CPUs), V interventions cost much less than V calls. Greedy decoding is
-the default; temperature and top-p sampling take an explicit PRNG key, and their values are
-traced arrays (changing them does not recompile).
+so a decode step reads each weight once for all of them (on a 2-core CPU, 8 interventions x 16
+rows of SmolLM2-135M took 71-101 ms per intervention per step, against 163-169 ms one at a
+time); their prefills run one after another. Greedy decoding is the default; temperature and
+top-p sampling take an explicit PRNG key, and their values are traced arrays (changing them does
+not recompile).
 
 On a mesh (``mesh=``), the KV cache is constrained to its layout from the sharding rules: rows
 over ``batch``, KV heads over ``model``; an axis whose mesh split does not divide it (e.g. 2 KV

@@ -3,9 +3,10 @@
 Prompts are generated in fixed-size batches grouped by length (``extract.placed_batches``), so
 each (batch size, length bucket, number of variants) compiles once; changing directions between
 variants does not recompile. Variants that run on the model's own weights share one intervention
-form (``variants._Slots``), so up to ``runtime.generation_variants`` of them are generated
-together (``models.generate.generate_each``): each decode step reads the weights once for all of
-them, and their KV caches are held at once. Completions are decoded up to the first stop token.
+form (``variants._Slots``), so up to ``runtime.generation_variants`` of them (default 1) are
+generated together (``models.generate.generate_each``): each decode step reads the weights once
+for all of them, and their KV caches are held at once. Each variant's completions are written
+to their own file as soon as its group is done, so an interrupted stage resumes there. Completions are decoded up to the first stop token.
 On a mesh, each process encodes only its own rows, the KV cache is split like the batch, and the
 generated tokens are gathered to every process.
 """

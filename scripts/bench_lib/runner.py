@@ -99,7 +99,9 @@ class _Run:
         directions = self.activations.dim_directions()
         position, layer = directions.shape[0] - 1, directions.shape[1] // 2
         prompts = w.prompts("harmful_val", f.generation_batch)
-        sweep_layers = np.linspace(0, directions.shape[1] - 1, f.generation_sweep).round()
+        # From layer 1: layer 0's block input is the token embedding, the same at the EOI
+        # positions of both classes, so its DiM direction is zero.
+        sweep_layers = np.linspace(1, directions.shape[1] - 1, f.generation_sweep).round()
         sweep_layers = sweep_layers.astype(int).tolist()
         self.rows += model_steps.generation_rows(
             w, prompts, directions[position, layer], max_new_tokens=f.generation_new_tokens,
