@@ -108,7 +108,7 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", TrainConfig.warmup_steps, "Warmup
 _RANK = flags.DEFINE_integer("rank", TrainConfig.rank, "LoRA rank.")
 _ALPHA = flags.DEFINE_float("alpha", TrainConfig.alpha, "LoRA alpha (scale = alpha / rank).")
 _TARGETS = flags.DEFINE_list("targets", list(LORA_TARGETS), "Adapted projection matrices.")
-_FIRST_LAYER = flags.DEFINE_integer("first_layer", 8,
+_FIRST_LAYER = flags.DEFINE_integer("first_layer", TrainConfig.first_layer,
                                     "First adapted layer; the layers below stay frozen.")
 _SEED = flags.DEFINE_integer("seed", TrainConfig.seed,
                              "Seed of data sampling, refusal choice, init, batches.")

@@ -22,12 +22,10 @@ from refusal_jax import distributed
 from refusal_jax.distributed import Placement
 from refusal_jax.models.generate import generate_each
 from refusal_jax.models.loading import Model
+from refusal_jax.pipeline.data import CLASSES
 from refusal_jax.pipeline.extract import placed_batches
 from refusal_jax.pipeline.progress import progress
 from refusal_jax.pipeline.variants import Variant
-
-CLASSES = ("harmful", "harmless")
-
 
 def complete_each(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,
                   params=None, config=None, max_new_tokens: int, batch_size: int,

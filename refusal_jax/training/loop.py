@@ -59,7 +59,7 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS
-    first_layer: int = 14
+    first_layer: int = 8
     seed: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int | None = 2  # None keeps every checkpoint (for checkpoint selection)
