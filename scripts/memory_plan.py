@@ -1,7 +1,7 @@
 """Memory plan: bytes per device for weights, KV cache and captures; the mesh a machine needs.
 
-    python scripts/memory_plan.py [--batch 64] [--length 1024] [--capture_positions 5]
-                                  [--dtype bfloat16] [--headroom 0.2]
+    python scripts/memory_plan.py [--batch 64] [--length 1024] [--variants 1]
+                                  [--capture_positions 5] [--dtype bfloat16] [--headroom 0.2]
 
 Everything is computed from shapes, never allocated: `jax.eval_shape` of the parameter
 initialiser and of an empty KV cache, laid out on a device-free `AbstractMesh` by the sharding
@@ -11,7 +11,9 @@ parallelism among those that fit, preferring tensor parallelism (model) to FSDP,
 re-gathers every weight on every forward pass. A mesh fits when weights + KV cache + captures
 take at most (1 - headroom) of a device's memory (the headroom is left for XLA's temporaries);
 the model axis must divide the number of KV heads (heads are never split), and the global batch
-must divide over data x fsdp. The model configs below are the published config.json values.
+must divide over data x fsdp. `--variants` is the number of KV caches held at once: generation
+under V interventions together (`generate_each`, the pipeline's `runtime.generation_variants`)
+keeps one cache per intervention. The model configs below are the published config.json values.
 """
 
 from __future__ import annotations
@@ -94,9 +96,10 @@ class MemoryPlan:
 
 
 def plan(config: ModelConfig, mesh: Sequence[int], *, batch: int, length: int,
-         capture_positions: int, dtype=jnp.bfloat16,
+         capture_positions: int, dtype=jnp.bfloat16, variants: int = 1,
          rules: sharding.Rules = sharding.DEFAULT_RULES) -> MemoryPlan:
-    """Per-device bytes of the weights, a KV cache of `batch` x `length` and one batch of captures.
+    """Per-device bytes of the weights, `variants` KV caches of `batch` x `length` and one batch of
+    captures.
 
     Captures are the [batch, capture_positions, n_layers, d_model] block inputs of one forward
     pass in the compute dtype. Raises ValueError when a dimension does not divide over the mesh.
@@ -112,13 +115,13 @@ def plan(config: ModelConfig, mesh: Sequence[int], *, batch: int, length: int,
         sharding=sharding.capture_sharding(config, abstract, batch, capture_positions, rules))
     return MemoryPlan(mesh=tuple(mesh),
                       weights=sharding.planned_bytes_per_device(weights),
-                      kv_cache=sharding.planned_bytes_per_device(cache),
+                      kv_cache=variants * sharding.planned_bytes_per_device(cache),
                       captures=sharding.planned_bytes_per_device(captures))
 
 
 def choose_mesh(config: ModelConfig, machine: Machine, *, batch: int, length: int,
-                capture_positions: int, dtype=jnp.bfloat16, headroom: float = 0.2
-                ) -> MemoryPlan | None:
+                capture_positions: int, dtype=jnp.bfloat16, variants: int = 1,
+                headroom: float = 0.2) -> MemoryPlan | None:
     """The plan of the mesh `machine` needs (see the module docstring), or None if none fits."""
     budget = (1.0 - headroom) * machine.device_bytes
     fitting = []
@@ -128,7 +131,8 @@ def choose_mesh(config: ModelConfig, machine: Machine, *, batch: int, length: in
             continue
         try:
             candidate = plan(config, (data, fsdp, model), batch=batch, length=length,
-                             capture_positions=capture_positions, dtype=dtype)
+                             capture_positions=capture_positions, dtype=dtype,
+                             variants=variants)
         except ValueError:  # some dimension does not divide over this mesh
             continue
         if candidate.total <= budget:
@@ -145,7 +149,7 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 def markdown_table(*, batch: int, length: int, capture_positions: int, dtype=jnp.bfloat16,
-                   headroom: float = 0.2) -> str:
+                   variants: int = 1, headroom: float = 0.2) -> str:
     rows = ["| model | params | machine | mesh data x fsdp x model | weights | KV cache | "
             "captures | total | device memory |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -155,7 +159,7 @@ def markdown_table(*, batch: int, length: int, capture_positions: int, dtype=jnp
         for machine in MACHINES:
             chosen = choose_mesh(config, machine, batch=batch, length=length,
                                  capture_positions=capture_positions, dtype=dtype,
-                                 headroom=headroom)
+                                 variants=variants, headroom=headroom)
             memory = f"{machine.device_bytes / GIB:.1f}"
             if chosen is None:
                 rows.append(f"| {name} | {params} | {machine.name} | does not fit | | | | | "
@@ -173,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="global batch (prompts per step)")
     parser.add_argument("--length", type=int, default=1024,
                         help="KV cache slots per row (prompt + generated tokens)")
+    parser.add_argument("--variants", type=int, default=1,
+                        help="KV caches held at once (interventions generated together)")
     parser.add_argument("--capture_positions", type=int, default=5,
                         help="token positions captured per prompt (e.g. the EOI tokens)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -181,13 +187,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 0.0 <= args.headroom < 1.0:
         parser.error(f"--headroom must lie in [0, 1); got {args.headroom}")
+    if args.variants < 1:
+        parser.error(f"--variants must be >= 1; got {args.variants}")
     dtype = sharding.DtypePolicy(params=args.dtype).params_dtype
+    caches = "KV cache" if args.variants == 1 else f"{args.variants} KV caches"
     print(f"Per-device memory in GiB; {args.dtype} weights and activations, batch {args.batch}, "
-          f"KV cache of {args.length} slots, captures at {args.capture_positions} positions, "
+          f"{caches} of {args.length} slots, captures at {args.capture_positions} positions, "
           f"{args.headroom:.0%} headroom.\n")
     print(markdown_table(batch=args.batch, length=args.length,
                          capture_positions=args.capture_positions, dtype=dtype,
-                         headroom=args.headroom))
+                         variants=args.variants, headroom=args.headroom))
 
 
 if __name__ == "__main__":

@@ -413,10 +413,27 @@ def test_memory_plan_chooses_a_mesh_that_fits_and_rejects_one_that_does_not():
     assert memory_plan.choose_mesh(llama70, tiny, **options) is None
 
 
-def test_memory_plan_rejects_a_headroom_outside_0_1(capsys):
+def test_memory_plan_counts_one_kv_cache_per_variant_generated_together():
+    memory_plan = _memory_plan_module()
+    llama70 = ModelConfig.from_hf_config(memory_plan.PUBLISHED_CONFIGS["Llama-3-70B"])
+    h100 = next(m for m in memory_plan.MACHINES if m.name == "8 x H100")
+    options = dict(batch=64, length=1024, capture_positions=5)
+    one = memory_plan.plan(llama70, (2, 1, 4), **options)
+    sixteen = memory_plan.plan(llama70, (2, 1, 4), variants=16, **options)
+    assert (sixteen.weights, sixteen.captures) == (one.weights, one.captures)
+    assert sixteen.kv_cache == 16 * one.kv_cache
+    # 16 caches of 64 x 1024 slots (43 GB in all) no longer fit beside a quarter of the weights:
+    # the plan gives up data parallelism to split the caches over all 8 GPUs' KV heads.
+    assert memory_plan.choose_mesh(llama70, h100, variants=16, **options).mesh == (1, 1, 8)
+
+
+def test_memory_plan_rejects_a_headroom_outside_0_1_and_fewer_than_one_variant(capsys):
     with pytest.raises(SystemExit):
         _memory_plan_module().main(["--headroom", "1.5"])
     assert "--headroom must lie in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _memory_plan_module().main(["--variants", "0"])
+    assert "--variants must be >= 1" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
