@@ -91,6 +91,29 @@ def test_builtin_set_size_and_schema(name):
         assert entry["category"] in allowed, (name, index, entry["category"])
 
 
+def _readme_rows(header: str) -> list[list[str]]:
+    """The body rows of the table in refusal_jax/data/README.md whose header row is ``header``."""
+    lines = (DATA_DIR / "README.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index(header) + 2  # skip the header and the |---| row
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines[start:])
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_readme_tables_state_the_sizes_and_phrasing_of_the_files():
+    sizes = {name.strip("`"): int(size) for name, size, _ in
+             _readme_rows("| set | size | purpose |")}
+    assert sizes == {**EXPECTED_SIZES, "refusals.json": N_REFUSALS}
+    for group, questions, words in _readme_rows("| set | questions | words |"):
+        kind, _, splits = group.partition(" ")  # e.g. "harmless", "train / val / eval"
+        kind = {"style-matched": "benign_style_matched"}.get(kind, kind)
+        names = [f"{kind}_{split}" for split in splits.split(" / ")]
+        for name, question_share, mean_words in zip(names, questions.split(" / "),
+                                                    words.split(" / "), strict=True):
+            texts = load_instructions(name)
+            assert question_share == f"{sum(t.endswith('?') for t in texts) / len(texts):.0%}", name
+            assert mean_words == f"{np.mean([len(t.split()) for t in texts]):.1f}", name
+
+
 @pytest.mark.parametrize("name", [n for n in BUILTIN_SETS if not n.startswith("harmless")])
 def test_harm_sets_cover_every_category(name):
     assert {entry["category"] for entry in _raw(name)} == HARM_CATEGORIES
