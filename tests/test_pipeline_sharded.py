@@ -3,7 +3,7 @@
 The sharded run needs 8 CPU devices, which jax fixes when it is first imported (pytest has
 imported it with one device), so this file also runs as a script: the `runs` fixture starts
 `python tests/test_pipeline_sharded.py WORKDIR OUT.json` with
-XLA_FLAGS=--xla_force_host_platform_device_count=8, which runs extract, select and infer of
+XLA_FLAGS=--xla_force_host_platform_device_count=8, which runs every stage of
 configs/tiny_random.py (shrunk) on a data=2 x fsdp=2 x model=2 mesh and records where the stages
 placed their arrays, while the pytest process runs the same stages on one device without a
 mesh. The tests compare the two work directories and assert on the recorded placements.
@@ -39,7 +39,7 @@ from refusal_jax.pipeline.config import check_config
 REPOSITORY = Path(__file__).resolve().parents[1]
 MESH = "data=2,fsdp=2,model=2"
 N_DEVICES = 8
-STAGES = ("extract", "select", "infer")
+STAGES = ("extract", "select", "infer", "evaluate")
 TOLERANCE = 1e-5
 TIMEOUT_S = 540
 
@@ -91,10 +91,10 @@ def _sharded_run(workdir: Path) -> dict:
     """Runs the stages on the mesh, recording where the arrays were; then the side checks."""
     import jax
 
-    from refusal_jax.pipeline import extract, infer
+    from refusal_jax.pipeline import evaluate, extract, infer
 
     assert jax.device_count() == N_DEVICES, jax.devices()
-    captured, fitted, generated = [], [], []
+    captured, fitted, generated, forwarded = [], [], [], []
     _recording(extract, "_capture", captured, lambda params, tokens, valid, positions, *_, **__: {
         "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
         "positions": _spec(positions)})
@@ -105,6 +105,9 @@ def _sharded_run(workdir: Path) -> dict:
                lambda params, tokens, valid, interventions, **kwargs: {
                    "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
                    "variants": len(interventions), "mesh": dict(kwargs["mesh"].shape)})
+    _recording(evaluate, "_logits_and_captures", forwarded,
+               lambda params, prefix, tokens, *_, **__: {
+                   "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens)})
     study = runner.run_study(tiny_config(MESH), workdir, STAGES)
     params = sharding.leaves_by_path(study.model.params)
     expected = sharding.leaves_by_path(sharding.param_shardings(
@@ -117,7 +120,7 @@ def _sharded_run(workdir: Path) -> dict:
         "weights": sorted(params),
         "weight_split": {"embed": _shard_shape(params["embed"]),
                          "layers.q_proj": _shard_shape(params["layers.q_proj"])},
-        "captured": captured, "fitted": fitted, "generated": generated,
+        "captured": captured, "fitted": fitted, "generated": generated, "forwarded": forwarded,
         "grouped_inlp": _grouped_inlp(workdir, jax.devices()[0]),
         "kv_cache": _kv_cache_layouts(study.model),
         "sharded_checkpoint": _sharded_checkpoint(workdir.parent / "checkpoint", study),
@@ -276,11 +279,16 @@ def test_prompt_batches_are_split_over_data_and_fsdp(runs):
         assert call["tokens"][0] == ["data", "fsdp"] and call["positions"][0] == ["data", "fsdp"]
         assert call["tokens_shard"][0] == 2  # 8 rows over 4 devices
     generated = runs["recorded"]["generated"]
-    assert len(generated) == 2  # harmful, harmless: one batch each, the 3 variants together
+    # The infer stage: harmful, harmless, one batch each, the 3 variants together; then the
+    # evaluate stage's k-curve.
+    assert [call["variants"] for call in generated[:2]] == [3, 3] and len(generated) > 2
     for call in generated:
-        assert call["variants"] == 3
         assert call["tokens"][0] == ["data", "fsdp"] and call["tokens_shard"][0] == 1
         assert call["mesh"] == {"data": 2, "fsdp": 2, "model": 2}
+    forwarded = runs["recorded"]["forwarded"]  # the evaluate stage's logits and activations
+    assert forwarded
+    for call in forwarded:
+        assert call["tokens"][0] == ["data", "fsdp"] and call["tokens_shard"][0] == 1
 
 
 def test_inlp_pairs_are_split_over_every_device(runs):
@@ -373,6 +381,32 @@ def test_completions_match_one_device(runs):
         one = artifacts.read_json(runs["one"] / f"infer/completions/{name}.json")
         assert sharded["harmful"] == one["harmful"] and sharded["harmless"] == one["harmless"]
         assert sharded["config_hash"] == one["config_hash"]  # the mesh is not in the hash
+
+
+def _numbers(tree, path=""):
+    """(path, value) of every number in a JSON tree (booleans aside)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numbers(value, f"{path}/{key}")
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _numbers(value, f"{path}/{index}")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield path, tree
+
+
+def test_evaluation_metrics_match_one_device(runs):
+    sharded = artifacts.read_json(runs["sharded"] / "evaluate/metrics.json")
+    one = artifacts.read_json(runs["one"] / "evaluate/metrics.json")
+    expected = dict(_numbers(one))
+    found = dict(_numbers(sharded))
+    assert sorted(found) == sorted(expected)
+    assert any("/kl" in path for path in expected) and any("k_curve" in path for path in expected)
+    for path, value in expected.items():
+        if "refusal_rate" in path or path.endswith(("/k", "/n_harmful", "/n_harmless")):
+            assert found[path] == value, path  # decided by identical completions
+        else:
+            assert _scaled_diff(found[path], value) <= TOLERANCE, path
 
 
 # ----------------------------------------------------------------------------------------------

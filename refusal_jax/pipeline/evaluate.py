@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from refusal_jax import report
+from refusal_jax import distributed, report
 from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
@@ -83,7 +83,8 @@ def _logits_and_captures(params, prefix, tokens, valid, capture_positions, inter
 def _forward_set(study, variant: Variant, intervention, instructions,
                  sources: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """Last-position logits [n, V] and the activations [S, n, D] at each source (EOI position
-    index, layer) of ``sources``, of a variant on a set."""
+    index, layer) of ``sources``, of a variant on a set; on a mesh, each batch's rows are split
+    over ``batch``."""
     model, runtime = study.model, study.config.runtime
     params = model.params if variant.params is None else variant.params
     config = model.config if variant.config is None else variant.config
@@ -97,12 +98,12 @@ def _forward_set(study, variant: Variant, intervention, instructions,
         length = tokens.shape[1] - n_prefix
         positions = np.asarray([[length - n_eoi + p_index for p_index, _ in sources]] *
                                len(tokens), np.int32)
-        batch_logits, captures = _logits_and_captures(
-            params, jnp.asarray(tokens[0, :n_prefix]), jnp.asarray(tokens[:, n_prefix:]),
-            jnp.asarray(valid[:, n_prefix:]), jnp.asarray(positions), intervention,
-            config=config)
-        logits[rows] = np.asarray(batch_logits)[:len(rows)]
-        captures = np.asarray(captures)[:len(rows)]  # [rows, S, L, D]
+        placed, _ = study.placement.leading(
+            (tokens[:, n_prefix:], valid[:, n_prefix:], positions), "batch")
+        batch_logits, captures = distributed.gather(_logits_and_captures(
+            params, jnp.asarray(tokens[0, :n_prefix]), *placed, intervention, config=config))
+        logits[rows] = batch_logits[:len(rows)]
+        captures = captures[:len(rows)]  # [rows, S, L, D]
         for index, (_, layer) in enumerate(sources):
             points[index, rows] = captures[:, index, layer]
     return logits, points
@@ -213,7 +214,7 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
     k_of = {id(variant): k for k, variant in variants.items()}
     completions = {k_of[id(variant)]: texts for variant, texts in complete_variants(
         study.model, list(variants.values()), study.prompts(), study.config.infer,
-        study.config.runtime)}
+        study.config.runtime, placement=study.placement)}
     points = []
     for k in progress(ks, len(ks), f"k-curve of {name}", every_seconds=0):
         if k in reused:
