@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +96,11 @@ def refusal_filter(scores: np.ndarray, *, harmful: bool, name: str) -> np.ndarra
         raise ValueError(f"no {name} prompt survives the refusal-score filter: {what}. Use a "
                          f"model that refuses, or set data.{flag}=False")
     return keep
+
+
+def refusal_filters(scores: Mapping[str, np.ndarray], data_config) -> dict[str, np.ndarray]:
+    """``refusal_filter`` of each train / val set whose split ``data.filter_train`` /
+    ``data.filter_val`` filters: set name -> which of its prompts to keep."""
+    return {f"{cls}_{split}": refusal_filter(scores[f"{cls}_{split}"], harmful=cls == "harmful",
+                                             name=f"{cls}_{split}")
+            for split in ("train", "val") if data_config[f"filter_{split}"] for cls in CLASSES}

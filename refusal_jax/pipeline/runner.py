@@ -32,7 +32,7 @@ from absl import logging
 from refusal_jax.distributed import Placement
 from refusal_jax.pipeline import artifacts
 from refusal_jax.pipeline.config import STAGES, check_config
-from refusal_jax.pipeline.data import refusal_filter, sample_sets
+from refusal_jax.pipeline.data import refusal_filters, sample_sets
 from refusal_jax.pipeline.extract import capture, fit_directions
 from refusal_jax.pipeline.infer import complete_variants
 from refusal_jax.pipeline.models import load_pipeline_model, weights_identity
@@ -100,15 +100,10 @@ def run_extract(study: Study) -> list[str]:
     activations, scores = {}, {}
     for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
         activations[name], scores[name] = capture(model, sets[name], name=name, **runtime)
-    for split in ("train", "val"):
-        if not config.data[f"filter_{split}"]:
-            continue
-        for cls in ("harmful", "harmless"):
-            name = f"{cls}_{split}"
-            keep = refusal_filter(scores[name], harmful=cls == "harmful", name=name)
-            logging.info("filter %s: kept %d of %d prompts", name, keep.sum(), keep.size)
-            sets[name] = [text for text, kept in zip(sets[name], keep) if kept]
-            activations[name], scores[name] = activations[name][keep], scores[name][keep]
+    for name, keep in refusal_filters(scores, config.data).items():
+        logging.info("filter %s: kept %d of %d prompts", name, keep.sum(), keep.size)
+        sets[name] = [text for text, kept in zip(sets[name], keep) if kept]
+        activations[name], scores[name] = activations[name][keep], scores[name][keep]
     directions = fit_directions(activations["harmful_train"], activations["harmless_train"],
                                 config.directions, seed=config.seed, placement=study.placement)
     artifacts.write_json(out / "prompts.json", sets)

@@ -12,7 +12,7 @@ extract   per set (harmful/harmless train and val), batches of `runtime.batch_si
           set order, each left padded to its longest (the reference tokenizer's padding): one
           hooked forward per batch collecting every layer's block input at the EOI positions
           (`torch_stack.capture_hooks`) and the last-position refusal score
-          (`torch_stack.refusal_score`); the refusal-score filter (`data.refusal_filter`); DiM
+          (`torch_stack.refusal_score`); the refusal-score filter (`data.refusal_filters`); DiM
           and class means (torch means); INLP at every (position, layer) with the per-pair
           scikit-learn loop of `bench_lib.inlp_bench` (our default rules, same stratified split
           and seed; its accepted classifiers are recorded to rebuild the basis the loop built);
@@ -81,7 +81,7 @@ from refusal_jax.evaluation.refusal import refusal_rate
 from refusal_jax.models.loading import Model
 from refusal_jax.pipeline import select
 from refusal_jax.pipeline.config import check_config
-from refusal_jax.pipeline.data import refusal_filter, sample_sets
+from refusal_jax.pipeline.data import refusal_filters, sample_sets
 from refusal_jax.pipeline.evaluate import _truncate
 from refusal_jax.pipeline.models import load_pipeline_model
 from refusal_jax.pipeline.runner import FOLDING_TOLERANCE
@@ -273,14 +273,9 @@ class _Twin:
         for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
             acts[name], logits = self.capture(self.prompts[name])
             scores[name] = torch_stack.refusal_score(logits, self.refusal_ids).cpu().numpy()
-        for split in ("train", "val"):
-            if not config.data[f"filter_{split}"]:
-                continue
-            for cls in ("harmful", "harmless"):
-                name = f"{cls}_{split}"
-                keep = refusal_filter(scores[name], harmful=cls == "harmful", name=name)
-                self.prompts[name] = [t for t, kept in zip(self.prompts[name], keep) if kept]
-                acts[name] = acts[name][torch.as_tensor(keep, device=acts[name].device)]
+        for name, keep in refusal_filters(scores, config.data).items():
+            self.prompts[name] = [t for t, kept in zip(self.prompts[name], keep) if kept]
+            acts[name] = acts[name][torch.as_tensor(keep, device=acts[name].device)]
         harmful, harmless = acts["harmful_train"], acts["harmless_train"]
         self.work["kept"] = {name: len(self.prompts[name]) for name in acts}
         self.directions = {"dim": (harmful.mean(0) - harmless.mean(0)).cpu().numpy(),
