@@ -4,6 +4,7 @@ Measures, with greedy decoding of --max_new_tokens tokens:
   harmbench_test       substring refusal rate on HarmBench test behaviours (never trained on)
   alpaca_heldout       refusal rate on --num_alpaca held-out Alpaca instructions (over-refusal)
   style_matched_eval   refusal rate on benign requests phrased like harmful ones (held out)
+  style_matched_test   the same on a second held-out set of them, written later
 and the cross-entropy per token of the base model's greedy answers to held-out harmless prompts
 (--ce_set), under the base and the tuned model. The base model's completions are cached in
 --work_dir. Results are printed as a table and, with --write_provenance, stored under "metrics"
@@ -39,6 +40,9 @@ _ALPACA = flags.DEFINE_string("alpaca", str(SHARED / "splits_harmless_test.json"
 _NUM_ALPACA = flags.DEFINE_integer("num_alpaca", 100, "Seeded sample of the Alpaca set.")
 _STYLE = flags.DEFINE_string("style_matched", "benign_style_matched_eval",
                              "Held-out benign look-alike set.")
+_STYLE_TEST = flags.DEFINE_string(
+    "style_matched_test", "benign_style_matched_test",
+    "A second held-out set of benign look-alikes, written after the default model was trained.")
 _CE_SET = flags.DEFINE_string("ce_set", "harmless_eval",
                               "Held-out harmless prompts whose base answers are scored.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Greedy completion length.")
@@ -62,7 +66,8 @@ def main(argv):
     sets = {"harmbench_test": load_instructions(_HARMFUL.value),
             "alpaca_heldout": load_instructions(_ALPACA.value, n=_NUM_ALPACA.value,
                                                 seed=_SEED.value),
-            "style_matched_eval": load_instructions(_STYLE.value)}
+            "style_matched_eval": load_instructions(_STYLE.value),
+            "style_matched_test": load_instructions(_STYLE_TEST.value)}
     ce_prompts = load_instructions(_CE_SET.value)
 
     rates, samples = {m: {} for m in models}, {}

@@ -69,7 +69,7 @@ _NUM_HARMLESS = flags.DEFINE_integer("num_harmless_per_set", 700,
 _EXCLUDED = flags.DEFINE_list(
     "excluded",
     [str(SHARED / "processed_harmbench_test.json"), "harmful_eval", "harmful_val",
-     "benign_style_matched_eval", "harmless_eval", "harmless_val",
+     "benign_style_matched_eval", "benign_style_matched_test", "harmless_eval", "harmless_val",
      str(SHARED / "splits_harmless_test.json")],
     "Sets never trained on (evaluation sets; the validation sets are added when selecting a "
     "checkpoint); missing paths are skipped with a warning.")

@@ -31,6 +31,7 @@ EXPECTED_SIZES = {
     "benign_style_matched_train": 593,
     "benign_style_matched_val": 66,
     "benign_style_matched_eval": 60,
+    "benign_style_matched_test": 39,
     "harmful_tuning": 49,
 }
 N_REFUSALS = 40
@@ -152,9 +153,10 @@ def test_no_near_duplicates_within_or_across_sets(builtin):
         assert similarity < NEAR_DUPLICATE_JACCARD, (name_a, a, name_b, b, similarity)
 
 
-def test_style_matched_eval_is_held_out_in_topic(builtin):
+@pytest.mark.parametrize("name", ["benign_style_matched_eval", "benign_style_matched_test"])
+def test_style_matched_eval_and_test_are_held_out_in_topic(builtin, name):
     train = [_content(text) for text in builtin["benign_style_matched_train"]]
-    for text in builtin["benign_style_matched_eval"]:
+    for text in builtin[name]:
         closest = max(_jaccard(_content(text), other) for other in train)
         assert closest < STYLE_EVAL_MAX_CONTENT_JACCARD, (text, closest)
 

@@ -39,6 +39,7 @@ BUILTIN_SETS: tuple[str, ...] = (
     "benign_style_matched_train",
     "benign_style_matched_val",
     "benign_style_matched_eval",
+    "benign_style_matched_test",
     "harmful_tuning",
 )
 
