@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct Q4_1 file.
 """
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,9 @@ from refusal_jax.models.checkpoints import (
     load_hf_config,
     save_hf_checkpoint,
 )
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.convert import params_from_hf
+from refusal_jax.models.core import forward
 from refusal_jax.tokenizer import load_tokenizer
 
 TINY = dict(
@@ -335,6 +339,27 @@ def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
+def llama_cpp_rope_freqs(config: transformers.PretrainedConfig) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py LlamaModel.generate_extra_tensors for llama3 rope
+    scaling, in numpy (with the model's own original context where llama.cpp assumes 8192)."""
+    rope = config.rope_parameters
+    dim = config.head_dim
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_context / high:
+            factors.append(1)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, np.float32)
+
+
 def write_and_close(writer: gguf.GGUFWriter) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -383,6 +408,8 @@ def write_gguf_like_llama_cpp(
             weights = weights + np.float32(1)
             expected[name] = weights - np.float32(1)
         writer.add_tensor(name_map.get_name(name, try_suffixes=(".weight", ".bias")), weights)
+    if config.rope_parameters.get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(config))
     write_and_close(writer)
     return expected
 
@@ -431,22 +458,55 @@ def test_gguf_written_like_llama_cpp_loads_back(tmp_path, family):
     assert getattr(rebuilt, activation) == getattr(model.config, activation)
 
 
-def test_gguf_rope_freqs_is_refused(tmp_path):
+def test_gguf_rope_freqs_is_read_as_the_llama3_rope_scaling_of_transformers(tmp_path):
+    """Llama 3.1 / 3.2 GGUF files store their rope scaling as the tensor rope_freqs."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**TINY, "hidden_size": 64}, num_attention_heads=2, num_key_value_heads=1,
+        rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=64))).eval()
+    expected = write_gguf_like_llama_cpp(model, tmp_path / "llama3.gguf")
+    config, tensors = load_hf_checkpoint(tmp_path / "llama3.gguf")
+
+    assert_same_tensors(tensors, expected)  # rope_freqs is not a weight
+    # The file has no original context; llama.cpp's 8192 with low and high scaled by 8192 / 64
+    # is the same curve.
+    assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0,
+                                      "low_freq_factor": 128.0, "high_freq_factor": 512.0,
+                                      "original_max_position_embeddings": 8192}
+    theirs = model.model.rotary_emb.inv_freq.numpy()
+    rebuilt = transformers.LlamaForCausalLM(transformers.AutoConfig.for_model(**config))
+    np.testing.assert_allclose(rebuilt.model.rotary_emb.inv_freq.numpy(), theirs, rtol=1e-6)
+    ours = ModelConfig.from_hf_config(config)
+    np.testing.assert_allclose(ours.rope_inverse_frequencies(), theirs, rtol=1e-6)
+    unscaled = ModelConfig.from_hf_config({**config, "rope_scaling": None})
+    assert (ours.rope_inverse_frequencies() != unscaled.rope_inverse_frequencies()).sum() > 2
+
+    tokens = np.random.default_rng(0).integers(0, TINY["vocab_size"], (2, 40)).astype(np.int32)
+    with torch.no_grad():
+        expected_logits = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+    logits = forward(params_from_hf(ours, tensors), tokens, np.ones_like(tokens, bool),
+                     config=ours).logits
+    assert np.abs(np.asarray(logits) - expected_logits).max() <= 1e-4
+
+
+@pytest.mark.parametrize("divisors, match", [
+    ([1.0, 3.0, 2.0, 8.0], "does not follow llama3 rope scaling"),  # not monotonic
+    ([1.0, 1.0, 8.0, 8.0], "smooths 0 frequencies"),  # no curve to read parameters from
+    ([1.0, 8.0], "holds 2 divisors"),
+])
+def test_gguf_rope_freqs_off_a_llama3_curve_is_refused(tmp_path, divisors, match):
     writer = gguf.GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
-    for key in (
-        "context_length",
-        "embedding_length",
-        "block_count",
-        "feed_forward_length",
-        "head_count",
-    ):
-        getattr(writer, f"add_{key}")(4)
+    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length"):
+        getattr(writer, f"add_{key}")(8)
+    writer.add_head_count(1)  # head_dim 8: 4 rotary frequencies
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-    writer.add_tensor("rope_freqs.weight", np.ones(2, np.float32))
+    writer.add_tensor("token_embd.weight", np.zeros((8, 8), np.float32))
+    writer.add_tensor("rope_freqs.weight", np.asarray(divisors, np.float32))
     write_and_close(writer)
-    with pytest.raises(ValueError, match=r"rope_freqs.*not support"):
-        iter_hf_tensors(tmp_path / "llama3.gguf")
+    with pytest.raises(ValueError, match=match):
+        load_hf_config(tmp_path / "llama3.gguf")
 
 
 def test_gguf_missing_metadata(tmp_path):

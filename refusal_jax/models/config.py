@@ -98,7 +98,7 @@ class ModelConfig:
         if kind == "linear":
             return inv_freq / scaling["factor"]
         if kind == "llama3":
-            return _llama3_inverse_frequencies(inv_freq, scaling)
+            return llama3_inverse_frequencies(inv_freq, scaling)
         raise UnsupportedModelError(
             f"rope scaling {kind!r} is not implemented; supported: default, linear, llama3"
         )
@@ -193,7 +193,8 @@ def _sliding_windows(hf: Mapping[str, Any], model_type: str) -> tuple[int, ...]:
     return tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
 
 
-def _llama3_inverse_frequencies(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
+def llama3_inverse_frequencies(inv_freq: np.ndarray, scaling: Mapping[str, Any]) -> np.ndarray:
+    """Llama 3.1's rope scaling of the inverse frequencies (transformers' and llama.cpp's)."""
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]

@@ -14,6 +14,11 @@ llama.cpp's convert_hf_to_gguf.py changes HF tensors in three ways, undone here:
     loader does not support gemma 1, whose conversion is the same).
 Quantised tensors are dequantised with gguf.quants.dequantize, which returns float32.
 
+Llama 3.1 / 3.2 files carry their "llama3" rope scaling as a tensor, `rope_freqs` (llama.cpp's
+per-frequency divisors of the rotary inverse frequencies), not as metadata. It is read back into
+the HF `rope_scaling` dict that produces the same frequencies (`_llama3_rope_scaling`), so the
+config stays one transformers can load; files whose divisors follow no llama3 curve are refused.
+
 GGUF stores float metadata as float32; the config dict holds the shortest decimal that rounds to
 that float32 (rms_norm_eps 1e-05 rather than 9.999999747378752e-06), i.e. the value the HF
 config had.
@@ -21,6 +26,7 @@ config had.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +34,8 @@ from typing import Any
 import gguf
 import numpy as np
 from numpy.typing import DTypeLike
+
+from refusal_jax.models.config import llama3_inverse_frequencies
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma", "gemma2")
 _SUPPORTED_DESCRIPTION = "llama (incl. SmolLM2, Mistral, Yi), qwen2, gemma, gemma2"
@@ -73,6 +81,10 @@ _GEMMA2_DEFAULTS = {
 }
 _DEFAULT_ROPE_THETA = 10000.0
 _REQUIRED = object()  # _metadata's default: the key must be present.
+_ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, read into the config (not a weight)
+# llama.cpp's default original context of llama3 rope scaling (convert_hf_to_gguf.py); any value
+# gives the same frequencies, since the curve's parameters are fitted to the file's divisors.
+_LLAMA3_ORIGINAL_CONTEXT = 8192
 
 
 def read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
@@ -131,6 +143,16 @@ def read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
         if token_id is not None:
             config[hf_key] = token_id
 
+    if _ROPE_FREQS in tensors:
+        if arch != "llama":
+            raise ValueError(
+                f"GGUF tensor {_ROPE_FREQS} is supported for llama only, not {arch!r}."
+            )
+        config["rope_scaling"] = _llama3_rope_scaling(
+            gguf.quants.dequantize(tensors[_ROPE_FREQS].data, tensors[_ROPE_FREQS].tensor_type),
+            rope_theta=config["rope_theta"], head_dim=head_dim,
+            original_context=arch_value("rope.scaling.original_context_length",
+                                        default=_LLAMA3_ORIGINAL_CONTEXT))
     if arch in ("llama", "qwen2"):
         config["hidden_act"] = "silu"
     if arch == "llama":
@@ -162,16 +184,11 @@ def iter_gguf_tensors(
     all together before anything is read.
     """
     arch = config["model_type"]
-    hf_names = {tensor.name: _hf_tensor_name(tensor.name, arch) for tensor in reader.tensors}
+    hf_names = {tensor.name: _hf_tensor_name(tensor.name, arch) for tensor in reader.tensors
+                if tensor.name != _ROPE_FREQS}  # read into config["rope_scaling"]
     unknown = sorted(name for name, hf_name in hf_names.items() if hf_name is None)
     if unknown:
-        hint = (
-            " (rope_freqs holds llama3-style rope scaling, which this loader does not support; "
-            "load the Hugging Face safetensors checkpoint instead)"
-            if "rope_freqs.weight" in unknown
-            else ""
-        )
-        raise ValueError(f"GGUF tensors with no Hugging Face {arch} equivalent: {unknown}{hint}.")
+        raise ValueError(f"GGUF tensors with no Hugging Face {arch} equivalent: {unknown}.")
     return _dequantised_tensors(
         reader, hf_names, config, np.dtype(np.float32 if dtype is None else dtype)
     )
@@ -185,6 +202,8 @@ def _dequantised_tensors(
 ) -> Iterator[tuple[str, np.ndarray]]:
     arch = config["model_type"]
     for tensor in reader.tensors:
+        if tensor.name not in hf_names:
+            continue
         weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         if arch == "llama" and ".attn_q." in tensor.name:
             weights = _undo_rotary_permutation(weights, config["num_attention_heads"])
@@ -193,6 +212,45 @@ def _dequantised_tensors(
         elif arch in ("gemma", "gemma2") and tensor.name.endswith("norm.weight"):
             weights = weights - 1
         yield hf_names[tensor.name], np.array(weights, dtype=dtype)
+
+
+def _llama3_rope_scaling(divisors: np.ndarray, *, rope_theta: float, head_dim: int,
+                         original_context: int) -> dict[str, Any]:
+    """The HF "llama3" rope_scaling whose inverse frequencies are llama.cpp's `rope_freqs`.
+
+    llama.cpp divides the inverse frequency `f_i` by `d_i`: 1 at short wavelengths, `factor` at
+    long ones and, between, `1 / ((1 - s_i) / factor + s_i)` with `s_i` linear in `f_i`
+    (`s = (original_context * f / (2 pi) - low) / (high - low)`). The line through the smoothed
+    divisors gives (low, high) for the chosen original context; the result is checked by
+    recomputing every frequency. Raises ValueError when fewer than two divisors are smoothed
+    (the line is undetermined) or the divisors follow no such curve.
+    """
+    divisors = np.asarray(divisors, np.float64).reshape(-1)
+    inverse = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    factor = float(divisors.max())
+    if divisors.shape != inverse.shape or divisors.min() < 1.0 - 1e-6:
+        raise ValueError(f"GGUF {_ROPE_FREQS} holds {divisors.size} divisors (min "
+                         f"{divisors.min():.3g}); expected head_dim / 2 = {inverse.size}, "
+                         "all >= 1.")
+    smoothed = (divisors > 1.0 + 1e-6) & (divisors < factor * (1.0 - 1e-6))
+    if smoothed.sum() < 2:
+        raise ValueError(f"GGUF {_ROPE_FREQS} smooths {smoothed.sum()} frequencies; reading it as "
+                         "llama3 rope scaling needs at least 2. Load the model's Hugging Face "
+                         "safetensors checkpoint instead.")
+    share = (1.0 / divisors[smoothed] - 1.0 / factor) / (1.0 - 1.0 / factor)  # s_i
+    slope, intercept = np.polyfit(inverse[smoothed], share, 1)
+    span = original_context / (2 * math.pi * slope)  # high - low
+    scaling = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"),
+               "low_freq_factor": float(f"{-intercept * span:.6g}"),
+               "high_freq_factor": float(f"{(1.0 - intercept) * span:.6g}"),
+               "original_max_position_embeddings": int(original_context)}
+    expected = inverse.astype(np.float32) / divisors.astype(np.float32)
+    found = llama3_inverse_frequencies(inverse.astype(np.float32), scaling)
+    if not np.allclose(found, expected, rtol=1e-5, atol=0.0):
+        raise ValueError(f"GGUF {_ROPE_FREQS} does not follow llama3 rope scaling (closest: "
+                         f"{scaling}); load the model's Hugging Face safetensors checkpoint "
+                         "instead.")
+    return scaling
 
 
 def _undo_rotary_permutation(weights: np.ndarray, num_heads: int) -> np.ndarray:
