@@ -1,6 +1,11 @@
 """The default model at reference size on a CPU (the issue's "Measure" run): 128 / 32 / 100
 prompts from the reference splits, every EOI position, the multiplier sweep {0.5, 1, 2}, up to
-100 INLP directions, 64 new tokens."""
+100 INLP directions, 64 new tokens.
+
+At this size no INLP candidate of the default model passes the selection filters (measured
+2026-11-29, of 180: KL 135, steering 105, late layer 36, NaN 6; a candidate can fail several),
+so the run takes the one with the lowest bypass score and records that in selection.json, as the
+benchmark's PyTorch twin does."""
 
 from refusal_jax.pipeline.config import reference_config
 
@@ -10,4 +15,5 @@ def get_config():
     config.infer.max_new_tokens = 64
     config.runtime.batch_size = 32
     config.runtime.generation_batch_size = 50
+    config.select.when_none_pass = "lowest_bypass"
     return config

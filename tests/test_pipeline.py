@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -158,6 +159,18 @@ def test_variants_generated_together_complete_as_one_at_a_time(resumed_run, tmp_
         together = json.loads((tmp_path / f"run/infer/completions/{name}.json").read_text())
         one_at_a_time = json.loads((workdir / f"infer/completions/{name}.json").read_text())
         assert one_at_a_time == together, name
+
+
+def test_report_notes_say_when_a_selection_took_the_lowest_bypass_candidate(tmp_path):
+    from refusal_jax.pipeline import evaluate
+
+    fallback = "no candidate passed the filters (discarded per filter: {'kl': 20}); the one ..."
+    study = types.SimpleNamespace(
+        config=tiny_config(filter_train=False, filter_val=False), prompts=dict,
+        stage_dir=lambda stage: tmp_path / stage, workdir=tmp_path,
+        selection=lambda: {"dim": {"fallback": None}, "inlp": {"fallback": fallback}})
+    assert evaluate._notes(study) == [
+        f"inlp selection: {fallback} (select.when_none_pass=lowest_bypass)."]
 
 
 def test_missing_prompt_file(tmp_path):

@@ -10,7 +10,7 @@ import planted_model
 from refusal_jax.interventions import Compose, activation_addition, directional_ablation
 from refusal_jax.models.core import forward
 from refusal_jax.pipeline import select
-from refusal_jax.pipeline.config import base_config
+from refusal_jax.pipeline.config import base_config, check_config
 from refusal_jax.pipeline.extract import capture, fit_directions
 from refusal_jax.pipeline.models import random_model
 
@@ -171,6 +171,27 @@ def test_filters_scored_until_the_best_survivor_choose_what_scoring_all_chooses(
                                        full[f"{method}_local_{field}"][scored], rtol=1e-6)
         np.testing.assert_allclose(lazy[f"{method}_local_bypass"],
                                    full[f"{method}_local_bypass"], rtol=1e-6)
+
+
+def test_when_no_candidate_passes_the_run_stops_or_takes_the_lowest_bypass(planted):
+    model, sets, _, directions, config = planted
+    config = config.copy_and_resolve_references()
+    config.select.kl_threshold = -1.0  # every candidate's KL exceeds it
+    with pytest.raises(ValueError, match=r"no dim candidate passes the filters.*when_none_pass"):
+        select.run_selection(model, sets, directions, config)
+    config.select.when_none_pass = "lowest_bypass"
+    summary, scores = select.run_selection(model, sets, directions, config)
+    for method in ("dim", "inlp"):
+        (chosen,) = summary[method]["components"]
+        bypass = scores[f"{method}_local_bypass"]
+        assert chosen["bypass"] == pytest.approx(np.nanmin(bypass))
+        assert "lowest bypass score" in summary[method]["fallback"]
+        assert summary[method]["discarded"]["kl"] > 0
+    assert (summary["dim"]["components"][0]["position"],
+            summary["dim"]["components"][0]["layer"]) == planted_model.PLANTED
+    config.select.when_none_pass = "closest"
+    with pytest.raises(ValueError, match="select.when_none_pass must be one of"):
+        check_config(config)
 
 
 def test_score_candidates_rejects_an_unknown_filter_mode():

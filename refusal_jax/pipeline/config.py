@@ -54,6 +54,7 @@ INTERVENTIONS = (
     "leace",                 # LEACE erasure at the selected DiM (position, layer)
 )
 SELECT_MODES = ("local", "global")
+WHEN_NONE_PASS = ("error", "lowest_bypass")
 STAGES = ("extract", "select", "infer", "evaluate", "report")
 
 
@@ -99,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.select.prune_layer_fraction = 0.2
     config.select.top_percentage = 0.0
     config.select.just_one = True
+    # When no candidate of a method passes the filters: "error" stops the run (relax a filter),
+    # "lowest_bypass" takes the candidate with the lowest bypass score and records that in
+    # selection.json ("fallback"), as the PyTorch twin of the benchmark does.
+    config.select.when_none_pass = "error"
 
     config.infer = ml_collections.ConfigDict()
     config.infer.max_new_tokens = 512
@@ -183,6 +188,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          f"{tuple(select.positions)}")
     need(0.0 <= select.top_percentage <= 1.0,
          f"select.top_percentage must lie in [0, 1], got {select.top_percentage}")
+    need(select.when_none_pass in WHEN_NONE_PASS,
+         f"select.when_none_pass must be one of {WHEN_NONE_PASS}, got {select.when_none_pass!r}")
     need(0.0 <= select.prune_layer_fraction < 1.0,
          f"select.prune_layer_fraction must lie in [0, 1), got {select.prune_layer_fraction}")
     unknown = [name for name in config.infer.interventions if name not in INTERVENTIONS]

@@ -356,6 +356,9 @@ def _notes(study) -> list[str]:
         notes.append(text)
     selection = study.selection()
     for method in ("dim", "inlp"):
+        if selection[method].get("fallback"):
+            notes.append(f"{method} selection: {selection[method]['fallback']} "
+                         "(select.when_none_pass=lowest_bypass).")
         rho = selection[method].get("spearman_local_global_bypass")
         if rho is not None:
             notes.append(f"{method}: Spearman correlation of the local and global bypass scores "

@@ -508,6 +508,19 @@ def rank(scores: CandidateScores, *, select_config,
     return survivors, {name: int(mask.sum()) for name, mask in filters.items()}
 
 
+def lowest_bypass_fallback(scores: CandidateScores, discarded: dict[str, int]
+                           ) -> tuple[list[tuple[int, int]], str]:
+    """The ranking when no candidate passes the filters: the one with the lowest bypass score,
+    and a note of why it was taken. Raises ValueError when every bypass score is NaN."""
+    if np.isnan(scores.bypass).all():
+        raise ValueError("every candidate's bypass score is NaN: the directions are degenerate "
+                         "(zero) or the model produced NaNs")
+    lowest = np.unravel_index(np.nanargmin(scores.bypass), scores.bypass.shape)
+    return [tuple(int(i) for i in lowest)], (
+        f"no candidate passed the filters (discarded per filter: {discarded}); the one with "
+        "the lowest bypass score is used")
+
+
 def n_components(n_survivors: int, select_config) -> int:
     if select_config.just_one:
         return 1
@@ -620,12 +633,16 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
                 arrays[f"{name}_{mode}_{field}"] = getattr(by_mode[mode], field)
         scores = by_mode[select_config.mode]
         ranking, discarded = rank(scores, **rank_args)
-        if not ranking:
+        fallback = None
+        if not ranking and select_config.when_none_pass == "error":
             raise ValueError(
                 f"no {name} candidate passes the filters (discarded per filter: {discarded}, "
                 f"of {scores.bypass.size} pairs); relax select.kl_threshold, "
-                "select.min_steering_score or select.prune_layer_fraction, or check that the "
-                "model refuses")
+                "select.min_steering_score or select.prune_layer_fraction, check that the "
+                "model refuses, or set select.when_none_pass='lowest_bypass'")
+        if not ranking:
+            ranking, fallback = lowest_bypass_fallback(scores, discarded)
+            logging.warning("%s: %s", name, fallback)
         chosen = ranking[:n_components(len(ranking), select_config)]
         summary[name] = {
             "components": [describe_component(p, l, n_positions, scores,
@@ -634,6 +651,7 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
             "ranking": [[p - n_positions, l] for p, l in ranking],
             "discarded": discarded,
             "filters_scored": int(scores.filtered.sum()),
+            "fallback": fallback,
         }
         if len(by_mode) == 2:
             summary[name]["spearman_local_global_bypass"] = spearman(

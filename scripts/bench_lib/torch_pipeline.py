@@ -378,14 +378,10 @@ class _Twin:
                                              accuracy=method["accuracy"])
             fallback = None
             if not ranking:
-                # The later stages need a component to do their work: take the candidate with
-                # the lowest bypass score, and record that the filters passed none. (The twin's
-                # INLP directions come from scikit-learn's solver, not ours, so its candidates
-                # and their filter results can differ from ours.)
-                lowest = np.unravel_index(np.nanargmin(scores.bypass), scores.bypass.shape)
-                ranking = [tuple(int(i) for i in lowest)]
-                fallback = (f"no candidate passed the filters (discarded per filter: "
-                            f"{discarded}); the one with the lowest bypass score is used")
+                # The later stages need a component to do their work, whatever
+                # select.when_none_pass says: the twin's INLP directions come from
+                # scikit-learn's solver, not ours, so its filter results can differ from ours.
+                ranking, fallback = select.lowest_bypass_fallback(scores, discarded)
             chosen = ranking[:select.n_components(len(ranking), select_config)]
             self.selection[name] = {"components": [select.describe_component(
                 p, l, n_positions, scores, keep if name == "inlp" else None, method["accuracy"])
