@@ -495,8 +495,10 @@ def test_gguf_rope_freqs_is_read_as_the_llama3_rope_scaling_of_transformers(tmp_
     ([1.0, 3.0, 2.0, 8.0], "does not follow llama3 rope scaling"),  # not monotonic
     ([1.0, 1.0, 8.0, 8.0], "smooths 0 frequencies"),  # no curve to read parameters from
     ([1.0, 8.0], "holds 2 divisors"),
+    ([1.0, 1.0, 1.0, 1.0], None),
 ])
-def test_gguf_rope_freqs_off_a_llama3_curve_is_refused(tmp_path, divisors, match):
+def test_gguf_rope_freqs_off_a_llama3_curve_is_refused_and_all_ones_is_no_scaling(
+        tmp_path, divisors, match):
     writer = gguf.GGUFWriter(str(tmp_path / "llama3.gguf"), "llama")
     for key in ("context_length", "embedding_length", "block_count", "feed_forward_length"):
         getattr(writer, f"add_{key}")(8)
@@ -505,6 +507,9 @@ def test_gguf_rope_freqs_off_a_llama3_curve_is_refused(tmp_path, divisors, match
     writer.add_tensor("token_embd.weight", np.zeros((8, 8), np.float32))
     writer.add_tensor("rope_freqs.weight", np.asarray(divisors, np.float32))
     write_and_close(writer)
+    if match is None:  # all ones: no scaling
+        assert "rope_scaling" not in load_hf_config(tmp_path / "llama3.gguf")
+        return
     with pytest.raises(ValueError, match=match):
         load_hf_config(tmp_path / "llama3.gguf")
 

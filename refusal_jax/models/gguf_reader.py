@@ -148,11 +148,13 @@ def read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
             raise ValueError(
                 f"GGUF tensor {_ROPE_FREQS} is supported for llama only, not {arch!r}."
             )
-        config["rope_scaling"] = _llama3_rope_scaling(
+        scaling = _llama3_rope_scaling(
             gguf.quants.dequantize(tensors[_ROPE_FREQS].data, tensors[_ROPE_FREQS].tensor_type),
             rope_theta=config["rope_theta"], head_dim=head_dim,
             original_context=arch_value("rope.scaling.original_context_length",
                                         default=_LLAMA3_ORIGINAL_CONTEXT))
+        if scaling is not None:
+            config["rope_scaling"] = scaling
     if arch in ("llama", "qwen2"):
         config["hidden_act"] = "silu"
     if arch == "llama":
@@ -215,8 +217,9 @@ def _dequantised_tensors(
 
 
 def _llama3_rope_scaling(divisors: np.ndarray, *, rope_theta: float, head_dim: int,
-                         original_context: int) -> dict[str, Any]:
-    """The HF "llama3" rope_scaling whose inverse frequencies are llama.cpp's `rope_freqs`.
+                         original_context: int) -> dict[str, Any] | None:
+    """The HF "llama3" rope_scaling whose inverse frequencies are llama.cpp's `rope_freqs`
+    (None when every divisor is 1: no scaling).
 
     llama.cpp divides the inverse frequency `f_i` by `d_i`: 1 at short wavelengths, `factor` at
     long ones and, between, `1 / ((1 - s_i) / factor + s_i)` with `s_i` linear in `f_i`
@@ -232,6 +235,8 @@ def _llama3_rope_scaling(divisors: np.ndarray, *, rope_theta: float, head_dim: i
         raise ValueError(f"GGUF {_ROPE_FREQS} holds {divisors.size} divisors (min "
                          f"{divisors.min():.3g}); expected head_dim / 2 = {inverse.size}, "
                          "all >= 1.")
+    if factor <= 1.0 + 1e-6:
+        return None
     smoothed = (divisors > 1.0 + 1e-6) & (divisors < factor * (1.0 - 1e-6))
     if smoothed.sum() < 2:
         raise ValueError(f"GGUF {_ROPE_FREQS} smooths {smoothed.sum()} frequencies; reading it as "
