@@ -181,11 +181,14 @@ def test_when_no_candidate_passes_the_run_stops_or_takes_the_lowest_bypass(plant
         select.run_selection(model, sets, directions, config)
     config.select.when_none_pass = "lowest_bypass"
     summary, scores = select.run_selection(model, sets, directions, config)
+    n_layers = model.config.n_layers
     for method in ("dim", "inlp"):
         (chosen,) = summary[method]["components"]
         bypass = scores[f"{method}_local_bypass"]
-        assert chosen["bypass"] == pytest.approx(np.nanmin(bypass))
-        assert "lowest bypass score" in summary[method]["fallback"]
+        late = n_layers - round(config.select.prune_layer_fraction * n_layers)
+        assert chosen["layer"] < late and np.isfinite([chosen["kl"], chosen["steering"]]).all()
+        assert chosen["bypass"] == pytest.approx(np.nanmin(bypass[:, :late]))
+        assert "lowest bypass score outside the late layers" in summary[method]["fallback"]
         assert summary[method]["discarded"]["kl"] > 0
     assert (summary["dim"]["components"][0]["position"],
             summary["dim"]["components"][0]["layer"]) == planted_model.PLANTED

@@ -146,7 +146,8 @@ def read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
     if _ROPE_FREQS in tensors:
         if arch != "llama":
             raise ValueError(
-                f"GGUF tensor {_ROPE_FREQS} is supported for llama only, not {arch!r}."
+                f"GGUF tensor {_ROPE_FREQS} is supported for llama only, not {arch!r}; "
+                "load the model's Hugging Face safetensors checkpoint instead."
             )
         scaling = _llama3_rope_scaling(
             gguf.quants.dequantize(tensors[_ROPE_FREQS].data, tensors[_ROPE_FREQS].tensor_type),
@@ -225,16 +226,18 @@ def _llama3_rope_scaling(divisors: np.ndarray, *, rope_theta: float, head_dim: i
     long ones and, between, `1 / ((1 - s_i) / factor + s_i)` with `s_i` linear in `f_i`
     (`s = (original_context * f / (2 pi) - low) / (high - low)`). The line through the smoothed
     divisors gives (low, high) for the chosen original context; the result is checked by
-    recomputing every frequency. Raises ValueError when fewer than two divisors are smoothed
-    (the line is undetermined) or the divisors follow no such curve.
+    recomputing every frequency. `factor` is read as the largest divisor, so a curve on which no
+    frequency is fully scaled is not recognised. Raises ValueError when fewer than two divisors
+    are smoothed (the line is undetermined) or the divisors follow no such curve.
     """
     divisors = np.asarray(divisors, np.float64).reshape(-1)
     inverse = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if divisors.shape != inverse.shape or not (divisors >= 1.0 - 1e-6).all():
+        raise ValueError(f"GGUF {_ROPE_FREQS} holds {divisors.size} divisors; expected "
+                         f"head_dim / 2 = {inverse.size}, all >= 1. The file is not a llama3 "
+                         "rope scaling; load the model's Hugging Face safetensors checkpoint "
+                         "instead.")
     factor = float(divisors.max())
-    if divisors.shape != inverse.shape or divisors.min() < 1.0 - 1e-6:
-        raise ValueError(f"GGUF {_ROPE_FREQS} holds {divisors.size} divisors (min "
-                         f"{divisors.min():.3g}); expected head_dim / 2 = {inverse.size}, "
-                         "all >= 1.")
     if factor <= 1.0 + 1e-6:
         return None
     smoothed = (divisors > 1.0 + 1e-6) & (divisors < factor * (1.0 - 1e-6))
@@ -252,9 +255,9 @@ def _llama3_rope_scaling(divisors: np.ndarray, *, rope_theta: float, head_dim: i
     expected = inverse.astype(np.float32) / divisors.astype(np.float32)
     found = llama3_inverse_frequencies(inverse.astype(np.float32), scaling)
     if not np.allclose(found, expected, rtol=1e-5, atol=0.0):
-        raise ValueError(f"GGUF {_ROPE_FREQS} does not follow llama3 rope scaling (closest: "
-                         f"{scaling}); load the model's Hugging Face safetensors checkpoint "
-                         "instead.")
+        raise ValueError(f"GGUF {_ROPE_FREQS} does not follow llama3 rope scaling with its "
+                         f"largest divisor as the factor (closest: {scaling}); load the "
+                         "model's Hugging Face safetensors checkpoint instead.")
     return scaling
 
 

@@ -508,17 +508,21 @@ def rank(scores: CandidateScores, *, select_config,
     return survivors, {name: int(mask.sum()) for name, mask in filters.items()}
 
 
-def lowest_bypass_fallback(scores: CandidateScores, discarded: dict[str, int]
-                           ) -> tuple[list[tuple[int, int]], str]:
-    """The ranking when no candidate passes the filters: the one with the lowest bypass score,
-    and a note of why it was taken. Raises ValueError when every bypass score is NaN."""
-    if np.isnan(scores.bypass).all():
-        raise ValueError("every candidate's bypass score is NaN: the directions are degenerate "
-                         "(zero) or the model produced NaNs")
-    lowest = np.unravel_index(np.nanargmin(scores.bypass), scores.bypass.shape)
-    return [tuple(int(i) for i in lowest)], (
+def lowest_bypass_fallback(scores: CandidateScores, discarded: dict[str, int], *,
+                           select_config) -> tuple[list[tuple[int, int]], str]:
+    """The ranking when no candidate passes the filters: among the candidates that could have
+    (finite bypass, not a late layer; every one of them had its filters scored once none
+    survived), the one with the lowest bypass score, and a note of why it was taken. Raises
+    ValueError when there is none."""
+    eligible = rank_order(scores.bypass, select_config=select_config)
+    eligible = [pair for pair in eligible if scores.filtered[pair]]
+    if not eligible:
+        raise ValueError(f"no candidate to fall back on (discarded per filter: {discarded}): "
+                         "every bypass score is NaN or at a late layer; check the directions "
+                         "for zeros and the model for NaNs, or lower select.prune_layer_fraction")
+    return eligible[:1], (
         f"no candidate passed the filters (discarded per filter: {discarded}); the one with "
-        "the lowest bypass score is used")
+        "the lowest bypass score outside the late layers is used")
 
 
 def n_components(n_survivors: int, select_config) -> int:
@@ -641,7 +645,8 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
                 "select.min_steering_score or select.prune_layer_fraction, check that the "
                 "model refuses, or set select.when_none_pass='lowest_bypass'")
         if not ranking:
-            ranking, fallback = lowest_bypass_fallback(scores, discarded)
+            ranking, fallback = lowest_bypass_fallback(scores, discarded,
+                                                       select_config=select_config)
             logging.warning("%s: %s", name, fallback)
         chosen = ranking[:n_components(len(ranking), select_config)]
         summary[name] = {

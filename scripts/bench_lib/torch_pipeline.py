@@ -381,7 +381,8 @@ class _Twin:
                 # The later stages need a component to do their work, whatever
                 # select.when_none_pass says: the twin's INLP directions come from
                 # scikit-learn's solver, not ours, so its filter results can differ from ours.
-                ranking, fallback = select.lowest_bypass_fallback(scores, discarded)
+                ranking, fallback = select.lowest_bypass_fallback(
+                    scores, discarded, select_config=select_config)
             chosen = ranking[:select.n_components(len(ranking), select_config)]
             self.selection[name] = {"components": [select.describe_component(
                 p, l, n_positions, scores, keep if name == "inlp" else None, method["accuracy"])
