@@ -5,10 +5,10 @@ each (batch size, length bucket, number of variants) compiles once; changing dir
 variants does not recompile. Variants that run on the model's own weights share one intervention
 form (``variants._Slots``), so up to ``runtime.generation_variants`` of them (default 1) are
 generated together (``models.generate.generate_each``): each decode step reads the weights once
-for all of them, and their KV caches are held at once. Each variant's completions are written
-to their own file as soon as its group is done, so an interrupted stage resumes there. Completions are decoded up to the first stop token.
-On a mesh, each process encodes only its own rows, the KV cache is split like the batch, and the
-generated tokens are gathered to every process.
+for all of them, and their KV caches are held at once. Completions are decoded up to the first
+stop token. Each variant's completions are written to their own file as soon as its group is
+done, so an interrupted stage resumes there. On a mesh, each process encodes only its own rows,
+the KV cache is split like the batch, and the generated tokens are gathered to every process.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from refusal_jax.pipeline.data import CLASSES
 from refusal_jax.pipeline.extract import placed_batches
 from refusal_jax.pipeline.progress import progress
 from refusal_jax.pipeline.variants import Variant
+
 
 def complete_each(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,
                   params=None, config=None, max_new_tokens: int, batch_size: int,

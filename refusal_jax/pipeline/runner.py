@@ -132,8 +132,9 @@ def run_infer(study: Study) -> list[str]:
         if variant.name == "dim_folded":
             _check_folding(study, variant, directions, prompts)
             files.append("folding.json")
-        path = out / _completions_file(variant)
-        files.append(_completions_file(variant))
+        relative = _completions_file(variant)
+        path = out / relative
+        files.append(relative)
         if path.exists() and artifacts.read_json(path).get("config_hash") == study.digest:
             logging.info("completions of %s exist; skipped", variant.name)
         else:
