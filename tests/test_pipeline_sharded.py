@@ -44,13 +44,29 @@ TOLERANCE = 1e-5
 TIMEOUT_S = 540
 
 
-def tiny_config(mesh: str = ""):
-    """configs/tiny_random.py, shrunk; runtime.mesh does not enter the config hash."""
+def tiny_config(mesh: str = "", multiple_choice: Path | None = None):
+    """configs/tiny_random.py, shrunk; runtime.mesh does not enter the config hash. With
+    `multiple_choice` (a folder holding `_write_multiple_choice`'s files), the evaluate stage
+    also scores a 2-shot multiple-choice set."""
     config = shrunk_tiny_config()
     config.infer.interventions = ("baseline", "dim_ablation", "inlp_nullspace")
     config.runtime.generation_variants = 3  # generated together
     config.runtime.mesh = mesh
+    if multiple_choice is not None:
+        config.evaluate.mc_files = (str(multiple_choice / "sums.json"),)
+        config.evaluate.mc_shot_files = (str(multiple_choice / "shots.json"),)
+        config.evaluate.mc_n_shots = 2
     return config
+
+
+def _write_multiple_choice(folder: Path) -> Path:
+    """Five arithmetic questions: three to score, two as shots (see `tiny_config`)."""
+    questions = [{"question": f"What is {i} + {i}?", "choices": [str(2 * i), str(i), "0", "7"],
+                  "answer": 0, "subject": "arithmetic"} for i in range(1, 6)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sums.json").write_text(json.dumps(questions[:3]))
+    (folder / "shots.json").write_text(json.dumps(questions[3:]))
+    return folder
 
 
 def _scaled_diff(found, expected) -> float:
@@ -91,10 +107,11 @@ def _sharded_run(workdir: Path) -> dict:
     """Runs the stages on the mesh, recording where the arrays were; then the side checks."""
     import jax
 
+    from refusal_jax.evaluation import cross_entropy, multiple_choice
     from refusal_jax.pipeline import evaluate, extract, infer
 
     assert jax.device_count() == N_DEVICES, jax.devices()
-    captured, fitted, generated, forwarded = [], [], [], []
+    captured, fitted, generated, forwarded, scored = [], [], [], [], []
     _recording(extract, "_capture", captured, lambda params, tokens, valid, positions, *_, **__: {
         "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
         "positions": _spec(positions)})
@@ -108,7 +125,11 @@ def _sharded_run(workdir: Path) -> dict:
     _recording(evaluate, "_logits_and_captures", forwarded,
                lambda params, prefix, tokens, *_, **__: {
                    "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens)})
-    study = runner.run_study(tiny_config(MESH), workdir, STAGES)
+    for module, name in ((cross_entropy, "_nll_sum"), (multiple_choice, "last_position_logits")):
+        _recording(module, name, scored, lambda params, tokens, *_, name=name, **__: {
+            "pass": name, "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens)})
+    study = runner.run_study(tiny_config(MESH, workdir.parents[1] / "multiple_choice"),
+                             workdir, STAGES)
     params = sharding.leaves_by_path(study.model.params)
     expected = sharding.leaves_by_path(sharding.param_shardings(
         study.model.config, study.placement.mesh, study.placement.rules))
@@ -121,6 +142,7 @@ def _sharded_run(workdir: Path) -> dict:
         "weight_split": {"embed": _shard_shape(params["embed"]),
                          "layers.q_proj": _shard_shape(params["layers.q_proj"])},
         "captured": captured, "fitted": fitted, "generated": generated, "forwarded": forwarded,
+        "scored": scored,
         "grouped_inlp": _grouped_inlp(workdir, jax.devices()[0]),
         "kv_cache": _kv_cache_layouts(study.model),
         "sharded_checkpoint": _sharded_checkpoint(workdir.parent / "checkpoint", study),
@@ -241,6 +263,7 @@ def _batch_size_error(workdir: Path) -> str:
 def runs(tmp_path_factory) -> dict:
     """The sharded run in an 8-device subprocess, and the one-device run here, side by side."""
     root = tmp_path_factory.mktemp("pipeline_sharded")
+    multiple_choice = _write_multiple_choice(root / "multiple_choice")
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}",
                JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
                    [str(REPOSITORY), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -248,7 +271,8 @@ def runs(tmp_path_factory) -> dict:
         [sys.executable, __file__, str(root / "sharded" / "run"), str(root / "sharded.json")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        runner.run_study(tiny_config(), root / "one_device", STAGES)
+        runner.run_study(tiny_config(multiple_choice=multiple_choice), root / "one_device",
+                         STAGES)
         log = process.communicate(timeout=TIMEOUT_S)[0]
     finally:
         if process.poll() is None:
@@ -289,6 +313,13 @@ def test_prompt_batches_are_split_over_data_and_fsdp(runs):
     assert forwarded
     for call in forwarded:
         assert call["tokens"][0] == ["data", "fsdp"] and call["tokens_shard"][0] == 1
+    # Its cross-entropy (one row of text under cross_entropy_max_tokens=64, filled up to 4 rows)
+    # and multiple-choice (3 questions in a batch of 8) passes.
+    scored = runs["recorded"]["scored"]
+    assert {call["pass"] for call in scored} == {"_nll_sum", "last_position_logits"}
+    for call in scored:
+        assert call["tokens"][0] == ["data", "fsdp"]
+        assert call["tokens_shard"][0] == (1 if call["pass"] == "_nll_sum" else 2), call
 
 
 def test_inlp_pairs_are_split_over_every_device(runs):
@@ -402,6 +433,7 @@ def test_evaluation_metrics_match_one_device(runs):
     found = dict(_numbers(sharded))
     assert sorted(found) == sorted(expected)
     assert any("/kl" in path for path in expected) and any("k_curve" in path for path in expected)
+    assert any("/multiple_choice/sums" in path for path in expected)
     for path, value in expected.items():
         if "refusal_rate" in path or path.endswith(("/k", "/n_harmful", "/n_harmless")):
             assert found[path] == value, path  # decided by identical completions

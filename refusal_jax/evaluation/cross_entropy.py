@@ -19,7 +19,8 @@ Conventions (fixed here once):
   line, as in Alpaca's own prompts.
 - Rows are sorted by length and batched; each batch is padded to a multiple of
   `length_bucket` tokens (and the last batch with empty rows to `batch_size`, or to the
-  corpus's row count when that is smaller), so a corpus compiles the scoring function a few
+  corpus's row count when that is smaller; on a mesh, rounded up to a multiple of the ways the
+  rows are split), so a corpus compiles the scoring function a few
   times at most. The intervention is an array argument:
   scoring the same corpus under a new direction, basis or coefficient does not recompile.
 """
@@ -40,7 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refusal_jax import distributed
 from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
+from refusal_jax.distributed import Placement
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import Params
@@ -137,7 +140,9 @@ def _instruction_text(entry: Any, index: int) -> tuple[str, str]:
     extra = entry.get("input") or ""
     if not isinstance(extra, str):
         raise ValueError(f"entry {index} has a non-string 'input'")
-    instruction = entry["instruction"] if not extra.strip() else f"{entry['instruction']}\n\n{extra}"
+    instruction = entry["instruction"]
+    if extra.strip():
+        instruction = f"{instruction}\n\n{extra}"
     return instruction, entry["output"]
 
 
@@ -221,10 +226,13 @@ def _batches(corpus: ScoredTokens, batch_size: int, length_bucket: int):
 
 def cross_entropy(params: Params, corpus: ScoredTokens, *, config: ModelConfig,
                   intervention: Any = None, batch_size: int = 4,
-                  length_bucket: int = 64) -> CrossEntropy:
+                  length_bucket: int = 64, placement: Placement | None = None) -> CrossEntropy:
     """Mean token cross-entropy (nats) of the model, optionally intervened, on `corpus`.
 
     Batches are summed in float64 on the host; the result is token-weighted over the corpus.
+    With a `placement`, each batch's rows are split over its ``batch`` axes: the batch size is
+    rounded up to a multiple of the number of ways they are split, with empty rows, which score
+    nothing.
     """
     for name, value in (("batch_size", batch_size), ("length_bucket", length_bucket)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -235,9 +243,14 @@ def cross_entropy(params: Params, corpus: ScoredTokens, *, config: ModelConfig,
                          "smaller window / max_length")
     # A corpus smaller than a batch is one batch of its own rows: filler rows cost a forward.
     batch_size = min(batch_size, corpus.tokens.shape[0])
+    placement = placement or Placement()
+    split = placement.multiple("batch")
+    batch_size = -(-batch_size // split) * split
     total = 0.0
-    for tokens, valid, targets in _batches(corpus, batch_size, length_bucket):
-        total += float(_nll_sum(params, tokens, valid, targets, intervention, config=config))
+    for batch in _batches(corpus, batch_size, length_bucket):
+        # No padding: batch_size is a multiple of the split (padding repeats a scored row).
+        batch, _ = placement.leading(batch, "batch")
+        total += float(distributed.gather(_nll_sum(params, *batch, intervention, config=config)))
     nats = total / corpus.n_targets
     if not math.isfinite(nats):
         raise ValueError(f"the cross-entropy on corpus {corpus.name!r} is {nats}; the model or "

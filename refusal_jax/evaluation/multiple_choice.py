@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from refusal_jax import distributed
 from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
+from refusal_jax.distributed import Placement
 from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import Params
@@ -227,12 +229,13 @@ def evaluate_multiple_choice(params: Params, questions: Sequence[Question], *,
                              config: ModelConfig, tokenizer: Any,
                              shot_pool: Sequence[Question] = (), n_shots: int = 5,
                              chat: ChatFormat | None = None, intervention: Any = None,
-                             batch_size: int = 8, length_bucket: int = 64
-                             ) -> MultipleChoiceResult:
+                             batch_size: int = 8, length_bucket: int = 64,
+                             placement: Placement | None = None) -> MultipleChoiceResult:
     """Accuracy of the model (optionally intervened) on `questions`, `n_shots`-shot.
 
     The intervention is an array argument of one jitted forward, so evaluating many
-    interventions does not recompile (for a given batch shape).
+    interventions does not recompile (for a given batch shape). With a `placement`, each
+    batch's rows are split over its ``batch`` axes (`batch_size` is rounded up to a multiple).
     """
     if not questions:
         raise ValueError("no questions to evaluate")
@@ -252,14 +255,18 @@ def evaluate_multiple_choice(params: Params, questions: Sequence[Question], *,
         raise ValueError(f"a {n_shots}-shot prompt has {longest} tokens, more than the model's "
                          f"context of {config.max_context}; use fewer shots")
     pad_id = pad_token_id(tokenizer)
+    placement = placement or Placement()
+    split = placement.multiple("batch")
+    batch_size = -(-batch_size // split) * split
     scores = np.zeros((len(questions), n_letters), np.float64)
     for start in range(0, len(questions), batch_size):
         chunk = token_lists[start:start + batch_size]
         length = min(-(-max(map(len, chunk)) // length_bucket) * length_bucket,
                      config.max_context)
         batch = left_pad(chunk, length=length, rows=batch_size, pad_id=pad_id)
-        logits = np.asarray(last_position_logits(params, batch.tokens, batch.valid, config=config,
-                                                 intervention=intervention))
+        (tokens, valid), _ = placement.leading((batch.tokens, batch.valid), "batch")
+        logits = distributed.gather(last_position_logits(params, tokens, valid, config=config,
+                                                         intervention=intervention))
         scores[start:start + len(chunk)] = logits[:len(chunk)][:, letters]
     n_choices = np.array([len(q.choices) for q in questions])
     scores[np.arange(n_letters)[None, :] >= n_choices[:, None]] = -np.inf

@@ -175,7 +175,8 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
     model_config = model.config if variant.config is None else variant.config
     cross_entropy = {
         name: ce.cross_entropy(params, corpus, config=model_config, intervention=variant.harmful,
-                               batch_size=config.runtime.batch_size).nats
+                               batch_size=config.runtime.batch_size,
+                               placement=study.placement).nats
         for name, corpus in corpora.items()}
     metrics = {
         "description": variant.description,
@@ -188,7 +189,7 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
             name: mc.evaluate_multiple_choice(
                 params, questions, config=model_config, tokenizer=model.tokenizer,
                 shot_pool=pool, n_shots=n_shots, chat=model.chat, intervention=variant.harmful,
-                batch_size=config.runtime.batch_size).accuracy
+                batch_size=config.runtime.batch_size, placement=study.placement).accuracy
             for name, (questions, pool, n_shots) in (mc_sets or {}).items()},
     }
     if judge is not None:
