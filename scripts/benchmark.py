@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import sys
 import time
@@ -150,6 +151,8 @@ def _check_flags() -> None:
 def main(argv: list[str]) -> None:
     del argv
     _check_flags()
+    if FLAGS.platform == "gpu":  # torch shares the GPU: JAX must not take 75% of it up front
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     jax.config.update("jax_platforms", "cuda" if FLAGS.platform == "gpu" else "cpu")

@@ -134,6 +134,8 @@ def test_outputs_of_both_stacks_agree(tiny_run):
     generations = [row for row in result["rows"] if row["section"] == "4 generation"]
     assert len(generations) == 3  # no intervention, ablation, a sweep of 2 ablations
     assert [row["details"]["rows_identical"] for row in generations] == [2, 2, 4]
+    assert all(row["details"]["leading_tokens_identical"] == [row["details"]["new_tokens"]] * 2
+               for row in generations)
 
 
 def test_inlp_section_compares_each_baseline_under_its_rules_on_the_same_pairs(tiny_run):

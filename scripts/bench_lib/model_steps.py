@@ -159,7 +159,7 @@ def generation_rows(w: Workload, prompts: Prompts, direction: np.ndarray, *,
     tokens, valid, _ = _arrays(prompts)
     model = w.torch_model
     ids, mask = torch_stack.as_torch(prompts.tokens, prompts.valid, w.torch_device)
-    direction_t = torch.as_tensor(np.asarray(direction), device=w.torch_device)
+    direction_t = torch.as_tensor(np.array(direction), device=w.torch_device)
     ablation = interventions.directional_ablation(direction, n_layers=config.n_layers,
                                                   layers=None)
     B, T = prompts.tokens.shape
@@ -190,8 +190,7 @@ def generation_rows(w: Workload, prompts: Prompts, direction: np.ndarray, *,
             work=B * max_new_tokens, work_unit="new tok", compile_s=compile_s,
             details={"batch": B, "prompt_length": T, "new_tokens": max_new_tokens,
                      "same_shape": list(ours_tokens.shape) == list(theirs.shape),
-                     "rows_identical": int(np.sum(np.all(ours_tokens == theirs, axis=1)))
-                     if ours_tokens.shape == theirs.shape else None}))
+                     **_token_agreement(ours_tokens, theirs)}))
     if sweep is not None:
         rows.append(_sweep_row(w, prompts, sweep, max_new_tokens=max_new_tokens, warmup=warmup,
                                repeats=repeats, section=section))
@@ -231,5 +230,16 @@ def _sweep_row(w: Workload, prompts: Prompts, directions: np.ndarray, *, max_new
         work_unit="new tok", compile_s=compile_s,
         details={"interventions": V, "batch": B, "prompt_length": prompts.tokens.shape[1],
                  "new_tokens": max_new_tokens, "ours": "one generate_each call",
-                 "rows_identical": int(np.sum(np.all(ours == theirs, axis=-1)))
-                 if ours.shape == theirs.shape else None, "rows": V * B})
+                 **_token_agreement(ours, theirs), "rows": V * B})
+
+
+def _token_agreement(ours: np.ndarray, theirs: np.ndarray) -> dict:
+    """How far two stacks' greedy tokens [..., T] agree: the rows identical throughout, and
+    the min and median count of new tokens identical before a row's first difference (in
+    bfloat16 a near-tie can flip one argmax, after which the rows go their own ways)."""
+    if ours.shape != theirs.shape:
+        return {"rows_identical": None, "leading_tokens_identical": None}
+    same = (ours == theirs).reshape(-1, ours.shape[-1])
+    leading = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+    return {"rows_identical": int(np.sum(same.all(axis=1))),
+            "leading_tokens_identical": [int(leading.min()), float(np.median(leading))]}
