@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from absl import logging
+
 from bench_lib.measure import PeakRSS, Stats
 from bench_lib.report import Row
 
@@ -91,6 +93,9 @@ def run(module: str, flags: str, timeout_s: float, *, twin: bool = False,
                                f"{shlex.join(command)}\n{child.stderr[-3000:]}")
         finished = sorted((path.stat().st_mtime, path.parent.name, _recorded_wall(path))
                           for path in Path(workdir).glob(f"*/{DONE_FILE}"))
+    # Logged before the twin starts (it can take hours), with the walls each stage recorded.
+    logging.info("the pipeline took %.1f s; its stages (wall s): %s", total,
+                 {stage: wall for _, stage, wall in finished})
     peaks = re.findall(rf"{_PEAK_MARK}(\d+)", child.stderr)
     memory = {"ours": PeakRSS(peak_mb=int(peaks[-1]) / 1024.0)} if peaks else {}
     info = {"status": "ok", "command": shlex.join(command),

@@ -70,6 +70,7 @@ import ml_collections
 import numpy as np
 import torch
 from absl import flags as absl_flags
+from absl import logging
 from ml_collections import config_flags
 
 from bench_lib import inlp_bench, selection, torch_stack
@@ -698,6 +699,8 @@ def run_twin(config, *, torch_options: dict[str, str] | None = None,
         getattr(twin, stage)()
         seconds = time.perf_counter() - start
         results[stage] = StageResult(seconds=seconds, work=twin.work)
+        # Logged as it ends, so that a twin stopped part way still leaves its times.
+        logging.info("PyTorch twin: stage %s took %.1f s (%s)", stage, seconds, twin.work)
         start = time.perf_counter()
     if "infer" in stages and "dim_folded" in config.infer.interventions:
         results["infer"].work["folding_max_abs_logit_difference"] = twin.folding_difference
