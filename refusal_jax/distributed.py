@@ -220,6 +220,11 @@ class Placement:
             return 1
         return sharding.axis_size(self.mesh, logical_axis, self.rules)
 
+    def round_up(self, size: int, logical_axis: str) -> int:
+        """`size` rounded up to a multiple of `multiple(logical_axis)`."""
+        multiple = self.multiple(logical_axis)
+        return -(-size // multiple) * multiple
+
     def rows(self, n_rows: int) -> slice:
         """The rows of an [n_rows, ...] batch that this process reads and encodes."""
         if self.mesh is None:

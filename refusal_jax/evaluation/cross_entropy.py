@@ -244,8 +244,7 @@ def cross_entropy(params: Params, corpus: ScoredTokens, *, config: ModelConfig,
     # A corpus smaller than a batch is one batch of its own rows: filler rows cost a forward.
     batch_size = min(batch_size, corpus.tokens.shape[0])
     placement = placement or Placement()
-    split = placement.multiple("batch")
-    batch_size = -(-batch_size // split) * split
+    batch_size = placement.round_up(batch_size, "batch")
     total = 0.0
     for batch in _batches(corpus, batch_size, length_bucket):
         # No padding: batch_size is a multiple of the split (padding repeats a scored row).

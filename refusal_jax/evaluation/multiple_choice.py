@@ -256,8 +256,7 @@ def evaluate_multiple_choice(params: Params, questions: Sequence[Question], *,
                          f"context of {config.max_context}; use fewer shots")
     pad_id = pad_token_id(tokenizer)
     placement = placement or Placement()
-    split = placement.multiple("batch")
-    batch_size = -(-batch_size // split) * split
+    batch_size = placement.round_up(batch_size, "batch")
     scores = np.zeros((len(questions), n_letters), np.float64)
     for start in range(0, len(questions), batch_size):
         chunk = token_lists[start:start + batch_size]
