@@ -6,7 +6,11 @@ Measures, with greedy decoding of --max_new_tokens tokens:
   style_matched_eval   refusal rate on benign requests phrased like harmful ones (held out)
   style_matched_test   the same on a second held-out set of them, written later
 and the cross-entropy per token of the base model's greedy answers to held-out harmless prompts
-(--ce_set), under the base and the tuned model. The base model's completions are cached in
+(--ce_set), under the base and the tuned model. The refusal decision is also read without
+decoding: p_R, the probability of a refusal opening as the reply's first token, separates
+HarmBench from the look-alikes (both sets) and from Alpaca with an AUROC, and the threshold on p_R
+that keeps 90% of HarmBench refused gives the least over-refusal any threshold could reach
+(`refusal_jax.training.evaluation.refusal_separation`). The base model's completions are cached in
 --work_dir. Results are printed as a table and, with --write_provenance, stored under "metrics"
 in the adapter's provenance JSON.
 
@@ -26,7 +30,9 @@ from refusal_jax.models.adapter import load_adapter, merge_adapter
 from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
 from refusal_jax.training.completions import (cached_greedy_completions, decode_replies,
                                               greedy_completions)
-from refusal_jax.training.evaluation import completion_cross_entropy, refusal_rate_of_replies
+from refusal_jax.training.evaluation import (
+    completion_cross_entropy, refusal_opening_probabilities,
+    refusal_rate_of_replies, refusal_separation)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
 
@@ -93,8 +99,19 @@ def main(argv):
                                       params=tuned_params if m == "tuned" else None)
           for m in models}
 
+    opening = {m: {name: refusal_opening_probabilities(
+                       base, instructions, batch_size=_BATCH.value,
+                       params=tuned_params if m == "tuned" else None)
+                   for name, instructions in sets.items()} for m in models}
+    separation = {m: {
+        "harmbench_vs_style_matched": refusal_separation(
+            p["harmbench_test"], [*p["style_matched_eval"], *p["style_matched_test"]]),
+        "harmbench_vs_alpaca": refusal_separation(p["harmbench_test"], p["alpaca_heldout"])}
+        for m, p in opening.items()}
+
     metrics = {
         "refusal_rate": rates,
+        "first_token_refusal_separation": separation,
         "sizes": {name: len(instructions) for name, instructions in sets.items()},
         "held_out_harmless_cross_entropy": {**ce, "set": _CE_SET.value},
         "decoding": f"greedy, {_MAX_NEW.value} new tokens, substring refusal (METHOD.md 6)",
@@ -112,6 +129,10 @@ def main(argv):
                                                           for m in models))
     print(f"{'CE ' + _CE_SET.value:<22}{len(ce_prompts):>5}" + "".join(f"{ce[m]:>8.3f}"
                                                                        for m in models))
+    for pair in ("harmbench_vs_style_matched", "harmbench_vs_alpaca"):
+        print(f"{'AUROC p_R ' + pair:<22}" + "".join(
+            f"  {m} {separation[m][pair]['auroc']:.3f} (at 90% refused, benign "
+            f"{separation[m][pair]['benign_refused']:.3f})" for m in models))
     if _WRITE.value and not _BASE_ONLY.value:
         path = Path(_ADAPTER.value).with_suffix(".json")
         provenance = json.loads(path.read_text()) if path.is_file() else {}

@@ -19,7 +19,9 @@ from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import init_params
 from refusal_jax.training.completions import cached_greedy_completions, greedy_completions
-from refusal_jax.training.evaluation import completion_cross_entropy, validation_score
+from refusal_jax.training.evaluation import (
+    completion_cross_entropy, refusal_opening_probabilities,
+    refusal_separation, validation_score)
 from refusal_jax.training.examples import Example, encode_examples, reply_example
 from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, opening_weights,
                                        restore_adapter, train_adapter)
@@ -401,3 +403,37 @@ def test_training_adds_the_opening_term_of_the_batch_rows(tmp_path, planted):
     with pytest.raises(ValueError, match="must be >= 0"):
         train_adapter(planted, groups, dataclasses.replace(base, answer_opening_weight=-1.0),
                       tmp_path / "negative")
+
+
+def test_refusal_opening_probability_is_the_refusal_token_mass_of_the_first_reply_token(planted):
+    instructions = planted_model.prompts(3, "harmful", seed=4) + ["cook rice", "plan trip"]
+    params = jax.tree.map(lambda x: 1.3 * x, planted.params)  # not the model's own params
+    got = refusal_opening_probabilities(planted, instructions, batch_size=2, params=params)
+    ids = list(refusal_token_ids(planted.tokenizer))
+    for text, p_refuse in zip(instructions, got):  # each prompt alone, unpadded
+        batch = planted.chat.encode([text], context_length=128, length_bucket=1)
+        logits = forward(params, batch.tokens, batch.valid, config=planted.config).logits
+        probs = _softmax(np.asarray(logits[0, -1], np.float64))
+        np.testing.assert_allclose(p_refuse, probs[ids].sum(), rtol=1e-4)
+
+
+def test_refusal_separation_matches_roc_auc_and_keeps_the_asked_refusal_rate():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    harmful = np.round(rng.uniform(0.3, 1.0, 159), 2)  # rounded: ties with the benign scores
+    benign = np.round(rng.uniform(0.0, 0.6, 99), 2)
+    got = refusal_separation(harmful, benign, harmful_refused=0.9)
+    expected = roc_auc_score(np.r_[np.ones(159), np.zeros(99)], np.r_[harmful, benign])
+    np.testing.assert_allclose(got["auroc"], expected, rtol=1e-12)
+    assert got["harmful_refused"] >= 0.9
+    above = np.sort(np.unique(harmful))
+    higher = above[above > got["threshold"]][0]  # the next threshold refuses too few
+    assert np.mean(harmful >= higher) < 0.9
+    assert got["benign_refused"] == np.mean(benign >= got["threshold"])
+    assert refusal_separation([0.9, 0.8], [0.1], harmful_refused=1.0) == {
+        "auroc": 1.0, "threshold": 0.8, "harmful_refused": 1.0, "benign_refused": 0.0}
+    assert refusal_separation(np.arange(10.0), [-1.0], harmful_refused=0.9)["threshold"] == 1.0
+    with pytest.raises(ValueError, match="at least one harmful and one benign"):
+        refusal_separation([], [0.1])
+    with pytest.raises(ValueError, match="harmful_refused must be in"):
+        refusal_separation([0.5], [0.1], harmful_refused=0.0)
