@@ -9,7 +9,7 @@ and the cross-entropy per token of the base model's greedy answers to held-out h
 (--ce_set), under the base and the tuned model. The refusal decision is also read without
 decoding: p_R, the probability of a refusal opening as the reply's first token, separates
 HarmBench from the look-alikes (both sets) and from Alpaca with an AUROC, and the threshold on p_R
-that keeps 90% of HarmBench refused gives the least over-refusal any threshold could reach
+that keeps 90% of HarmBench refused gives the least over-refusal a threshold reaches there
 (`refusal_jax.training.evaluation.refusal_separation`). The base model's completions are cached in
 --work_dir. Results are printed as a table and, with --write_provenance, stored under "metrics"
 in the adapter's provenance JSON.

@@ -415,6 +415,10 @@ def test_refusal_opening_probability_is_the_refusal_token_mass_of_the_first_repl
         logits = forward(params, batch.tokens, batch.valid, config=planted.config).logits
         probs = _softmax(np.asarray(logits[0, -1], np.float64))
         np.testing.assert_allclose(p_refuse, probs[ids].sum(), rtol=1e-4)
+    with pytest.raises(ValueError, match="at least one instruction"):
+        refusal_opening_probabilities(planted, [])
+    with pytest.raises(ValueError, match="batch_size"):
+        refusal_opening_probabilities(planted, instructions, batch_size=0)
 
 
 def test_refusal_separation_matches_roc_auc_and_keeps_the_asked_refusal_rate():

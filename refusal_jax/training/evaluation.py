@@ -88,6 +88,10 @@ def refusal_opening_probabilities(model: Model, instructions: Sequence[str], *,
     on), and costs one forward pass per prompt instead of a generation.
     """
     instructions = list(instructions)
+    if not instructions:
+        raise ValueError("refusal_opening_probabilities needs at least one instruction")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     params = model.params if params is None else params
     ids = np.asarray(refusal_token_ids(model.tokenizer))
     probabilities = []
