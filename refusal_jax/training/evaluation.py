@@ -21,7 +21,7 @@ from refusal_jax.models.loading import Model
 from refusal_jax.models.params import Params
 from refusal_jax.training.completions import decode_replies, greedy_completions
 from refusal_jax.training.examples import Example, encode_examples
-from refusal_jax.training.objective import token_nll
+from refusal_jax.training.objective import refusal_log_mass, token_nll
 
 _token_nll = jax.jit(token_nll, static_argnames=("config",))
 _LENGTH_BUCKET = 32  # padded prompt lengths: few compiled shapes
@@ -102,7 +102,7 @@ def refusal_opening_probabilities(model: Model, instructions: Sequence[str], *,
         batch = model.chat.encode(chunk, context_length=model.config.max_context,
                                   length_bucket=_LENGTH_BUCKET)
         logits = last_position_logits(params, batch.tokens, batch.valid, config=model.config)
-        log_refuse = jax.nn.logsumexp(jax.nn.log_softmax(logits, axis=-1)[:, ids], axis=-1)
+        log_refuse, _ = refusal_log_mass(logits, ids)
         probabilities.append(np.exp(np.asarray(log_refuse, np.float64))[:keep])
     return np.concatenate(probabilities)
 

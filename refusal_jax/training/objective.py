@@ -82,17 +82,24 @@ def reply_start(loss_mask: jax.Array) -> jax.Array:
     return jnp.argmax(loss_mask > 0, axis=1)
 
 
+def refusal_log_mass(logits: jax.Array, refusal_ids: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """(log p_R, log(1 - p_R)) [...]: p_R is the probability mass of next-token `logits`
+    [..., V] on the tokens `refusal_ids`."""
+    in_set = jnp.zeros(logits.shape[-1], bool).at[refusal_ids].set(True)
+    total = jax.nn.logsumexp(logits, axis=-1)
+    log_refuse = jax.nn.logsumexp(jnp.where(in_set, logits, -jnp.inf), axis=-1) - total
+    log_answer = jax.nn.logsumexp(jnp.where(in_set, -jnp.inf, logits), axis=-1) - total
+    return log_refuse, log_answer
+
+
 def refusal_opening_log_probs(logits: jax.Array, loss_mask: jax.Array, refusal_ids: jax.Array
                               ) -> tuple[jax.Array, jax.Array]:
-    """(log p_R, log(1 - p_R)) [B]: p_R is the probability mass on the tokens `refusal_ids`
-    where each row's first reply token is predicted (the logits one position before it)."""
+    """`refusal_log_mass` [B] where each row's first reply token is predicted (the logits one
+    position before it)."""
     position = reply_start(loss_mask) - 1
     first = jnp.take_along_axis(logits, position[:, None, None], axis=1)[:, 0]  # [B, V]
-    in_set = jnp.zeros(first.shape[-1], bool).at[refusal_ids].set(True)
-    total = jax.nn.logsumexp(first, axis=-1)
-    log_refuse = jax.nn.logsumexp(jnp.where(in_set, first, -jnp.inf), axis=-1) - total
-    log_answer = jax.nn.logsumexp(jnp.where(in_set, -jnp.inf, first), axis=-1) - total
-    return log_refuse, log_answer
+    return refusal_log_mass(first, refusal_ids)
 
 
 def opening_loss(logits: jax.Array, loss_mask: jax.Array, term: OpeningTerm) -> jax.Array:
