@@ -125,6 +125,10 @@ flags.DEFINE_string("pipeline_flags", "--config=configs/default.py --workdir={wo
 flags.DEFINE_integer("pipeline_timeout_s", 3600, "Time limit of the pipeline run.")
 flags.DEFINE_bool("pipeline_twin", True, "Run the pipeline's PyTorch twin on the same config "
                   "(the --config of --pipeline_flags) after it, as the stages' baseline.")
+flags.DEFINE_integer("pipeline_twin_select_candidates", 0, "Score only this many of each "
+                     "method's candidates in the twin's select stage (evenly spread) and "
+                     "extrapolate its time to all of them; 0 scores every candidate.",
+                     lower_bound=0)
 BENCHMARK_FLAGS = sorted(set(FLAGS) - _FLAGS_BEFORE)
 
 

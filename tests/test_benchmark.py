@@ -486,3 +486,24 @@ def test_twin_rejects_a_command_without_config_and_out_of_order_stages():
     config = torch_pipeline.config_from_flags(TINY_PIPELINE_FLAGS)
     with pytest.raises(ValueError, match="prefix"):
         torch_pipeline.run_twin(config, stages=("select",))
+
+
+def test_spread_keeps_the_first_and_last_and_spaces_the_rest_evenly():
+    pairs = [(0, layer) for layer in range(10)]
+    assert torch_pipeline._spread(pairs, 4) == [(0, 0), (0, 3), (0, 6), (0, 9)]
+    assert torch_pipeline._spread(pairs, 0) == pairs
+    assert torch_pipeline._spread(pairs, 10) == pairs
+
+
+def test_twin_select_on_a_sample_extrapolates_its_time_to_every_candidate():
+    config = torch_pipeline.config_from_flags(TINY_PIPELINE_FLAGS)
+    twin = torch_pipeline.run_twin(config, torch_options=TORCH_CPU, stages=("extract", "select"),
+                                   select_sample=2)
+    work = twin.stages["select"].work
+    for method in ("dim", "inlp"):
+        assert work[f"{method}_candidates_scored"] == 2 < work[f"{method}_candidates"]
+        assert twin.selection[method]["filters_scored"] == 2
+    # The rest's time: the mean time of a scored candidate for each of the others (> 0).
+    assert work["seconds_extrapolated"] > 0
+    assert twin.stages["select"].seconds == pytest.approx(
+        work["seconds_measured"] + work["seconds_extrapolated"], abs=2e-3)

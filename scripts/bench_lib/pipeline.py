@@ -64,9 +64,11 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def run(module: str, flags: str, timeout_s: float, *, twin: bool = False,
-        torch_options: dict[str, str] | None = None) -> tuple[list[Row], dict[str, Any]]:
+        torch_options: dict[str, str] | None = None,
+        twin_select_sample: int = 0) -> tuple[list[Row], dict[str, Any]]:
     """Times the pipeline's stages and, with `twin`, the PyTorch twin's (see the module
-    docstring). `torch_options`: the twin's device and attention (the dtype is the config's)."""
+    docstring). `torch_options`: the twin's device and attention (the dtype is the config's);
+    `twin_select_sample`: see `torch_pipeline.run_twin`'s `select_sample`."""
     if importlib.util.find_spec(module) is None:
         return [], {"status": "skipped",
                     "reason": f"the module {module} does not exist yet; this hook times its "
@@ -108,7 +110,7 @@ def run(module: str, flags: str, timeout_s: float, *, twin: bool = False,
             previous = finished_at
     else:
         ours = {stage: wall for _, stage, wall in finished}
-        rows, info["twin"] = _twin_rows(config, ours, torch_options)
+        rows, info["twin"] = _twin_rows(config, ours, torch_options, twin_select_sample)
     rows.append(Row(section=SECTION, step="whole pipeline (one run)", ours=Stats.of([total]),
                     memory=memory))
     return rows, info
@@ -122,7 +124,7 @@ def _recorded_wall(done_file: Path) -> float | None:
         return None
 
 
-def _twin_rows(config, ours: dict[str, float | None], torch_options
+def _twin_rows(config, ours: dict[str, float | None], torch_options, select_sample: int
                ) -> tuple[list[Row], dict[str, Any]]:
     """Runs the twin and makes the section's rows (see `stage_rows`)."""
     from bench_lib import torch_pipeline
@@ -135,7 +137,8 @@ def _twin_rows(config, ours: dict[str, float | None], torch_options
                            f"{DONE_FILE}; the twin's rows need them")
     memory = PeakRSS()
     result = memory.track(lambda: torch_pipeline.run_twin(config, torch_options=torch_options,
-                                                          stages=stages))
+                                                          stages=stages,
+                                                          select_sample=select_sample))
     rows = stage_rows(ours, result)
     rows[-1].memory = {"baseline": memory}
     info = {"stages": list(result.stages), "not_mirrored": result.not_mirrored,
@@ -156,8 +159,11 @@ def stage_rows(ours: dict[str, float], twin) -> list[Row]:
             rows.append(Row(section=SECTION, step=f"stage {stage} (one run; not mirrored)",
                             ours=Stats.of([max(wall, 1e-6)])))
             continue
-        rows.append(_pair_row(f"stage {stage} (one run)", wall, mirrored.seconds,
-                              {"twin_work": mirrored.work}))
+        step = f"stage {stage} (one run)"
+        if "seconds_extrapolated" in mirrored.work:
+            step = (f"stage {stage} (one run; the twin's time extrapolated from a sample of "
+                    "candidates)")
+        rows.append(_pair_row(step, wall, mirrored.seconds, {"twin_work": mirrored.work}))
     ours_total = sum(ours[stage] for stage in twin.stages)
     twin_total = sum(stage.seconds for stage in twin.stages.values())
     rows.append(_pair_row(f"stages {', '.join(twin.stages)} (one run)", ours_total, twin_total,

@@ -113,7 +113,8 @@ class _Run:
     def _pipeline(self, f) -> dict[str, Any]:
         rows, info = pipeline.run(
             f.pipeline_module, f.pipeline_flags, f.pipeline_timeout_s, twin=f.pipeline_twin,
-            torch_options={key: self.torch_options[key] for key in ("attention", "device")})
+            torch_options={key: self.torch_options[key] for key in ("attention", "device")},
+            twin_select_sample=f.pipeline_twin_select_candidates)
         self.rows += rows
         return info
 

@@ -27,7 +27,10 @@ select    DiM: `bench_lib.selection.score_baseline` (Arditi et al.'s hooked loop
           KL and steering are scored (ours, with `select.just_one`, scores them in rank order
           until one survives: the counts are recorded side by side). Ranking and filters:
           `pipeline.select.rank`. With `select.compare_global` the other mode's bypass sweep is
-          run too.
+          run too. `run_twin(select_sample=n)` (the benchmark's
+          `--pipeline_twin_select_candidates`) scores n of each method's candidates, evenly
+          spread, and extrapolates the stage's time to all of them: at the reference size the
+          published loop takes over an hour on a 2-core CPU.
 infer     per variant of `infer.interventions`, greedy `generate` on harmful / harmless eval in
           batches of `runtime.generation_batch_size` (set order, padded to the longest), up to
           `infer.max_new_tokens`, stopping when every row has emitted a stop token (as ours),
@@ -218,8 +221,10 @@ def folded_model(model, direction: np.ndarray):
 
 
 class _Twin:
-    def __init__(self, config, torch_options: dict[str, str]):
+    def __init__(self, config, torch_options: dict[str, str], select_sample: int = 0):
         self.config = config
+        self.select_sample = select_sample
+        self.select_extrapolated_s = 0.0  # select's time for the candidates not scored
         torch_options = {**torch_options, "dtype": config.model.dtype}  # ours' params dtype
         self.device = torch_options["device"]
         start = time.perf_counter()
@@ -360,18 +365,24 @@ class _Twin:
         }
         self.selection = {"mode": select_config.mode}
         for name, method in candidates.items():
-            pairs = [tuple(int(i) for i in pair) for pair in np.argwhere(~method["degenerate"])]
-            self.count(f"{name}_candidates", len(pairs))
+            eligible = [tuple(int(i) for i in pair)
+                        for pair in np.argwhere(~method["degenerate"])]
+            pairs = _spread(eligible, self.select_sample)
+            self.count(f"{name}_candidates", len(eligible))
+            self.count(f"{name}_candidates_scored", len(pairs))
             by_mode = {}
             for mode in modes:
                 filters = mode == select_config.mode
                 shaped = dataclasses.replace(problem, global_ablation=mode == "global")
+                start = time.perf_counter()
                 if name == "dim" and filters:  # the published loop, as section 3 runs it
                     scored = selection.score_baseline(shaped, self.torch, pairs, self.device)
                     self._count_selection_passes(shaped, len(pairs), filters=True)
                 else:
                     scored = self.score_pairs(shaped, pairs, method["ablation"],
                                               method["actadd"], norms, filters=filters)
+                per_candidate = (time.perf_counter() - start - scored.setup_s) / len(pairs)
+                self.select_extrapolated_s += per_candidate * (len(eligible) - len(pairs))
                 by_mode[mode] = _candidate_scores(scored, pairs, dim.shape[:2],
                                                   len(select_config.multipliers), filters)
             scores = by_mode[select_config.mode]
@@ -403,12 +414,14 @@ class _Twin:
         """`selection.score_baseline`'s loop with any ablation hook (`ablation(p, l, layers)`,
         layers None: every layer); bypass only without `filters`."""
         self._count_selection_passes(problem, len(pairs), filters=filters)
+        start = time.perf_counter()
         harmful = selection._torch_batches(problem.model, problem.harmful, problem.batch_size,
                                            self.device)
         harmless = selection._torch_batches(problem.model, problem.harmless,
                                             problem.batch_size, self.device)
         base = ([torch.log_softmax(logits.double(), dim=-1)
                  for logits in selection._last_logits(self.torch, harmless)] if filters else [])
+        setup_s = time.perf_counter() - start
 
         def mean_refusal(batches) -> float:
             return float(torch.cat([torch_stack.refusal_score(logits, self.refusal_ids)
@@ -432,7 +445,7 @@ class _Twin:
                         per_multiplier.append(mean_refusal(harmless))
                 steering.append(per_multiplier)
         steering = np.asarray(steering).reshape(len(steering), len(problem.multipliers))
-        return selection.BaselineResult(np.asarray(bypass), steering, np.asarray(kl), 0.0)
+        return selection.BaselineResult(np.asarray(bypass), steering, np.asarray(kl), setup_s)
 
     # -- infer -----------------------------------------------------------------------------
 
@@ -664,6 +677,14 @@ def _candidate_scores(scored: selection.BaselineResult, pairs, shape, n_multipli
     return scores
 
 
+def _spread(pairs: list, most: int) -> list:
+    """At most `most` of `pairs`, evenly spaced from the first to the last (all when `most` is
+    0 or not smaller)."""
+    if not most or len(pairs) <= most:
+        return pairs
+    return [pairs[i] for i in np.unique(np.linspace(0, len(pairs) - 1, most).round().astype(int))]
+
+
 def _tokens_before_stop(tokens: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
     """Tokens per row up to and including its first stop token (all of them without one)."""
     stopped = np.isin(tokens, stop_ids)
@@ -684,20 +705,30 @@ def _not_mirrored(config) -> list[str]:
 
 @torch.no_grad()
 def run_twin(config, *, torch_options: dict[str, str] | None = None,
-             stages: Sequence[str] = MIRRORED_STAGES) -> TwinResult:
+             stages: Sequence[str] = MIRRORED_STAGES, select_sample: int = 0) -> TwinResult:
     """Runs the twin's `stages` (a prefix of MIRRORED_STAGES: each needs the ones before) and
     times each; loading the model counts in the first, as it does in ours. `torch_options`:
-    `attention` and `device` of the transformers model (default CPU, sdpa)."""
+    `attention` and `device` of the transformers model (default CPU, sdpa).
+
+    `select_sample` > 0 scores only that many of each method's eligible candidates (evenly
+    spread over them) in select, and the stage's seconds add, per method and mode, the mean time
+    of a scored candidate times the candidates not scored (the published loop does the same work
+    for each); the work counts record both, and the ranking and the components chosen come
+    from the scored candidates."""
     if tuple(stages) != MIRRORED_STAGES[:len(stages)] or not stages:
         raise ValueError(f"stages must be a non-empty prefix of {MIRRORED_STAGES} (each stage "
                          f"uses the artefacts of the ones before), got {list(stages)}")
     start = time.perf_counter()
-    twin = _Twin(config, torch_options or CPU)
+    twin = _Twin(config, torch_options or CPU, select_sample)
     results: dict[str, StageResult] = {}
     for stage in stages:
         twin.work = {}
         getattr(twin, stage)()
         seconds = time.perf_counter() - start
+        if stage == "select" and select_sample:
+            twin.work["seconds_measured"] = round(seconds, 3)
+            twin.work["seconds_extrapolated"] = round(twin.select_extrapolated_s, 3)
+            seconds += twin.select_extrapolated_s
         results[stage] = StageResult(seconds=seconds, work=twin.work)
         # Logged as it ends, so that a twin stopped part way still leaves its times.
         logging.info("PyTorch twin: stage %s took %.1f s (%s)", stage, seconds, twin.work)
