@@ -21,7 +21,7 @@ from refusal_jax.models.generate import generate
 from refusal_jax.models.loading import Model
 from refusal_jax.models.params import Params
 
-_LENGTH_BUCKET = 32
+LENGTH_BUCKET = 32  # padded prompt lengths: few compiled shapes
 
 
 def greedy_completions(model: Model, instructions: Sequence[str], *, max_new_tokens: int,
@@ -44,7 +44,7 @@ def greedy_completions(model: Model, instructions: Sequence[str], *, max_new_tok
         chunk = [instructions[i] for i in rows]
         chunk += [chunk[-1]] * (batch_size - len(chunk))
         batch = model.chat.encode(chunk, context_length=model.config.max_context,
-                                  length_bucket=_LENGTH_BUCKET)
+                                  length_bucket=LENGTH_BUCKET)
         out = generate(params, batch.tokens, batch.valid, config=model.config,
                        max_new_tokens=max_new_tokens, stop_ids=stops)
         tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)

@@ -19,12 +19,12 @@ from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.evaluation.refusal import is_refusal
 from refusal_jax.models.loading import Model
 from refusal_jax.models.params import Params
-from refusal_jax.training.completions import decode_replies, greedy_completions
+from refusal_jax.training.completions import (LENGTH_BUCKET, decode_replies,
+                                                greedy_completions)
 from refusal_jax.training.examples import Example, encode_examples
 from refusal_jax.training.objective import refusal_log_mass, token_nll
 
 _token_nll = jax.jit(token_nll, static_argnames=("config",))
-_LENGTH_BUCKET = 32  # padded prompt lengths: few compiled shapes
 
 
 def refusal_rate_of_replies(model: Model, replies: Sequence[Sequence[int]]) -> float:
@@ -100,7 +100,7 @@ def refusal_opening_probabilities(model: Model, instructions: Sequence[str], *,
         keep = len(chunk)
         chunk += [chunk[-1]] * (batch_size - keep)  # fixed batch shape
         batch = model.chat.encode(chunk, context_length=model.config.max_context,
-                                  length_bucket=_LENGTH_BUCKET)
+                                  length_bucket=LENGTH_BUCKET)
         logits = last_position_logits(params, batch.tokens, batch.valid, config=model.config)
         log_refuse, _ = refusal_log_mass(logits, ids)
         probabilities.append(np.exp(np.asarray(log_refuse, np.float64))[:keep])
