@@ -307,3 +307,42 @@ def test_judge_and_multiple_choice_reach_the_metrics(resumed_run, tmp_path):
     assert set(metrics["multiple_choice"]) == {"sums"}
     assert metrics["multiple_choice"]["sums"] in (0.0, 1 / 3, 2 / 3, 1.0)
     report.InterventionResult(name="dim_ablation", **metrics)  # fits the report schema
+
+
+def test_variants_hold_as_many_inlp_rows_as_the_chosen_component_uses(resumed_run):
+    """Rows another (position, layer) keeps would only cost time: the form is trimmed to the
+    chosen component's k, and the trimmed variant computes what the wider one does."""
+    import copy
+
+    import jax.numpy as jnp
+
+    from refusal_jax.models.core import forward
+    from refusal_jax.pipeline.variants import build_variants
+
+    workdir, _ = resumed_run
+    study = runner.Study(tiny_config(), workdir)
+    directions, selection = dict(study.directions()), copy.deepcopy(study.selection())
+    chosen = selection["inlp"]["components"][0]
+    pair = (chosen["position_index"], chosen["layer"])
+    counts = np.array(directions["inlp_n_directions"])
+    counts[...] = 2  # every other pair keeps two directions ...
+    counts[pair] = 1  # ... the chosen one a single direction
+    directions["inlp_n_directions"] = counts
+    chosen["k"] = 1
+    (trimmed,) = build_variants(study.model, directions, selection, study.config,
+                                names=["inlp_reflection"])
+    chosen["k"] = 2  # the same map in a form of two rows (the second zero at the chosen pair)
+    (wide,) = build_variants(study.model, directions, selection, study.config,
+                             names=["inlp_reflection"])
+    assert trimmed.harmful.interventions[2].basis.shape[-2] == 1
+    assert wide.harmful.interventions[2].basis.shape[-2] == 2
+    batch = study.model.chat.encode(study.prompts()["harmful_eval"], context_length=512,
+                                    length_bucket=8)
+    tokens, valid = jnp.asarray(batch.tokens), jnp.asarray(batch.valid)
+    logits = [forward(study.model.params, tokens, valid, config=study.model.config,
+                      intervention=variant.harmful, logits="last").logits
+              for variant in (trimmed, wide)]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-6, atol=1e-6)
+    baseline = forward(study.model.params, tokens, valid, config=study.model.config,
+                       logits="last").logits
+    assert float(jnp.max(jnp.abs(logits[0] - baseline))) > 1e-3  # the map does act

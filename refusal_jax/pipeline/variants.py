@@ -127,7 +127,10 @@ def build_variants(model: Model, directions: dict[str, np.ndarray], selection: d
     inlp_parts = selection["inlp"]["components"]
     dim = directions["dim"]
     basis, _ = inlp_basis(directions, config.directions)
-    k_max = basis.shape[-2]
+    # As many basis rows as the chosen components use: other pairs may keep more directions,
+    # and every row of the common form costs each variant's forward passes.
+    k_max = max([c["k"] for c in inlp_parts], default=1)
+    basis = basis[..., :k_max, :]
     if inlp_k is not None:
         basis = np.where((np.arange(basis.shape[-2]) < inlp_k)[:, None], basis, 0.0)
     best = dim_parts[0]
