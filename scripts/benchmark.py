@@ -41,9 +41,9 @@ in --out (JSON) and the scaling plot beside it (.png).
   python scripts/benchmark.py --sections=selection --selection_candidates=0 \
       --selection_baseline_candidates=8 --selection_filters=until_chosen --repeats=1 \
       --out=selection_full.json
-  python scripts/benchmark.py --sections=pipeline \
+  python scripts/benchmark.py --sections=pipeline --pipeline_timeout_s=5400 \
       --pipeline_flags="--config=configs/smollm2_reference.py --workdir={workdir}" \
-      --out=pipeline_reference.json
+      --pipeline_twin_select_candidates=16 --out=pipeline_reference.json
   python scripts/benchmark.py --platform=gpu --model=random:1b --dtype=bfloat16 --out=gpu.json
 """
 
