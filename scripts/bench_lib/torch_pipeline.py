@@ -381,8 +381,9 @@ class _Twin:
                 else:
                     scored = self.score_pairs(shaped, pairs, method["ablation"],
                                               method["actadd"], norms, filters=filters)
-                per_candidate = (time.perf_counter() - start - scored.setup_s) / len(pairs)
-                self.select_extrapolated_s += per_candidate * (len(eligible) - len(pairs))
+                if len(pairs) < len(eligible):
+                    per_candidate = (time.perf_counter() - start - scored.setup_s) / len(pairs)
+                    self.select_extrapolated_s += per_candidate * (len(eligible) - len(pairs))
                 by_mode[mode] = _candidate_scores(scored, pairs, dim.shape[:2],
                                                   len(select_config.multipliers), filters)
             scores = by_mode[select_config.mode]
