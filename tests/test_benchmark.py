@@ -29,6 +29,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 from bench_lib import (  # noqa: E402
+    activations,
     measure,
     pipeline,
     scaling,
@@ -489,10 +490,9 @@ def test_twin_rejects_a_command_without_config_and_out_of_order_stages():
 
 
 def test_spread_keeps_the_first_and_last_and_spaces_the_rest_evenly():
-    pairs = [(0, layer) for layer in range(10)]
-    assert torch_pipeline._spread(pairs, 4) == [(0, 0), (0, 3), (0, 6), (0, 9)]
-    assert torch_pipeline._spread(pairs, 0) == pairs
-    assert torch_pipeline._spread(pairs, 10) == pairs
+    assert activations.spread(10, 4).tolist() == [0, 3, 6, 9]
+    assert activations.spread(10, 0).tolist() == list(range(10))
+    assert activations.spread(10, 10).tolist() == list(range(10))
 
 
 def test_twin_select_on_a_sample_extrapolates_its_time_to_every_candidate():

@@ -77,6 +77,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from bench_lib import inlp_bench, selection, torch_stack
+from bench_lib.activations import spread
 from refusal_jax.chat import pad_token_id, refusal_token_ids
 from refusal_jax.directions import train_dev_split
 from refusal_jax.evaluation import cross_entropy as ce
@@ -367,7 +368,7 @@ class _Twin:
         for name, method in candidates.items():
             eligible = [tuple(int(i) for i in pair)
                         for pair in np.argwhere(~method["degenerate"])]
-            pairs = _spread(eligible, self.select_sample)
+            pairs = [eligible[i] for i in spread(len(eligible), self.select_sample)]
             self.count(f"{name}_candidates", len(eligible))
             self.count(f"{name}_candidates_scored", len(pairs))
             by_mode = {}
@@ -676,14 +677,6 @@ def _candidate_scores(scored: selection.BaselineResult, pairs, shape, n_multipli
             scores.kl[p, l], scores.steering[p, l] = scored.kl[index], scored.steering[index]
             scores.filtered[p, l] = True
     return scores
-
-
-def _spread(pairs: list, most: int) -> list:
-    """At most `most` of `pairs`, evenly spaced from the first to the last (all when `most` is
-    0 or not smaller)."""
-    if not most or len(pairs) <= most:
-        return pairs
-    return [pairs[i] for i in np.unique(np.linspace(0, len(pairs) - 1, most).round().astype(int))]
 
 
 def _tokens_before_stop(tokens: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
