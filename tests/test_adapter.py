@@ -20,7 +20,7 @@ from refusal_jax.models.core import forward
 from refusal_jax.models.params import init_params
 from refusal_jax.training.completions import cached_greedy_completions, greedy_completions
 from refusal_jax.training.evaluation import (
-    completion_cross_entropy, refusal_opening_probabilities,
+    completion_cross_entropy, probe_separation, refusal_opening_probabilities,
     refusal_separation, validation_score)
 from refusal_jax.training.examples import Example, encode_examples, reply_example
 from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, opening_weights,
@@ -441,3 +441,28 @@ def test_refusal_separation_matches_roc_auc_and_keeps_the_asked_refusal_rate():
         refusal_separation([], [0.1])
     with pytest.raises(ValueError, match="harmful_refused must be in"):
         refusal_separation([0.5], [0.1], harmful_refused=0.0)
+
+
+def test_probe_separation_scores_held_out_rows_as_scikit_learns_standardised_probe():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16)
+    scales = rng.uniform(0.1, 10.0, 16)  # the probe standardises the features first
+
+    def rows(n, shift):
+        return (rng.normal(size=(n, 16)) + 0.8 * shift * direction) * scales
+
+    train_h, train_b, eval_h, eval_b = rows(120, 1), rows(150, 0), rows(80, 1), rows(60, 0)
+    got = probe_separation(train_h, train_b, eval_h, eval_b, inverse_regularization=0.1)
+    train = np.concatenate([train_h, train_b])
+    mean, scale = train.mean(0), train.std(0) + 1e-6
+    reference = LogisticRegression(C=0.1, tol=1e-10, max_iter=10_000).fit(
+        (train - mean) / scale, np.r_[np.ones(120), np.zeros(150)])
+    scores = reference.decision_function((np.concatenate([eval_h, eval_b]) - mean) / scale)
+    expected = roc_auc_score(np.r_[np.ones(80), np.zeros(60)], scores)
+    assert 0.7 < got["auroc"] < 1.0  # overlapping classes: the comparison is not trivial
+    np.testing.assert_allclose(got["auroc"], expected, atol=1e-12)
+    assert got == refusal_separation(scores[:80], scores[80:]) | {"threshold": got["threshold"]}
+    with pytest.raises(ValueError, match="at least one harmful and one benign train row"):
+        probe_separation(train_h[:0], train_b, eval_h, eval_b)

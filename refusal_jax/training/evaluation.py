@@ -1,6 +1,7 @@
 """Behavioural checks of a (tuned) model: substring refusal rates on named prompt sets, the
 cross-entropy of held-out base-model completions (the capability-preservation check), and how well
-the refusal decision at the first reply token separates harmful from benign requests.
+the refusal decision at the first reply token, or a linear probe on the activations, separates
+harmful from benign requests.
 
 The cross-entropy is the mean negative log-likelihood per reply token of fixed completions
 (the base model's greedy answers to held-out harmless prompts), so base and tuned models are
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 
 from refusal_jax.chat import refusal_token_ids
+from refusal_jax.directions.inlp import fit_logistic_regression
 from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.evaluation.refusal import is_refusal
 from refusal_jax.models.loading import Model
@@ -129,3 +131,34 @@ def refusal_separation(harmful: Sequence[float], benign: Sequence[float], *,
             "threshold": float(threshold),
             "harmful_refused": float(np.mean(harmful >= threshold)),
             "benign_refused": float(np.mean(benign >= threshold))}
+
+
+def probe_separation(train_harmful: np.ndarray, train_benign: np.ndarray,
+                     eval_harmful: np.ndarray, eval_benign: np.ndarray, *,
+                     inverse_regularization: float = 0.1, harmful_refused: float = 0.9
+                     ) -> dict[str, float]:
+    """How well a linear probe on activations separates harmful from benign requests.
+
+    Fits an L2 logistic regression (`refusal_jax.directions.inlp.fit_logistic_regression`,
+    harmful = 1) to the train features ``[n, D]``, standardised by their mean and standard
+    deviation, and scores the held-out features with `refusal_separation`: the AUROC, and the
+    least benign refusal rate at the threshold that keeps `harmful_refused` of the harmful
+    requests above it. On a model's own activations this bounds what a linear read-out of them can
+    do, so it tells a model's representation apart from its fine-tuning as the limit.
+    """
+    train = np.concatenate([train_harmful, train_benign]).astype(np.float32)
+    if train.ndim != 2 or not len(train_harmful) or not len(train_benign):
+        raise ValueError("probe_separation needs [n, D] features with at least one harmful and "
+                         f"one benign train row; got {np.shape(train_harmful)} and "
+                         f"{np.shape(train_benign)}")
+    mean, scale = train.mean(axis=0), train.std(axis=0) + 1e-6
+    labels = np.r_[np.ones(len(train_harmful)), np.zeros(len(train_benign))].astype(np.int32)
+    fit = fit_logistic_regression((train - mean) / scale, labels,
+                                  inverse_regularization=inverse_regularization)
+    weight, bias = np.asarray(fit.weight), float(fit.bias)
+
+    def score(features):
+        return (np.asarray(features, np.float32) - mean) / scale @ weight + bias
+
+    return refusal_separation(score(eval_harmful), score(eval_benign),
+                              harmful_refused=harmful_refused)
