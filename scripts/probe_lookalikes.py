@@ -8,10 +8,12 @@ requests above the threshold that keeps 90% of the harmful ones above it. With s
 --look_alike_fractions the probe is refitted on nested seeded subsets of the look-alikes, a
 learning curve that says whether more look-alikes would separate better.
 
-On the released model (the default, no adapter) this bounds what a linear read-out of its
-representation achieves with this data; on the tuned model (--adapter) it shows what the tuning
-added. Training prompts that paraphrase a held-out one (topic-word Jaccard >= --exclude_similar)
-are left out, as in the organism's training.
+On the released model (the default, no adapter) this measures how well a linear read-out of its
+representation separates the classes with this data, to set against the tuned model's refusals;
+with --adapter it probes the tuned model. Layer i is the residual stream entering decoder layer i,
+so layer 0 holds the embedding of the chat template's last token, the same for every prompt
+(AUROC 0.5). Training prompts that paraphrase a held-out one (topic-word Jaccard
+>= --exclude_similar) are left out, as in the organism's training.
 
     python scripts/probe_lookalikes.py --look_alike_fractions=0,0.25,0.5,1 --output=probe.json
 """
@@ -70,9 +72,13 @@ def _load(sources: list[str], n: int | None = None):
 
 def main(argv):
     del argv
-    fractions = [float(f) for f in _FRACTIONS.value]
+    try:
+        fractions = [float(f) for f in _FRACTIONS.value]
+    except ValueError:
+        fractions = []
     if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
-        raise app.UsageError(f"--look_alike_fractions must lie in [0, 1], got {_FRACTIONS.value}")
+        raise app.UsageError("--look_alike_fractions must be numbers in [0, 1], got "
+                             f"{_FRACTIONS.value}")
     held_out = {name: [p.instruction for p in _load(sources)] for name, sources in
                 (("harmful", _EVAL_HARMFUL.value), ("benign", _EVAL_BENIGN.value))}
     excluded = held_out["harmful"] + held_out["benign"]
@@ -91,6 +97,9 @@ def main(argv):
             model, params=merge_adapter(model.params, load_adapter(_ADAPTER.value)))
     layers = ([int(layer) for layer in _LAYERS.value] if _LAYERS.value
               else list(range(model.config.n_layers)))
+    if any(not 0 <= layer < model.config.n_layers for layer in layers):
+        raise app.UsageError(f"--layers must lie in [0, {model.config.n_layers}) for this model, "
+                             f"got {_LAYERS.value}")
     activations = {}
     for name, texts in [*train.items(), *(("eval_" + k, v) for k, v in held_out.items())]:
         captured, _ = capture(model, texts, batch_size=_BATCH.value,

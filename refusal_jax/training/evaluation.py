@@ -143,8 +143,9 @@ def probe_separation(train_harmful: np.ndarray, train_benign: np.ndarray,
     harmful = 1) to the train features ``[n, D]``, standardised by their mean and standard
     deviation, and scores the held-out features with `refusal_separation`: the AUROC, and the
     least benign refusal rate at the threshold that keeps `harmful_refused` of the harmful
-    requests above it. On a model's own activations this bounds what a linear read-out of them can
-    do, so it tells a model's representation apart from its fine-tuning as the limit.
+    requests above it. Fitted on a model's own activations, it measures how well a linear
+    read-out of its representation separates the classes with this data, to set against how well
+    the model's behaviour does.
     """
     train = np.concatenate([train_harmful, train_benign]).astype(np.float32)
     if train.ndim != 2 or not len(train_harmful) or not len(train_benign):
