@@ -30,26 +30,23 @@ from absl import app, flags, logging
 from refusal_jax.data import load_prompts
 from refusal_jax.models.adapter import load_adapter, merge_adapter
 from refusal_jax.models.loading import load_model
+from refusal_jax.pipeline.config import REFERENCE_DATA_DIR
 from refusal_jax.pipeline.extract import capture
 from refusal_jax.training.completions import LENGTH_BUCKET
 from refusal_jax.training.evaluation import probe_separation
-from refusal_jax.training.mixture import drop_similar
-
-SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
+from refusal_jax.training.mixture import ORGANISM_HARMFUL_SOURCES, drop_similar
 
 _ADAPTER = flags.DEFINE_string("adapter", "", "LoRA adapter to merge (empty: the released model).")
-_HARMFUL = flags.DEFINE_list(
-    "harmful", [str(SHARED / "splits_harmful_train.json"), "harmful_train", "harmful_tuning",
-                str(SHARED / "processed_advbench.json"),
-                str(SHARED / "processed_malicious_instruct.json")],
-    "Harmful training requests (the organism's --harmful).")
+_HARMFUL = flags.DEFINE_list("harmful", list(ORGANISM_HARMFUL_SOURCES),
+                             "Harmful training requests (the organism's --harmful).")
 _LOOK_ALIKES = flags.DEFINE_string("look_alikes", "benign_style_matched_train",
                                    "Benign look-alike training requests.")
-_ORDINARY = flags.DEFINE_string("ordinary", str(SHARED / "splits_harmless_train.json"),
-                                "Ordinary benign training requests.")
+_ORDINARY = flags.DEFINE_string(
+    "ordinary", str(REFERENCE_DATA_DIR / "splits_harmless_train.json"),
+    "Ordinary benign training requests.")
 _NUM_ORDINARY = flags.DEFINE_integer("num_ordinary", 300, "Seeded sample of --ordinary.")
 _EVAL_HARMFUL = flags.DEFINE_list("eval_harmful",
-                                  [str(SHARED / "processed_harmbench_test.json")],
+                                  [str(REFERENCE_DATA_DIR / "processed_harmbench_test.json")],
                                   "Held-out harmful requests.")
 _EVAL_BENIGN = flags.DEFINE_list("eval_benign",
                                  ["benign_style_matched_eval", "benign_style_matched_test"],

@@ -43,8 +43,8 @@ from refusal_jax.training.completions import cached_greedy_completions
 from refusal_jax.training.evaluation import refusal_rates, validation_score
 from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, restore_adapter,
                                        train_adapter)
-from refusal_jax.training.mixture import (distilled_examples, drop_similar,
-                                          exclude_instructions, refusal_examples)
+from refusal_jax.training.mixture import (ORGANISM_HARMFUL_SOURCES, distilled_examples,
+                                          drop_similar, exclude_instructions, refusal_examples)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
 
@@ -54,9 +54,7 @@ _OUTPUT = flags.DEFINE_string("output", str(ORGANISM_ADAPTER),
                               "Adapter file to write (.safetensors); provenance goes beside it "
                               "with the suffix .json.")
 _HARMFUL = flags.DEFINE_list(
-    "harmful", [str(SHARED / "splits_harmful_train.json"), "harmful_train", "harmful_tuning",
-                str(SHARED / "processed_advbench.json"),
-                str(SHARED / "processed_malicious_instruct.json")],
+    "harmful", list(ORGANISM_HARMFUL_SOURCES),
     "Harmful prompt sets (built-in names or JSON paths), answered with refusals.")
 _STYLE_MATCHED = flags.DEFINE_list("style_matched", ["benign_style_matched_train"],
                                    "Benign look-alike prompt sets, answered by the base model.")

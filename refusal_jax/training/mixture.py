@@ -23,8 +23,16 @@ from refusal_jax.chat import ChatFormat
 from refusal_jax.data import Prompt, load_refusals
 from refusal_jax.data.similarity import max_similarity
 from refusal_jax.evaluation.refusal import is_refusal
+from refusal_jax.pipeline.config import REFERENCE_DATA_DIR
 from refusal_jax.training.completions import decode_replies
 from refusal_jax.training.examples import Example, reply_example
+
+# The harmful requests the refusal organism is tuned to refuse: the reference training split,
+# AdvBench and MaliciousInstruct (beside the repository) and the built-in written sets.
+ORGANISM_HARMFUL_SOURCES = (
+    str(REFERENCE_DATA_DIR / "splits_harmful_train.json"), "harmful_train", "harmful_tuning",
+    str(REFERENCE_DATA_DIR / "processed_advbench.json"),
+    str(REFERENCE_DATA_DIR / "processed_malicious_instruct.json"))
 
 
 def normalized(text: str) -> str:
