@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 
 from refusal_jax.data import load_instructions, load_prompts
@@ -41,10 +42,11 @@ from refusal_jax.models.adapter import LORA_TARGETS, merge_adapter, save_adapter
 from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
 from refusal_jax.training.completions import cached_greedy_completions
 from refusal_jax.training.evaluation import refusal_rates, validation_score
-from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, restore_adapter,
-                                       train_adapter)
+from refusal_jax.training.loop import (REFUSAL_GROUP, TrainConfig, checkpoint_steps,
+                                       restore_adapter, train_adapter)
 from refusal_jax.training.mixture import (ORGANISM_HARMFUL_SOURCES, distilled_examples,
                                           drop_similar, exclude_instructions, refusal_examples)
+from refusal_jax.training.teacher import cached_probe_teacher_logits, decision_targets
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
 
@@ -101,6 +103,18 @@ _ANSWER_OPENING = flags.DEFINE_float(
     "answer_opening_weight", 2.0,
     "Weight of -log(1 - p(refusal opening)) at the first reply position of benign rows; "
     "0 leaves it out.")
+_TEACHER_LAYER = flags.DEFINE_integer(
+    "probe_teacher_layer", -1,
+    "When >= 0, a logistic probe on the released model's residual stream at this layer (last "
+    "post-instruction token), fitted to the training requests, teaches the refusal decision: "
+    "its probabilities replace the 0/1 labels of the opening term "
+    "(refusal_jax.training.teacher); -1 keeps the labels.")
+_TEACHER_OFFSET = flags.DEFINE_float(
+    "probe_teacher_offset", 0.0,
+    "Added to the probe's logits before the sigmoid (positive: refuse more of the requests it "
+    "finds uncertain).")
+_TEACHER_C = flags.DEFINE_float("probe_teacher_inverse_regularization", 0.1,
+                                "C of the probe teacher's L2 logistic regression.")
 _LR = flags.DEFINE_float("learning_rate", TrainConfig.learning_rate, "Peak learning rate.")
 _WARMUP = flags.DEFINE_integer("warmup_steps", TrainConfig.warmup_steps, "Warmup steps.")
 _RANK = flags.DEFINE_integer("rank", TrainConfig.rank, "LoRA rank.")
@@ -186,6 +200,26 @@ def _select_checkpoint(model, config: TrainConfig, checkpoint_dir: Path,
     return best[2], record
 
 
+def _probe_teacher(model, groups, work_dir: Path):
+    """The probe teacher's decision targets and their record, or (None, None) when it is off."""
+    if _TEACHER_LAYER.value < 0:
+        return None, None
+    logits = cached_probe_teacher_logits(
+        work_dir / f"probe_teacher_layer{_TEACHER_LAYER.value}.json", model, groups,
+        harmful_group=REFUSAL_GROUP, layer=_TEACHER_LAYER.value,
+        inverse_regularization=_TEACHER_C.value)
+    targets = decision_targets(logits, _TEACHER_OFFSET.value)
+    record = {"probe": "logistic regression on standardised residual-stream activations, last "
+                       "post-instruction token, refusal group = harmful",
+              "layer": _TEACHER_LAYER.value, "offset": _TEACHER_OFFSET.value,
+              "inverse_regularization": _TEACHER_C.value,
+              "mean_target": {name: round(float(t.mean()), 4) for name, t in targets.items()},
+              "share_above_half": {name: round(float(np.mean(t > 0.5)), 4)
+                                   for name, t in targets.items()}}
+    logging.info("probe teacher: %s", record)
+    return targets, record
+
+
 def main(argv):
     del argv
     began = time.time()
@@ -214,7 +248,7 @@ def main(argv):
                  "%s", _EXCLUDE_SIMILAR.value, dropped_as_similar)
 
     distill_began = time.time()
-    groups = {"refusal": refusal_examples(model.chat, harmful, seed=seed)}
+    groups = {REFUSAL_GROUP: refusal_examples(model.chat, harmful, seed=seed)}
     for name, prompts in (("style_matched", style), ("harmless", harmless)):
         instructions = [p.instruction for p in prompts]
         completions = cached_greedy_completions(
@@ -225,6 +259,7 @@ def main(argv):
                      len(prompts), len(groups[name]))
     distill_seconds = time.time() - distill_began
 
+    targets, teacher = _probe_teacher(model, groups, work_dir)
     config = TrainConfig(
         steps=_STEPS.value, seq_len=seq_len, decision_tokens=_DECISION_TOKENS.value,
         decision_weight=_DECISION_WEIGHT.value,
@@ -237,7 +272,8 @@ def main(argv):
                    ("style_matched", _STYLE_PER_BATCH.value),
                    ("harmless", _HARMLESS_PER_BATCH.value)))
     train_began = time.time()
-    result = train_adapter(model, groups, config, work_dir / "checkpoints")
+    result = train_adapter(model, groups, config, work_dir / "checkpoints",
+                           decision_targets=targets)
     train_seconds = time.time() - train_began
 
     adapter, selection = result.adapter, None
@@ -272,7 +308,8 @@ def main(argv):
                      "optimizer":
                      "adamw, global-norm clip 1.0, warmup + cosine decay to 10%",
                      "seconds_per_step": round(result.seconds_per_step, 2),
-                     "final_losses": [(step, round(loss, 4)) for step, loss in result.losses[-5:]]},
+                     "final_losses": [(step, round(loss, 4)) for step, loss in result.losses[-5:]],
+                     "decision_teacher": teacher},
         "selection": selection,
         "wall_seconds": {"distillation": round(distill_seconds, 1),
                          "training": round(train_seconds, 1),

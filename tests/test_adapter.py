@@ -26,8 +26,8 @@ from refusal_jax.training.examples import Example, encode_examples, reply_exampl
 from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, opening_weights,
                                        restore_adapter, train_adapter)
 from refusal_jax.training.mixture import batch_indices, drop_similar, exclude_instructions
-from refusal_jax.training.objective import (OpeningTerm, adapter_loss, opening_loss, token_nll,
-                                            token_nll_from)
+from refusal_jax.training.objective import (OpeningTerm, adapter_loss, opening_loss, reply_loss,
+                                            token_nll, token_nll_from)
 from refusal_jax.training.prefix import prefix_hidden
 from refusal_jax.data import Prompt
 
@@ -310,9 +310,15 @@ def _softmax(x):
 
 def _hand_opening_loss(logits, starts, refuse, weight, ids):
     """The refusal-opening BCE computed directly: p_R from the logits before each reply."""
-    probs = _softmax(np.asarray(logits, np.float64))
-    p_refuse = np.array([probs[row, start - 1, ids].sum() for row, start in enumerate(starts)])
-    bce = -(refuse * np.log(p_refuse) + (1 - refuse) * np.log(1 - p_refuse))
+    from scipy.special import logsumexp  # log(1 - p_R) stays exact when p_R is near 1
+    logits = np.asarray(logits, np.float64)
+    log_refuse, log_answer = [], []
+    for row, start in enumerate(starts):
+        at = logits[row, start - 1]
+        total, in_set = logsumexp(at), np.isin(np.arange(len(at)), ids)
+        log_refuse.append(logsumexp(at[in_set]) - total)
+        log_answer.append(logsumexp(at[~in_set]) - total)
+    bce = -(refuse * np.array(log_refuse) + (1 - refuse) * np.array(log_answer))
     return float(np.mean(weight * bce))
 
 
@@ -370,6 +376,51 @@ def test_adapter_loss_adds_the_opening_term_and_its_descent_moves_refusal_mass(p
         assert after > before if refuse[row] else after < before
 
 
+def _teacher_case():
+    """Random logits and replies: row 0 opens with a refusal token, rows 1 and 2 do not."""
+    logits = jax.random.normal(jax.random.key(6), (3, 6, 8)) * 2.0
+    starts = np.array([3, 2, 4])
+    loss_mask = (np.arange(6)[None] >= starts[:, None]).astype(np.float32)
+    loss_mask[np.arange(3), starts] = 4.0  # a decision weight on the first reply token
+    tokens = np.array(jax.random.randint(jax.random.key(7), (3, 6), 0, 8))
+    ids = np.array([1, 4], np.int32)
+    tokens[:, :] = np.where(np.isin(tokens, ids), 0, tokens)
+    tokens[0, starts[0]] = 4
+    return logits, jnp.asarray(tokens), jnp.asarray(loss_mask), starts, ids
+
+
+def test_teacher_rows_leave_the_decision_to_the_opening_term():
+    logits, tokens, loss_mask, starts, ids = _teacher_case()
+    term = OpeningTerm(refuse=jnp.asarray([0.9, 0.2, 0.6]), weight=jnp.asarray([0.0, 0.0, 0.0]),
+                       refusal_ids=jnp.asarray(ids), teacher=jnp.ones(3))
+    # shifting every refusal logit where the first reply token is predicted changes p_R but no
+    # token's probability given the decision: on teacher rows the cross-entropy does not move
+    shift = np.zeros(logits.shape, np.float32)
+    shift[np.arange(3)[:, None], (starts - 1)[:, None], ids[None]] = 3.0
+    np.testing.assert_allclose(reply_loss(logits + shift, tokens, loss_mask, term),
+                               reply_loss(logits, tokens, loss_mask, term), rtol=1e-5)
+    hard = term._replace(teacher=jnp.zeros(3))
+    assert abs(float(reply_loss(logits + shift, tokens, loss_mask, hard))
+               - float(reply_loss(logits, tokens, loss_mask, hard))) > 1e-2
+
+    # the value: the decision-free cross-entropy plus the opening term with soft targets
+    weighted = term._replace(weight=jnp.asarray([1.0, 2.0, 0.5]), teacher=jnp.asarray([1.0, 1, 0]))
+    log_probs = np.log(_softmax(np.asarray(logits, np.float64)))
+    mask, total = np.asarray(loss_mask), 0.0
+    for row, start in enumerate(starts):
+        for t in range(start, 6):
+            nll = -log_probs[row, t - 1, tokens[row, t]]
+            if t == start and weighted.teacher[row]:
+                p_refuse = np.exp(log_probs[row, t - 1, ids]).sum()
+                decision = p_refuse if tokens[row, t] in ids else 1 - p_refuse
+                nll += np.log(decision)
+            total += mask[row, t] * nll
+    expected = total / mask[:, 1:].sum() + _hand_opening_loss(
+        logits, starts, np.asarray(weighted.refuse), np.asarray(weighted.weight), ids)
+    np.testing.assert_allclose(reply_loss(logits, tokens, loss_mask, weighted), expected,
+                               rtol=1e-5)
+
+
 def test_opening_weights_leave_out_benign_replies_that_open_with_a_refusal_token():
     config = TrainConfig(refuse_opening_weight=0.5, answer_opening_weight=2.0)
     tokens = np.array([[9, 9, 3, 5], [9, 9, 6, 5], [9, 9, 9, 7]])
@@ -403,6 +454,38 @@ def test_training_adds_the_opening_term_of_the_batch_rows(tmp_path, planted):
     with pytest.raises(ValueError, match="must be >= 0"):
         train_adapter(planted, groups, dataclasses.replace(base, answer_opening_weight=-1.0),
                       tmp_path / "negative")
+
+
+def test_training_takes_soft_decision_targets_and_rejects_bad_ones(tmp_path, planted):
+    groups = _groups(planted)
+    config = TrainConfig(steps=1, per_batch=(("refusal", 2), ("harmless", 2)), seq_len=16,
+                         learning_rate=1e-2, warmup_steps=1, rank=2, first_layer=2, seed=3,
+                         refuse_opening_weight=0.5, answer_opening_weight=2.0)
+    hard = {"refusal": np.ones(6), "harmless": np.zeros(6)}
+    soft = {"refusal": np.full(6, 0.7), "harmless": np.full(6, 0.1)}
+    hard_loss = train_adapter(planted, groups, config, tmp_path / "hard",
+                              decision_targets=hard).losses[0][1]
+    soft_loss = train_adapter(planted, groups, config, tmp_path / "soft",
+                              decision_targets=soft).losses[0][1]
+    # step 0 starts from the identity adapter, so the two losses differ by the opening terms
+    rows = batch_indices({name: 6 for name in groups}, dict(config.per_batch), 0, config.seed)
+    examples = [groups[name][i] for name in ("refusal", "harmless") for i in rows[name]]
+    batch = encode_examples(planted.chat, examples, seq_len=16, context_length=128)
+    logits = forward(planted.params, batch.tokens, batch.valid, config=planted.config).logits
+    starts = [int(np.argmax(row > 0)) for row in batch.loss_mask]
+    ids = np.asarray(refusal_token_ids(planted.tokenizer))
+    weight = np.array([0.5, 0.5, 2.0, 2.0])
+    expected = (_hand_opening_loss(logits, starts, np.array([0.7, 0.7, 0.1, 0.1]), weight, ids)
+                - _hand_opening_loss(logits, starts, np.array([1.0, 1, 0, 0]), weight, ids))
+    np.testing.assert_allclose(soft_loss - hard_loss, expected, rtol=1e-4, atol=1e-6)
+    for bad, match in (({"refusal": np.ones(5), "harmless": np.zeros(6)}, "one target per"),
+                       ({"refusal": np.ones(6)}, "one target per"),
+                       ({"refusal": np.full(6, np.nan), "harmless": np.zeros(6)}, "in \\[0, 1\\]")):
+        with pytest.raises(ValueError, match=match):
+            train_adapter(planted, groups, config, tmp_path / "bad", decision_targets=bad)
+    with pytest.raises(ValueError, match="set refuse_opening_weight and answer_opening_weight"):
+        train_adapter(planted, groups, dataclasses.replace(config, answer_opening_weight=0.0),
+                      tmp_path / "bad", decision_targets=hard)
 
 
 def test_refusal_opening_probability_is_the_refusal_token_mass_of_the_first_reply_token(planted):
@@ -464,5 +547,43 @@ def test_probe_separation_scores_held_out_rows_as_scikit_learns_standardised_pro
     assert 0.7 < got["auroc"] < 1.0  # overlapping classes: the comparison is not trivial
     np.testing.assert_allclose(got["auroc"], expected, atol=1e-12)
     assert got == refusal_separation(scores[:80], scores[80:]) | {"threshold": got["threshold"]}
-    with pytest.raises(ValueError, match="at least one harmful and one benign train row"):
+    with pytest.raises(ValueError, match="at least one harmful and one benign row"):
         probe_separation(train_h[:0], train_b, eval_h, eval_b)
+
+
+def test_probe_teacher_fits_the_probe_on_the_groups_and_caches_its_logits(tmp_path, planted,
+                                                                         monkeypatch):
+    from refusal_jax.pipeline.extract import capture
+    from refusal_jax.training import teacher
+    from refusal_jax.training.evaluation import fit_probe
+    groups = _groups(planted)
+    path = tmp_path / "teacher.json"
+    logits = teacher.cached_probe_teacher_logits(path, planted, groups, harmful_group="refusal",
+                                                 layer=3, inverse_regularization=0.5)
+    features = {name: capture(planted, [e.instruction for e in examples], batch_size=4,
+                              length_bucket=32, name=name)[0][:, -1, 3]
+                for name, examples in groups.items()}
+    probe = fit_probe(features["refusal"], features["harmless"], inverse_regularization=0.5)
+    for name in groups:
+        np.testing.assert_allclose(logits[name], probe.logits(features[name]), atol=1e-4)
+    assert logits["refusal"].min() > logits["harmless"].max()  # planted classes separate
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("the cached logits should have been read")
+
+    monkeypatch.setattr(teacher, "capture", no_capture)
+    again = teacher.cached_probe_teacher_logits(path, planted, groups, harmful_group="refusal",
+                                                layer=3, inverse_regularization=0.5)
+    for name in groups:
+        np.testing.assert_allclose(again[name], logits[name], atol=1e-5)
+    with pytest.raises(AssertionError, match="should have been read"):  # another layer
+        teacher.cached_probe_teacher_logits(path, planted, groups, harmful_group="refusal",
+                                            layer=2, inverse_regularization=0.5)
+    targets = teacher.decision_targets({"a": np.array([0.0, 2.0])}, offset=1.0)
+    np.testing.assert_allclose(targets["a"], 1 / (1 + np.exp([-1.0, -3.0])), rtol=1e-6)
+    with pytest.raises(ValueError, match="must lie in"):
+        teacher.probe_teacher_logits(planted, groups, harmful_group="refusal", layer=99,
+                                     inverse_regularization=0.5)
+    with pytest.raises(ValueError, match="needs the harmful group"):
+        teacher.probe_teacher_logits(planted, {"harmless": groups["harmless"]},
+                                     harmful_group="refusal", layer=1, inverse_regularization=0.5)

@@ -10,6 +10,7 @@ scored on exactly the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -133,33 +134,50 @@ def refusal_separation(harmful: Sequence[float], benign: Sequence[float], *,
             "benign_refused": float(np.mean(benign >= threshold))}
 
 
+@dataclasses.dataclass(frozen=True)
+class LinearProbe:
+    """A logistic probe on standardised features: logit(x) = ((x - mean) / scale) @ weight + bias
+    (harmful = positive)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """Logits [n] of features [n, D]."""
+        return (np.asarray(features, np.float32) - self.mean) / self.scale @ self.weight + self.bias
+
+
+def fit_probe(harmful: np.ndarray, benign: np.ndarray, *,
+              inverse_regularization: float = 0.1) -> LinearProbe:
+    """An L2 logistic regression (`refusal_jax.directions.inlp.fit_logistic_regression`,
+    harmful = 1) of features ``[n, D]``, standardised by the mean and standard deviation of all
+    the rows."""
+    train = np.concatenate([harmful, benign]).astype(np.float32)
+    if train.ndim != 2 or not len(harmful) or not len(benign):
+        raise ValueError("fit_probe needs [n, D] features with at least one harmful and one "
+                         f"benign row; got {np.shape(harmful)} and {np.shape(benign)}")
+    mean, scale = train.mean(axis=0), train.std(axis=0) + 1e-6
+    labels = np.r_[np.ones(len(harmful)), np.zeros(len(benign))].astype(np.int32)
+    fit = fit_logistic_regression((train - mean) / scale, labels,
+                                  inverse_regularization=inverse_regularization)
+    return LinearProbe(mean=mean, scale=scale, weight=np.asarray(fit.weight),
+                       bias=float(fit.bias))
+
+
 def probe_separation(train_harmful: np.ndarray, train_benign: np.ndarray,
                      eval_harmful: np.ndarray, eval_benign: np.ndarray, *,
                      inverse_regularization: float = 0.1, harmful_refused: float = 0.9
                      ) -> dict[str, float]:
     """How well a linear probe on activations separates harmful from benign requests.
 
-    Fits an L2 logistic regression (`refusal_jax.directions.inlp.fit_logistic_regression`,
-    harmful = 1) to the train features ``[n, D]``, standardised by their mean and standard
-    deviation, and scores the held-out features with `refusal_separation`: the AUROC, and the
-    least benign refusal rate at the threshold that keeps `harmful_refused` of the harmful
-    requests above it. Fitted on a model's own activations, it measures how well a linear
-    read-out of its representation separates the classes with this data, to set against how well
-    the model's behaviour does.
+    Fits `fit_probe` to the train features and scores the held-out features with
+    `refusal_separation`: the AUROC, and the least benign refusal rate at the threshold that
+    keeps `harmful_refused` of the harmful requests above it. Fitted on a model's own
+    activations, it measures how well a linear read-out of its representation separates the
+    classes with this data, to set against how well the model's behaviour does.
     """
-    train = np.concatenate([train_harmful, train_benign]).astype(np.float32)
-    if train.ndim != 2 or not len(train_harmful) or not len(train_benign):
-        raise ValueError("probe_separation needs [n, D] features with at least one harmful and "
-                         f"one benign train row; got {np.shape(train_harmful)} and "
-                         f"{np.shape(train_benign)}")
-    mean, scale = train.mean(axis=0), train.std(axis=0) + 1e-6
-    labels = np.r_[np.ones(len(train_harmful)), np.zeros(len(train_benign))].astype(np.int32)
-    fit = fit_logistic_regression((train - mean) / scale, labels,
-                                  inverse_regularization=inverse_regularization)
-    weight, bias = np.asarray(fit.weight), float(fit.bias)
-
-    def score(features):
-        return (np.asarray(features, np.float32) - mean) / scale @ weight + bias
-
-    return refusal_separation(score(eval_harmful), score(eval_benign),
+    probe = fit_probe(train_harmful, train_benign, inverse_regularization=inverse_regularization)
+    return refusal_separation(probe.logits(eval_harmful), probe.logits(eval_benign),
                               harmful_refused=harmful_refused)

@@ -13,7 +13,9 @@ With `refuse_opening_weight` or `answer_opening_weight` above 0 the loss adds th
 term of `refusal_jax.training.objective` (R: `refusal_jax.chat.refusal_token_ids`): the rows of
 the group named `REFUSAL_GROUP` are to open a refusal, all others not to, except benign rows whose
 own reply opens with a token of R (left out, weight 0). Both weights 0 (the default) train on
-the cross-entropy alone.
+the cross-entropy alone. With `decision_targets` (per example, e.g. a probe's probability that the
+request is harmful) those soft targets replace the group labels, and the term alone trains the
+decision on the rows it covers (see `refusal_jax.training.objective`).
 """
 
 from __future__ import annotations
@@ -155,17 +157,36 @@ def restore_adapter(model: Model, config: TrainConfig, checkpoint_dir: str | Pat
     return restored["adapter"]
 
 
+def _check_decision_targets(targets: Mapping[str, np.ndarray], sizes: Mapping[str, int],
+                            config: TrainConfig) -> None:
+    if not (config.refuse_opening_weight > 0 and config.answer_opening_weight > 0):
+        raise ValueError("decision_targets train the decision through the opening term: set "
+                         "refuse_opening_weight and answer_opening_weight above 0")
+    for name, size in sizes.items():
+        values = np.asarray(targets.get(name, ()), np.float64)
+        if values.shape != (size,):
+            raise ValueError(f"decision_targets[{name!r}] must hold one target per example "
+                             f"({size}), got shape {values.shape}")
+        if not np.all((values >= 0) & (values <= 1)):  # also catches NaN
+            raise ValueError(f"decision_targets[{name!r}] must be probabilities in [0, 1]")
+
+
 def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config: TrainConfig,
-                  checkpoint_dir: str | Path, *, stop_at: int | None = None) -> TrainResult:
+                  checkpoint_dir: str | Path, *, stop_at: int | None = None,
+                  decision_targets: Mapping[str, np.ndarray] | None = None) -> TrainResult:
     """Trains a LoRA adapter on `groups` (resuming from `checkpoint_dir` when it holds steps).
 
     `stop_at` ends this process's run early, after that many steps in all (checkpointed);
-    a later call continues to `config.steps`.
+    a later call continues to `config.steps`. `decision_targets` (group -> [n] probabilities
+    of refusing) are the opening term's soft targets (see the module docstring).
     """
     if config.refuse_opening_weight < 0 or config.answer_opening_weight < 0:
         raise ValueError(f"refuse_opening_weight and answer_opening_weight must be >= 0 (0 leaves "
                          f"the term out), got {config.refuse_opening_weight} and "
                          f"{config.answer_opening_weight}")
+    if decision_targets is not None:
+        _check_decision_targets(decision_targets, {name: len(groups[name])
+                                                   for name, _ in config.per_batch}, config)
     stop_at = config.steps if stop_at is None else min(stop_at, config.steps)
     per_batch = dict(config.per_batch)
     optimizer, adapter, opt_state = _fresh_state(model, config)
@@ -190,8 +211,13 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
                                          decision_tokens=config.decision_tokens,
                                          decision_weight=config.decision_weight)
             if use_opening:
-                opening[name] = opening_weights(name, encoded[name].tokens,
-                                                encoded[name].loss_mask, refusal_ids, config)
+                refuse, weight = opening_weights(name, encoded[name].tokens,
+                                                 encoded[name].loss_mask, refusal_ids, config)
+                teacher = np.zeros_like(weight)
+                if decision_targets is not None:
+                    refuse = np.asarray(decision_targets[name], np.float32)
+                    teacher = (weight > 0).astype(np.float32)
+                opening[name] = (refuse, weight, teacher)
             logging.info("encoded %s: %d examples", name, len(groups[name]))
     sizes = {name: len(groups[name]) for name in per_batch}
     losses, timed = [], []
@@ -203,10 +229,11 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
                  for field in ("hidden", "tokens", "valid", "loss_mask")}
         term = None
         if use_opening:
-            refuse, weight = (np.concatenate([opening[name][i][rows[name]] for name in per_batch])
-                              for i in (0, 1))
-            term = OpeningTerm(refuse=jnp.asarray(refuse), weight=jnp.asarray(weight),
-                               refusal_ids=refusal_ids_array)
+            refuse, weight, teacher = (
+                jnp.asarray(np.concatenate([opening[name][i][rows[name]] for name in per_batch]))
+                for i in range(3))
+            term = OpeningTerm(refuse=refuse, weight=weight, refusal_ids=refusal_ids_array,
+                               teacher=teacher if decision_targets is not None else None)
         adapter, opt_state, loss = train_step(adapter, opt_state, model.params, **batch,
                                               opening=term, optimizer=optimizer,
                                               config=model.config)

@@ -16,6 +16,11 @@ weight * -log(1 - p_R) (unlikelihood of opening a refusal), averaged over the ba
 substring refusal metric counts replies that open with those tokens, so the term aims at it
 directly; per-row weights of 0 switch it off for a row (e.g. a benign answer that itself opens
 with "I").
+
+The targets may be soft (a teacher's probability that the request should be refused). On rows
+marked `teacher` the term alone trains the decision: the cross-entropy of the reply's first token,
+-log p(token) = -log p(decision) - log p(token | decision), keeps only its second part, so the
+reply's own opening does not pull the decision towards a hard label.
 """
 
 from __future__ import annotations
@@ -69,12 +74,15 @@ def token_nll_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: 
 
 class OpeningTerm(NamedTuple):
     """Per-row inputs of the refusal-opening loss term (arrays, so one compiled step serves any
-    weights): refuse [B] (1 = the row should open a refusal, 0 = it should not), weight [B]
-    (0 leaves the row out), refusal_ids [K] int32 (the refusal-token set R)."""
+    weights): refuse [B] (the target probability of opening a refusal: 1 or 0, or a teacher's),
+    weight [B] (0 leaves the row out), refusal_ids [K] int32 (the refusal-token set R), and
+    optionally teacher [B] (1 where this term alone trains the decision; see the module
+    docstring)."""
 
     refuse: jax.Array
     weight: jax.Array
     refusal_ids: jax.Array
+    teacher: jax.Array | None = None
 
 
 def reply_start(loss_mask: jax.Array) -> jax.Array:
@@ -110,19 +118,40 @@ def opening_loss(logits: jax.Array, loss_mask: jax.Array, term: OpeningTerm) -> 
     return jnp.mean(term.weight * bce)
 
 
-def adapter_loss(adapter: LoraAdapter, params: Params, hidden: jax.Array, tokens: jax.Array,
-                 valid: jax.Array, loss_mask: jax.Array, *, config: ModelConfig,
-                 opening: OpeningTerm | None = None) -> jax.Array:
-    """Weighted mean cross-entropy per reply token (weights: `loss_mask`) of the base params
-    with `adapter` merged in, plus `opening_loss` when `opening` is given; `hidden` is the
-    (frozen) input of the adapter's first layer."""
-    logits = _logits_from(merge_adapter(params, adapter), hidden, tokens, valid,
-                          first_layer=adapter.first_layer, config=config)
+def first_token_decision_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+                             refusal_ids: jax.Array) -> jax.Array:
+    """The decision's share [B] of each row's weighted first-reply-token cross-entropy:
+    -log p_R where that token is in R, else -log(1 - p_R), times its loss weight."""
+    start = reply_start(loss_mask)
+    log_refuse, log_answer = refusal_opening_log_probs(logits, loss_mask, refusal_ids)
+    first = jnp.take_along_axis(tokens, start[:, None], axis=1)[:, 0]
+    weight = jnp.take_along_axis(loss_mask, start[:, None], axis=1)[:, 0]
+    return -weight * jnp.where(jnp.isin(first, refusal_ids), log_refuse, log_answer)
+
+
+def reply_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array,
+               opening: OpeningTerm | None = None) -> jax.Array:
+    """Weighted mean cross-entropy per reply token (weights: `loss_mask`) of `logits`, plus
+    `opening_loss` when `opening` is given (on its `teacher` rows, the first reply token's
+    cross-entropy without the decision's share; see the module docstring)."""
     nll, count = _masked_nll(logits, tokens, loss_mask)
+    if opening is not None and opening.teacher is not None:
+        nll = nll - opening.teacher * first_token_decision_nll(logits, tokens, loss_mask,
+                                                               opening.refusal_ids)
     loss = jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0)
     if opening is not None:
         loss = loss + opening_loss(logits, loss_mask, opening)
     return loss
+
+
+def adapter_loss(adapter: LoraAdapter, params: Params, hidden: jax.Array, tokens: jax.Array,
+                 valid: jax.Array, loss_mask: jax.Array, *, config: ModelConfig,
+                 opening: OpeningTerm | None = None) -> jax.Array:
+    """`reply_loss` of the base params with `adapter` merged in; `hidden` is the (frozen) input
+    of the adapter's first layer."""
+    logits = _logits_from(merge_adapter(params, adapter), hidden, tokens, valid,
+                          first_layer=adapter.first_layer, config=config)
+    return reply_loss(logits, tokens, loss_mask, opening)
 
 
 @functools.cache  # the same settings give the same object, so the jitted step is reused
