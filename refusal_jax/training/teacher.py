@@ -1,12 +1,14 @@
 """A linear probe on the base model's activations as the teacher of the refusal decision.
 
-The released model's residual stream already separates harmful requests from benign look-alikes
-better than a tuned model's refusal decision does (`scripts/probe_lookalikes.py`). Here a logistic
-probe (`refusal_jax.training.evaluation.fit_probe`) is fitted at one layer, at the last
+A linear read-out of the released model's residual stream separates harmful requests from benign
+look-alikes about as well as a tuned model's refusal decision does (`scripts/probe_lookalikes.py`),
+with a simpler, strongly regularised rule. To teach the decision that rule, a logistic probe
+(`refusal_jax.training.evaluation.fit_probe`) is fitted at one layer, at the last
 post-instruction token, to the training requests (the refusal group as harmful, every other group
 as benign), and its probability that each request is harmful, sigmoid(logit + offset), becomes that
 example's target for the refusal decision (`train_adapter(..., decision_targets=...)`). The
 probe's logits are cached on disk per instruction, so a resumed run does not recompute them.
+On SmolLM2-135M it did not separate better than the 0/1 labels (README, "Quick start").
 """
 
 from __future__ import annotations
