@@ -225,6 +225,9 @@ def main(argv):
     began = time.time()
     work_dir = Path(_WORK_DIR.value)
     model = load_model()
+    if _TEACHER_LAYER.value >= model.config.n_layers:
+        raise app.UsageError(f"--probe_teacher_layer must be -1 (off) or a layer in [0, "
+                             f"{model.config.n_layers}), got {_TEACHER_LAYER.value}")
     selecting = _SELECT_FROM.value >= 0
     val_sets = {source: [p.instruction for p in _prompts([source], n=_VAL_PER_SET.value,
                                                           seed=_SEED.value)]
@@ -259,7 +262,7 @@ def main(argv):
                      len(prompts), len(groups[name]))
     distill_seconds = time.time() - distill_began
 
-    targets, teacher = _probe_teacher(model, groups, work_dir)
+    targets, teacher_record = _probe_teacher(model, groups, work_dir)
     config = TrainConfig(
         steps=_STEPS.value, seq_len=seq_len, decision_tokens=_DECISION_TOKENS.value,
         decision_weight=_DECISION_WEIGHT.value,
@@ -309,7 +312,7 @@ def main(argv):
                      "adamw, global-norm clip 1.0, warmup + cosine decay to 10%",
                      "seconds_per_step": round(result.seconds_per_step, 2),
                      "final_losses": [(step, round(loss, 4)) for step, loss in result.losses[-5:]],
-                     "decision_teacher": teacher},
+                     "decision_teacher": teacher_record},
         "selection": selection,
         "wall_seconds": {"distillation": round(distill_seconds, 1),
                          "training": round(train_seconds, 1),

@@ -308,9 +308,10 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
-def _hand_opening_loss(logits, starts, refuse, weight, ids):
-    """The refusal-opening BCE computed directly: p_R from the logits before each reply."""
-    from scipy.special import logsumexp  # log(1 - p_R) stays exact when p_R is near 1
+def _hand_log_mass(logits, starts, ids):
+    """(log p_R, log(1 - p_R)) [B] from the logits before each reply, in float64 log space (so
+    log(1 - p_R) stays exact when p_R is near 1)."""
+    from scipy.special import logsumexp
     logits = np.asarray(logits, np.float64)
     log_refuse, log_answer = [], []
     for row, start in enumerate(starts):
@@ -318,7 +319,13 @@ def _hand_opening_loss(logits, starts, refuse, weight, ids):
         total, in_set = logsumexp(at), np.isin(np.arange(len(at)), ids)
         log_refuse.append(logsumexp(at[in_set]) - total)
         log_answer.append(logsumexp(at[~in_set]) - total)
-    bce = -(refuse * np.array(log_refuse) + (1 - refuse) * np.array(log_answer))
+    return np.array(log_refuse), np.array(log_answer)
+
+
+def _hand_opening_loss(logits, starts, refuse, weight, ids):
+    """The refusal-opening BCE computed directly: p_R from the logits before each reply."""
+    log_refuse, log_answer = _hand_log_mass(logits, starts, ids)
+    bce = -(refuse * log_refuse + (1 - refuse) * log_answer)
     return float(np.mean(weight * bce))
 
 
@@ -462,24 +469,36 @@ def test_training_takes_soft_decision_targets_and_rejects_bad_ones(tmp_path, pla
                          learning_rate=1e-2, warmup_steps=1, rank=2, first_layer=2, seed=3,
                          refuse_opening_weight=0.5, answer_opening_weight=2.0)
     hard = {"refusal": np.ones(6), "harmless": np.zeros(6)}
-    soft = {"refusal": np.full(6, 0.7), "harmless": np.full(6, 0.1)}
-    hard_loss = train_adapter(planted, groups, config, tmp_path / "hard",
-                              decision_targets=hard).losses[0][1]
-    soft_loss = train_adapter(planted, groups, config, tmp_path / "soft",
-                              decision_targets=soft).losses[0][1]
-    # step 0 starts from the identity adapter, so the two losses differ by the opening terms
+    soft = {"refusal": np.linspace(0.55, 0.95, 6), "harmless": np.linspace(0.02, 0.3, 6)}
+    losses = {name: train_adapter(planted, groups, config, tmp_path / name,
+                                  decision_targets=targets).losses[0][1]
+              for name, targets in (("labels", None), ("hard", hard), ("soft", soft))}
+    # step 0 starts from the identity adapter: the differences are those of the base logits
     rows = batch_indices({name: 6 for name in groups}, dict(config.per_batch), 0, config.seed)
     examples = [groups[name][i] for name in ("refusal", "harmless") for i in rows[name]]
-    batch = encode_examples(planted.chat, examples, seq_len=16, context_length=128)
+    batch = encode_examples(planted.chat, examples, seq_len=16, context_length=128,
+                            decision_tokens=config.decision_tokens,
+                            decision_weight=config.decision_weight)
     logits = forward(planted.params, batch.tokens, batch.valid, config=planted.config).logits
     starts = [int(np.argmax(row > 0)) for row in batch.loss_mask]
     ids = np.asarray(refusal_token_ids(planted.tokenizer))
+    # targets equal to the labels: the first reply token's cross-entropy loses its decision share
+    log_refuse, log_answer = _hand_log_mass(logits, starts, ids)
+    first = batch.tokens[np.arange(4), starts]
+    first_weight = batch.loss_mask[np.arange(4), starts]
+    decision_share = -first_weight * np.where(np.isin(first, ids), log_refuse, log_answer)
+    assert np.isin(first, ids).tolist() == [True, True, False, False]  # every row is a teacher row
+    np.testing.assert_allclose(losses["hard"] - losses["labels"],
+                               -decision_share.sum() / batch.loss_mask[:, 1:].sum(), rtol=1e-4)
+    # soft targets, each row its own: the opening term changes by its hand-computed value
     weight = np.array([0.5, 0.5, 2.0, 2.0])
-    expected = (_hand_opening_loss(logits, starts, np.array([0.7, 0.7, 0.1, 0.1]), weight, ids)
+    targets = np.concatenate([soft[name][rows[name]] for name in ("refusal", "harmless")])
+    expected = (_hand_opening_loss(logits, starts, targets, weight, ids)
                 - _hand_opening_loss(logits, starts, np.array([1.0, 1, 0, 0]), weight, ids))
-    np.testing.assert_allclose(soft_loss - hard_loss, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(losses["soft"] - losses["hard"], expected, rtol=1e-4, atol=1e-6)
     for bad, match in (({"refusal": np.ones(5), "harmless": np.zeros(6)}, "one target per"),
-                       ({"refusal": np.ones(6)}, "one target per"),
+                       ({"refusal": np.ones(6)}, "missing \\['harmless'\\]"),
+                       ({**hard, "harmles": np.zeros(6)}, "unknown \\['harmles'\\]"),
                        ({"refusal": np.full(6, np.nan), "harmless": np.zeros(6)}, "in \\[0, 1\\]")):
         with pytest.raises(ValueError, match=match):
             train_adapter(planted, groups, config, tmp_path / "bad", decision_targets=bad)
@@ -574,11 +593,15 @@ def test_probe_teacher_fits_the_probe_on_the_groups_and_caches_its_logits(tmp_pa
     monkeypatch.setattr(teacher, "capture", no_capture)
     again = teacher.cached_probe_teacher_logits(path, planted, groups, harmful_group="refusal",
                                                 layer=3, inverse_regularization=0.5)
-    for name in groups:
-        np.testing.assert_allclose(again[name], logits[name], atol=1e-5)
+    for name in groups:  # exactly: a resumed run trains on the same targets
+        np.testing.assert_array_equal(again[name], logits[name])
     with pytest.raises(AssertionError, match="should have been read"):  # another layer
         teacher.cached_probe_teacher_logits(path, planted, groups, harmful_group="refusal",
                                             layer=2, inverse_regularization=0.5)
+    tuned = dataclasses.replace(planted, adapter="tuned.safetensors")  # same source, other model
+    with pytest.raises(AssertionError, match="should have been read"):
+        teacher.cached_probe_teacher_logits(path, tuned, groups, harmful_group="refusal",
+                                            layer=3, inverse_regularization=0.5)
     targets = teacher.decision_targets({"a": np.array([0.0, 2.0])}, offset=1.0)
     np.testing.assert_allclose(targets["a"], 1 / (1 + np.exp([-1.0, -3.0])), rtol=1e-6)
     with pytest.raises(ValueError, match="must lie in"):

@@ -146,7 +146,8 @@ class LinearProbe:
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """Logits [n] of features [n, D]."""
-        return (np.asarray(features, np.float32) - self.mean) / self.scale @ self.weight + self.bias
+        standardised = (np.asarray(features, np.float32) - self.mean) / self.scale
+        return standardised @ self.weight + self.bias
 
 
 def fit_probe(harmful: np.ndarray, benign: np.ndarray, *,

@@ -15,7 +15,8 @@ the group named `REFUSAL_GROUP` are to open a refusal, all others not to, except
 own reply opens with a token of R (left out, weight 0). Both weights 0 (the default) train on
 the cross-entropy alone. With `decision_targets` (per example, e.g. a probe's probability that the
 request is harmful) those soft targets replace the group labels, and the term alone trains the
-decision on the rows it covers (see `refusal_jax.training.objective`).
+decision on the rows it covers (see `refusal_jax.training.objective`); the benign rows it leaves
+out keep their whole cross-entropy, as without targets.
 """
 
 from __future__ import annotations
@@ -162,8 +163,12 @@ def _check_decision_targets(targets: Mapping[str, np.ndarray], sizes: Mapping[st
     if not (config.refuse_opening_weight > 0 and config.answer_opening_weight > 0):
         raise ValueError("decision_targets train the decision through the opening term: set "
                          "refuse_opening_weight and answer_opening_weight above 0")
+    if set(targets) != set(sizes):
+        raise ValueError(f"decision_targets must hold the groups {sorted(sizes)}; missing "
+                         f"{sorted(set(sizes) - set(targets))}, unknown "
+                         f"{sorted(set(targets) - set(sizes))}")
     for name, size in sizes.items():
-        values = np.asarray(targets.get(name, ()), np.float64)
+        values = np.asarray(targets[name], np.float64)
         if values.shape != (size,):
             raise ValueError(f"decision_targets[{name!r}] must hold one target per example "
                              f"({size}), got shape {values.shape}")
@@ -213,7 +218,7 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
             if use_opening:
                 refuse, weight = opening_weights(name, encoded[name].tokens,
                                                  encoded[name].loss_mask, refusal_ids, config)
-                teacher = np.zeros_like(weight)
+                teacher = None
                 if decision_targets is not None:
                     refuse = np.asarray(decision_targets[name], np.float32)
                     teacher = (weight > 0).astype(np.float32)
@@ -230,10 +235,11 @@ def train_adapter(model: Model, groups: Mapping[str, Sequence[Example]], config:
         term = None
         if use_opening:
             refuse, weight, teacher = (
+                None if opening[name][i] is None else
                 jnp.asarray(np.concatenate([opening[name][i][rows[name]] for name in per_batch]))
                 for i in range(3))
             term = OpeningTerm(refuse=refuse, weight=weight, refusal_ids=refusal_ids_array,
-                               teacher=teacher if decision_targets is not None else None)
+                               teacher=teacher)
         adapter, opt_state, loss = train_step(adapter, opt_state, model.params, **batch,
                                               opening=term, optimizer=optimizer,
                                               config=model.config)

@@ -52,11 +52,14 @@ def cached_probe_teacher_logits(path: str | os.PathLike[str], model: Model,
                                 groups: Mapping[str, Sequence[Example]], *, harmful_group: str,
                                 layer: int, inverse_regularization: float
                                 ) -> dict[str, np.ndarray]:
-    """`probe_teacher_logits`, read from `path` when it holds them for the same model, settings
-    and instructions, else computed and written there."""
+    """`probe_teacher_logits`, read from `path` when it holds them for the same model (source,
+    adapter, system prompt), settings and instructions, else computed and written there. The
+    values read back equal those computed (float32 logits round-trip exactly through JSON), so a
+    resumed run trains on the same targets."""
     path = Path(path)
-    request = {"source": model.source, "harmful_group": harmful_group, "layer": layer,
-               "inverse_regularization": inverse_regularization,
+    request = {"source": model.source, "adapter": model.adapter,
+               "system_prompt": model.chat.system_prompt, "harmful_group": harmful_group,
+               "layer": int(layer), "inverse_regularization": float(inverse_regularization),
                "instructions": {name: [e.instruction for e in examples]
                                 for name, examples in groups.items()}}
     if path.is_file():
@@ -69,8 +72,9 @@ def cached_probe_teacher_logits(path: str | os.PathLike[str], model: Model,
                                   inverse_regularization=inverse_regularization)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
+    logits = {name: np.asarray(values, np.float32) for name, values in logits.items()}
     staging.write_text(json.dumps({"request": request, "logits": {
-        name: [round(float(x), 5) for x in values] for name, values in logits.items()}}))
+        name: [float(x) for x in values] for name, values in logits.items()}}))
     staging.replace(path)
     return logits
 
