@@ -29,7 +29,8 @@ TINY_CONFIGS = {
                             dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
                                  head_dim=16)),
     "qwen2_gqa_bias": (transformers.Qwen2Config,
-                       dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)),
+                       dict(num_attention_heads=4, num_key_value_heads=2,
+                            tie_word_embeddings=True)),
     "qwen2_sliding_upper_layers": (transformers.Qwen2Config, dict(
         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
         max_window_layers=1)),

@@ -35,8 +35,9 @@ def test_centroids_are_at_zero_and_one():
     np.testing.assert_allclose(geometry.centroid_axis_position(np.stack([mu_h, mu_b]), mu_h, mu_b),
                                [0.0, 1.0], atol=1e-12)
     # the cluster means sit at the ends, and offsets orthogonal to the axis do not move a point
-    assert geometry.centroid_axis_position(harmful, mu_h, mu_b).mean() == pytest.approx(0, abs=1e-12)
-    assert geometry.centroid_axis_position(harmless, mu_h, mu_b).mean() == pytest.approx(1, abs=1e-12)
+    position = geometry.centroid_axis_position
+    assert position(harmful, mu_h, mu_b).mean() == pytest.approx(0, abs=1e-12)
+    assert position(harmless, mu_h, mu_b).mean() == pytest.approx(1, abs=1e-12)
     axis = mu_b - mu_h
     sideways = np.linalg.svd(axis[None])[2][1]  # a unit vector orthogonal to the axis
     points = np.stack([mu_h + 5 * sideways, 0.25 * mu_h + 0.75 * mu_b - 2 * sideways,

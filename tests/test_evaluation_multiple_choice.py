@@ -33,7 +33,8 @@ ARC_ORIGINAL = [{"id": "q3", "question": {"stem": "The sun is a", "choices": [
     {"text": "planet", "label": "A"}, {"text": "star", "label": "B"},
     {"text": "moon", "label": "C"}, {"text": "comet", "label": "D"}]}, "answerKey": "B"}]
 TRUTHFUL_QA = [{"question": "Do bees dance?",
-                "mc1_targets": {"choices": ["Yes, to share where food is.", "No.", "Only at night."],
+                "mc1_targets": {"choices": ["Yes, to share where food is.", "No.",
+                                            "Only at night."],
                                 "labels": [1, 0, 0]}}]
 
 

@@ -123,9 +123,12 @@ def test_sampling_is_reproducible_and_tiny_top_p_is_greedy():
     config, params = _model("llama_mha")
     tokens, valid = ragged_batch(lengths=(6, 4), vocab=config.vocab_size)
     greedy = generate(params, tokens, valid, config=config, max_new_tokens=6, stop_ids=[NEVER])
-    run = lambda top_p, seed: generate(
-        params, tokens, valid, config=config, max_new_tokens=6, stop_ids=[NEVER],
-        sampling=Sampling.create(temperature=1.5, top_p=top_p), key=jax.random.key(seed)).tokens
+
+    def run(top_p, seed):
+        return generate(params, tokens, valid, config=config, max_new_tokens=6, stop_ids=[NEVER],
+                        sampling=Sampling.create(temperature=1.5, top_p=top_p),
+                        key=jax.random.key(seed)).tokens
+
     np.testing.assert_array_equal(run(1e-6, 0), greedy.tokens)
     np.testing.assert_array_equal(run(1.0, 7), run(1.0, 7))
     assert np.any(np.asarray(run(1.0, 7)) != np.asarray(run(1.0, 8)))

@@ -1,1 +1,2 @@
-"""Evaluation: refusal metrics, KL, cross-entropy, safety judge, multiple choice, geometry, k-curve."""
+"""Evaluation: refusal metrics, KL, cross-entropy, safety judge, multiple choice, geometry and the
+k-curve."""

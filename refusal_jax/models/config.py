@@ -110,7 +110,8 @@ class ModelConfig:
         if model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"architecture {model_type!r} is not supported; supported model_type values: "
-                f"{sorted(FAMILIES)}. Add a family in refusal_jax/models/config.py (see WORKSPACE.md)."
+                f"{sorted(FAMILIES)}. Add a family in refusal_jax/models/config.py "
+                "(see WORKSPACE.md)."
             )
         family = FAMILIES[model_type]
         n_heads = hf["num_attention_heads"]
@@ -124,6 +125,7 @@ class ModelConfig:
         eos = hf.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
         gemma = family in ("gemma", "gemma2")
+        gemma2 = family == "gemma2"
         return cls(
             family=family,
             vocab_size=hf["vocab_size"],
@@ -144,10 +146,10 @@ class ModelConfig:
             activation=_activation(hf, model_type),
             norm_weight_offset=1.0 if gemma else 0.0,
             scale_embeddings=gemma,
-            post_norms=family == "gemma2",
-            attn_softcap=hf.get("attn_logit_softcapping", 50.0) if family == "gemma2" else None,
-            final_softcap=hf.get("final_logit_softcapping", 30.0) if family == "gemma2" else None,
-            query_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5 if family == "gemma2" else None,
+            post_norms=gemma2,
+            attn_softcap=hf.get("attn_logit_softcapping", 50.0) if gemma2 else None,
+            final_softcap=hf.get("final_logit_softcapping", 30.0) if gemma2 else None,
+            query_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5 if gemma2 else None,
             sliding_windows=_sliding_windows(hf, model_type),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos,

@@ -75,7 +75,10 @@ def param_specs(config: ModelConfig) -> Params:
         return ParamSpec((L,) + shape, ("layers",) + axes, is_norm)
 
     norm = stacked((D, "embed"), is_norm=True)
-    optional = lambda present, spec: spec if present else None
+
+    def optional(present, spec):
+        return spec if present else None
+
     layers = LayerParams(
         attn_norm=norm,
         q_proj=stacked((D, "embed"), (q_width, "q_heads")),
