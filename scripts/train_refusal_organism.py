@@ -225,7 +225,7 @@ def main(argv):
     began = time.time()
     work_dir = Path(_WORK_DIR.value)
     model = load_model()
-    if _TEACHER_LAYER.value >= model.config.n_layers:
+    if not -1 <= _TEACHER_LAYER.value < model.config.n_layers:
         raise app.UsageError(f"--probe_teacher_layer must be -1 (off) or a layer in [0, "
                              f"{model.config.n_layers}), got {_TEACHER_LAYER.value}")
     selecting = _SELECT_FROM.value >= 0

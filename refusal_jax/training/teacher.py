@@ -41,7 +41,8 @@ def probe_teacher_logits(model: Model, groups: Mapping[str, Sequence[Example]], 
     for name, examples in groups.items():
         captured, _ = capture(model, [e.instruction for e in examples], batch_size=batch_size,
                               length_bucket=LENGTH_BUCKET, name=f"probe teacher: {name}")
-        features[name] = captured[:, -1, layer]  # last post-instruction token
+        # last post-instruction token; a copy, so the [n, P, L, D] capture is freed
+        features[name] = captured[:, -1, layer].copy()
     benign = np.concatenate([f for name, f in features.items() if name != harmful_group])
     probe = fit_probe(features[harmful_group], benign,
                       inverse_regularization=inverse_regularization)
