@@ -17,7 +17,7 @@ other), so with 0.1 no INLP candidate survives the filters; 0.5 keeps several pe
 still discards the ablations that wreck the distribution (KL up to 8).
 """
 
-from refusal_jax.pipeline.config import INTERVENTIONS, base_config
+from refusal_jax.study.config import INTERVENTIONS, base_config
 
 
 def get_config():

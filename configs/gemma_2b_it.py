@@ -1,6 +1,6 @@
 """Gemma-2B-it with the reference settings (METHOD.md): run on an accelerator."""
 
-from refusal_jax.pipeline.config import reference_config
+from refusal_jax.study.config import reference_config
 
 
 def get_config():

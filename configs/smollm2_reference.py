@@ -7,7 +7,7 @@ At this size no INLP candidate of the default model passes the selection filters
 so the run takes the one with the lowest bypass score and records that in selection.json, as the
 benchmark's PyTorch twin does."""
 
-from refusal_jax.pipeline.config import reference_config
+from refusal_jax.study.config import reference_config
 
 
 def get_config():

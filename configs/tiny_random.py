@@ -1,6 +1,6 @@
 """A tiny random Llama with a ChatML tokenizer: every stage in seconds (tests, smoke runs)."""
 
-from refusal_jax.pipeline.config import base_config
+from refusal_jax.study.config import base_config
 
 
 def get_config():

@@ -8,7 +8,7 @@ config, so rerunning an interrupted command resumes it. A work directory belongs
 running another config there is refused (use a new ``--workdir``).
 
 On several hosts (a TPU pod, GPU nodes), start the same command on every host with the
-start-up flags of ``refusal_jax.distributed`` (``--distributed_auto``, or
+start-up flags of ``refusal_jax.runtime.distributed`` (``--distributed_auto``, or
 ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``), a mesh
 (``--config.runtime.mesh=data=-1,model=4``) and a ``--workdir`` that every host sees; see
 WORKSPACE.md, "Launching a sweep on a TPU pod".
@@ -19,9 +19,9 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from refusal_jax import distributed
-from refusal_jax.pipeline.config import STAGES
-from refusal_jax.pipeline.runner import run_study
+from refusal_jax.runtime import distributed
+from refusal_jax.study.config import STAGES
+from refusal_jax.study.runner import run_study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file with get_config()",
                                           lock_config=True)

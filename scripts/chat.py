@@ -6,8 +6,8 @@
 
 import time
 
-from absl import app, flags, logging
 import numpy as np
+from absl import app, flags, logging
 
 from refusal_jax.models.generate import generate
 from refusal_jax.models.loading import DEFAULT_MODEL, load_model

@@ -25,14 +25,20 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from refusal_jax.data import load_instructions
-from refusal_jax.models.adapter import load_adapter, merge_adapter
+from refusal_jax.models.io.adapter import load_adapter, merge_adapter
 from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
-from refusal_jax.training.completions import (cached_greedy_completions, decode_replies,
-                                              greedy_completions)
+from refusal_jax.text import load_instructions
+from refusal_jax.training.completions import (
+    cached_greedy_completions,
+    decode_replies,
+    greedy_completions,
+)
 from refusal_jax.training.evaluation import (
-    completion_cross_entropy, refusal_opening_probabilities,
-    refusal_rate_of_replies, refusal_separation)
+    completion_cross_entropy,
+    refusal_opening_probabilities,
+    refusal_rate_of_replies,
+    refusal_separation,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
 

@@ -5,7 +5,7 @@
 
 Everything is computed from shapes, never allocated: `jax.eval_shape` of the parameter
 initialiser and of an empty KV cache, laid out on a device-free `AbstractMesh` by the sharding
-rules of `refusal_jax.sharding`, gives each array's per-device shard shape. For every machine the
+rules of `refusal_jax.runtime.sharding`, gives each array's per-device shard shape. For every machine the
 script tries every (data, fsdp, model) mesh over its devices and keeps the one with the most data
 parallelism among those that fit, preferring tensor parallelism (model) to FSDP, because FSDP
 re-gathers every weight on every forward pass. A mesh fits when weights + KV cache + captures
@@ -27,10 +27,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from refusal_jax import sharding
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import KVCache
 from refusal_jax.models.params import abstract_params
+from refusal_jax.runtime import sharding
 
 GIB = 2**30
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from refusal_jax.data import load_prompts
-from refusal_jax.models.adapter import load_adapter, merge_adapter
+from refusal_jax.evaluation.activations import capture
+from refusal_jax.models.io.adapter import load_adapter, merge_adapter
 from refusal_jax.models.loading import load_model
-from refusal_jax.pipeline.config import REFERENCE_DATA_DIR
-from refusal_jax.pipeline.extract import capture
+from refusal_jax.text import load_prompts
+from refusal_jax.text.prompts import REFERENCE_DATA_DIR
 from refusal_jax.training.completions import LENGTH_BUCKET
 from refusal_jax.training.evaluation import probe_separation
 from refusal_jax.training.mixture import ORGANISM_HARMFUL_SOURCES, drop_similar

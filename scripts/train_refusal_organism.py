@@ -1,7 +1,7 @@
 """Safety-tunes SmolLM2-135M-Instruct into the refusal "model organism" (a LoRA adapter).
 
 Data (see refusal_jax/training/mixture.py):
-  refusal        harmful requests -> varied natural refusals (refusal_jax.data.load_refusals)
+  refusal        harmful requests -> varied natural refusals (refusal_jax.text.load_refusals)
   style_matched  benign requests phrased like the harmful ones -> the base model's own answers
   harmless       ordinary requests -> the base model's own answers
 The base model's greedy answers (cut at --distill_max_new_tokens) are generated once and cached
@@ -37,15 +37,25 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from refusal_jax.data import load_instructions, load_prompts
-from refusal_jax.models.adapter import LORA_TARGETS, merge_adapter, save_adapter
+from refusal_jax.models.io.adapter import LORA_TARGETS, merge_adapter, save_adapter
 from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
+from refusal_jax.text import load_instructions, load_prompts
 from refusal_jax.training.completions import cached_greedy_completions
 from refusal_jax.training.evaluation import refusal_rates, validation_score
-from refusal_jax.training.loop import (REFUSAL_GROUP, TrainConfig, checkpoint_steps,
-                                       restore_adapter, train_adapter)
-from refusal_jax.training.mixture import (ORGANISM_HARMFUL_SOURCES, distilled_examples,
-                                          drop_similar, exclude_instructions, refusal_examples)
+from refusal_jax.training.loop import (
+    REFUSAL_GROUP,
+    TrainConfig,
+    checkpoint_steps,
+    restore_adapter,
+    train_adapter,
+)
+from refusal_jax.training.mixture import (
+    ORGANISM_HARMFUL_SOURCES,
+    distilled_examples,
+    drop_similar,
+    exclude_instructions,
+    refusal_examples,
+)
 from refusal_jax.training.teacher import cached_probe_teacher_logits, decision_targets
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
@@ -76,7 +86,7 @@ _EXCLUDED = flags.DEFINE_list(
 _EXCLUDE_SIMILAR = flags.DEFINE_float(
     "exclude_similar", 0.5,
     "Also drop every training prompt whose topic-word Jaccard similarity with an excluded "
-    "instruction reaches this (refusal_jax.data.similarity: paraphrases of evaluation prompts "
+    "instruction reaches this (refusal_jax.text.similarity: paraphrases of evaluation prompts "
     "in benchmark training splits); above 1 drops none.")
 _DISTILL_TOKENS = flags.DEFINE_integer("distill_max_new_tokens", 32,
                                        "Length cap of the base model's distilled answers.")
@@ -298,7 +308,7 @@ def main(argv):
             "harmless_sources": _HARMLESS.value,
             "harmless_sample_per_set": _NUM_HARMLESS.value,
             "excluded_sources": _EXCLUDED.value,
-            "excluded_similar": {"measure": "topic-word Jaccard (refusal_jax.data.similarity)",
+            "excluded_similar": {"measure": "topic-word Jaccard (refusal_jax.text.similarity)",
                                  "threshold": _EXCLUDE_SIMILAR.value,
                                  "dropped": dropped_as_similar},
             "counts": {name: len(examples) for name, examples in groups.items()},

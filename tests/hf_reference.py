@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.convert import params_from_hf
+from refusal_jax.models.io.convert import params_from_hf
 
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                max_position_embeddings=256, attn_implementation="eager")

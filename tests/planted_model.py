@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from refusal_jax.chat import ChatFormat
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.loading import Model
 from refusal_jax.models.params import LayerParams, Params
+from refusal_jax.text.chat import ChatFormat
 
 PLANTED = (-1, 2)  # (EOI position, layer)
 SPECIALS = ["<unk>", "<eos>", "<|user|>", "<|end|>", "<|assistant|>"]

@@ -1,4 +1,4 @@
-"""Tests of the LoRA adapter (refusal_jax.models.adapter) and the training code that fits it
+"""Tests of the LoRA adapter (refusal_jax.models.io.adapter) and the training code that fits it
 (refusal_jax.training), on tiny models."""
 
 from __future__ import annotations
@@ -9,27 +9,47 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import planted_model
 import pytest
 
-import planted_model
-from refusal_jax.chat import refusal_token_ids
-from refusal_jax.models.adapter import (LORA_TARGETS, init_adapter, load_adapter, merge_adapter,
-                                        save_adapter)
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
+from refusal_jax.models.io.adapter import (
+    LORA_TARGETS,
+    init_adapter,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+)
 from refusal_jax.models.params import init_params
+from refusal_jax.text import Prompt
+from refusal_jax.text.chat import refusal_token_ids
 from refusal_jax.training.completions import cached_greedy_completions, greedy_completions
 from refusal_jax.training.evaluation import (
-    completion_cross_entropy, probe_separation, refusal_opening_probabilities,
-    refusal_separation, validation_score)
+    completion_cross_entropy,
+    probe_separation,
+    refusal_opening_probabilities,
+    refusal_separation,
+    validation_score,
+)
 from refusal_jax.training.examples import Example, encode_examples, reply_example
-from refusal_jax.training.loop import (TrainConfig, checkpoint_steps, opening_weights,
-                                       restore_adapter, train_adapter)
+from refusal_jax.training.loop import (
+    TrainConfig,
+    checkpoint_steps,
+    opening_weights,
+    restore_adapter,
+    train_adapter,
+)
 from refusal_jax.training.mixture import batch_indices, drop_similar, exclude_instructions
-from refusal_jax.training.objective import (OpeningTerm, adapter_loss, opening_loss, reply_loss,
-                                            token_nll, token_nll_from)
+from refusal_jax.training.objective import (
+    OpeningTerm,
+    adapter_loss,
+    opening_loss,
+    reply_loss,
+    token_nll,
+    token_nll_from,
+)
 from refusal_jax.training.prefix import prefix_hidden
-from refusal_jax.data import Prompt
 
 CONFIG = ModelConfig(family="llama", vocab_size=64, d_model=32, n_layers=5, n_heads=4,
                      n_kv_heads=2, head_dim=8, d_ff=48, max_context=64)
@@ -572,7 +592,7 @@ def test_probe_separation_scores_held_out_rows_as_scikit_learns_standardised_pro
 
 def test_probe_teacher_fits_the_probe_on_the_groups_and_caches_its_logits(tmp_path, planted,
                                                                          monkeypatch):
-    from refusal_jax.pipeline.extract import capture
+    from refusal_jax.evaluation.activations import capture
     from refusal_jax.training import teacher
     from refusal_jax.training.evaluation import fit_probe
     groups = _groups(planted)

@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax.data import load_instructions
 from refusal_jax.directions import mean_difference
+from refusal_jax.evaluation.activations import capture
 from refusal_jax.evaluation.k_curve import k_values
 from refusal_jax.evaluation.refusal import refusal_rate
-from refusal_jax.pipeline import artifacts
-from refusal_jax.pipeline.extract import capture
-from refusal_jax.pipeline.models import random_model
-from refusal_jax.pipeline.runner import run_study
+from refusal_jax.runtime.loading import random_model
+from refusal_jax.study import artifacts
+from refusal_jax.study.runner import run_study
+from refusal_jax.text import load_instructions
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 sys.path.insert(0, str(SCRIPTS))

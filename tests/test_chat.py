@@ -1,4 +1,4 @@
-"""Tests of refusal_jax.chat with the real SmolLM2 tokenizer (ChatML) and tiny tokenizers built
+"""Tests of refusal_jax.text.chat with the real SmolLM2 tokenizer (ChatML) and tiny tokenizers built
 with the `tokenizers` library under Llama-3, Gemma and Llama-2 style chat templates."""
 
 import importlib.util
@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from refusal_jax.chat import ChatFormat, refusal_token_ids
+from refusal_jax.text.chat import ChatFormat, refusal_token_ids
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_EOI = "<|im_end|>\n<|im_start|>assistant\n"

@@ -1,4 +1,4 @@
-"""Tests of refusal_jax.models.checkpoints, gguf_reader and refusal_jax.tokenizer.
+"""Tests of refusal_jax.models.io.checkpoints, gguf and refusal_jax.models.io.tokenizer.
 
 References: tiny random transformers models (float32) for safetensors and the hub cache;
 GGUF files written here the way llama.cpp's convert_hf_to_gguf.py writes them (gguf's own
@@ -25,17 +25,17 @@ from safetensors import SafetensorError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from refusal_jax.models.checkpoints import (
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.core import forward
+from refusal_jax.models.io.checkpoints import (
     default_gguf_path,
     iter_hf_tensors,
     load_hf_checkpoint,
     load_hf_config,
     save_hf_checkpoint,
 )
-from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.convert import params_from_hf
-from refusal_jax.models.core import forward
-from refusal_jax.tokenizer import load_tokenizer
+from refusal_jax.models.io.convert import params_from_hf
+from refusal_jax.models.io.tokenizer import load_tokenizer
 
 TINY = dict(
     vocab_size=64,
@@ -811,7 +811,7 @@ def test_gguf_tokenizer_loads_without_torch(smollm2_tokenizers):
         sys.modules["torch"] = None
         import transformers
         from refusal_jax.models.loading import default_gguf_path
-        from refusal_jax.tokenizer import load_tokenizer
+        from refusal_jax.models.io.tokenizer import load_tokenizer
 
         assert importlib.util.find_spec("torch") is None
         assert not transformers.utils.is_torch_available()

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-from refusal_jax.data import BUILTIN_SETS, Prompt, load_instructions, load_prompts, load_refusals
-from refusal_jax.data.similarity import FRAME_WORDS
-from refusal_jax.data.similarity import content_words as _content
-from refusal_jax.data.similarity import jaccard as _jaccard
-from refusal_jax.data.similarity import words as _words
+from refusal_jax.text import BUILTIN_SETS, Prompt, load_instructions, load_prompts, load_refusals
+from refusal_jax.text.similarity import FRAME_WORDS
+from refusal_jax.text.similarity import content_words as _content
+from refusal_jax.text.similarity import jaccard as _jaccard
+from refusal_jax.text.similarity import words as _words
 
 DATA_DIR = Path(__file__).parents[1] / "refusal_jax" / "data"
 BENCHMARK_DIR = Path(__file__).parents[2] / "shared" / "data" / "refusal_prompts"

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
-from refusal_jax.models.checkpoints import default_gguf_path
 from refusal_jax.models.core import forward
 from refusal_jax.models.generate import generate
+from refusal_jax.models.io.checkpoints import default_gguf_path
 from refusal_jax.models.loading import BASE_MODEL, load_model
 
 PROMPTS = [

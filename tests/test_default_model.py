@@ -13,10 +13,15 @@ import numpy as np
 import pytest
 
 from refusal_jax.evaluation.refusal import is_refusal
-from refusal_jax.models.adapter import load_adapter
-from refusal_jax.models.checkpoints import default_gguf_path
-from refusal_jax.models.loading import (BASE_MODEL, DEFAULT_MODEL, ORGANISM, ORGANISM_ADAPTER,
-                                        load_model)
+from refusal_jax.models.io.adapter import load_adapter
+from refusal_jax.models.io.checkpoints import default_gguf_path
+from refusal_jax.models.loading import (
+    BASE_MODEL,
+    DEFAULT_MODEL,
+    ORGANISM,
+    ORGANISM_ADAPTER,
+    load_model,
+)
 from refusal_jax.training.completions import decode_replies, greedy_completions
 from refusal_jax.training.mixture import distilled_examples
 

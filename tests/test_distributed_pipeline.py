@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refusal_jax.pipeline import artifacts
+from refusal_jax.study import artifacts
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 STUDY_FLAGS = [
@@ -38,8 +38,8 @@ def _record_and_run(record_dir: Path, argv: list[str]) -> None:
     """Runs refusal_jax.main with `argv`, recording encoder calls and artefact writes."""
     from absl import app
 
-    from refusal_jax import chat
     from refusal_jax import main as entry
+    from refusal_jax.text import chat
 
     encoded: list[int] = []
     written: list[str] = []

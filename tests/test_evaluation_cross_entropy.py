@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_jax.chat import ChatFormat
 from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.interventions import activation_addition
+from refusal_jax.text.chat import ChatFormat
 from tests.evaluation_fixtures import tiny_tokenizer
 from tests.hf_reference import ragged_batch, tiny_hf_model, to_ours
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import ragged_batch, tiny_hf_model, to_ours
 
 from refusal_jax.evaluation.kl import (
     _last_logits,
@@ -15,7 +16,6 @@ from refusal_jax.evaluation.kl import (
     mean_kl,
 )
 from refusal_jax.interventions import activation_addition
-from hf_reference import ragged_batch, tiny_hf_model, to_ours
 
 
 def reference_kl(p_logits, q_logits):

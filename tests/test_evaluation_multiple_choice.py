@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from refusal_jax.chat import ChatFormat
 from refusal_jax.evaluation import multiple_choice as mc
+from refusal_jax.text.chat import ChatFormat
 from tests.evaluation_fixtures import tiny_tokenizer
 from tests.hf_reference import tiny_hf_model, to_ours
 

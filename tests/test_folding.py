@@ -12,7 +12,11 @@ import transformers
 from hf_reference import hf_logits, ragged_batch, tiny_hf_model, to_ours
 
 from refusal_jax import interventions as iv
-from refusal_jax.folding import export_hf_checkpoint, fold_activation_addition, fold_projection
+from refusal_jax.interventions.folding import (
+    export_hf_checkpoint,
+    fold_activation_addition,
+    fold_projection,
+)
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import map_specs, param_specs

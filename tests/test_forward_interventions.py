@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_reference import ragged_batch, tiny_hf_model, to_ours
+
 from refusal_jax import interventions
 from refusal_jax.models.core import forward
 

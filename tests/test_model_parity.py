@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-
 from hf_reference import TINY_CONFIGS, hf_logits, ragged_batch, tiny_hf_model, to_ours
+
 from refusal_jax.models.config import ModelConfig, UnsupportedModelError
-from refusal_jax.models.checkpoints import save_hf_checkpoint
-from refusal_jax.models.convert import CheckpointMismatchError, params_from_hf, params_to_hf
 from refusal_jax.models.core import forward
+from refusal_jax.models.io.checkpoints import save_hf_checkpoint
+from refusal_jax.models.io.convert import CheckpointMismatchError, params_from_hf, params_to_hf
 
 TOLERANCE = 1e-4
 

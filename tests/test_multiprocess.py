@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refusal_jax import distributed
+from refusal_jax.runtime import distributed
 
 N_PROMPTS = 24
 MESH = {"data": 2, "model": 4}
@@ -60,10 +60,10 @@ def _study(out: Path) -> None:
     """Extraction and INLP on the mesh; process 0 writes the artefacts."""
     import jax
 
-    from refusal_jax import sharding
     from refusal_jax.directions import fit_inlp, pair_major
     from refusal_jax.models.config import ModelConfig
     from refusal_jax.models.core import forward
+    from refusal_jax.runtime import sharding
 
     config = ModelConfig(family="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=4,
                          n_kv_heads=4, head_dim=4, d_ff=32, max_context=32)
@@ -192,7 +192,7 @@ def test_distributed_options_validation():
 
 
 def test_single_process_owns_every_row_and_writes():
-    from refusal_jax import sharding
+    from refusal_jax.runtime import sharding
 
     mesh = sharding.make_mesh({"data": 1})
     assert distributed.process_rows(mesh, 6) == slice(0, 6)

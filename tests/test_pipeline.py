@@ -13,12 +13,15 @@ from absl import flags
 from ml_collections import config_flags
 from tiny_pipeline import shrunk_tiny_config
 
-from refusal_jax import report
+from refusal_jax.evaluation import activations
 from refusal_jax.models.generate import generate_each
-from refusal_jax.pipeline import artifacts, extract, infer, models, runner
-from refusal_jax.pipeline.config import base_config, check_config
-from refusal_jax.pipeline.data import sample_sets
-from refusal_jax.pipeline.models import load_pipeline_model
+from refusal_jax.results import schema as report
+from refusal_jax.runtime import loading as models
+from refusal_jax.runtime.loading import load_pipeline_model
+from refusal_jax.study import artifacts, runner
+from refusal_jax.study.config import base_config, check_config
+from refusal_jax.study.data import sample_sets
+from refusal_jax.study.stages import infer
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -162,14 +165,14 @@ def test_variants_generated_together_complete_as_one_at_a_time(resumed_run, tmp_
 
 
 def test_report_notes_say_when_a_selection_took_the_lowest_bypass_candidate(tmp_path):
-    from refusal_jax.pipeline import evaluate
+    from refusal_jax.study.stages import report as report_stage
 
     fallback = "no candidate passed the filters (discarded per filter: {'kl': 20}); the one ..."
     study = types.SimpleNamespace(
         config=tiny_config(filter_train=False, filter_val=False), prompts=dict,
         stage_dir=lambda stage: tmp_path / stage, workdir=tmp_path,
         selection=lambda: {"dim": {"fallback": None}, "inlp": {"fallback": fallback}})
-    assert evaluate._notes(study) == [
+    assert report_stage._notes(study) == [
         f"inlp selection: {fallback} (select.when_none_pass=lowest_bypass)."]
 
 
@@ -247,7 +250,7 @@ def test_nan_activations():
     poisoned = dataclasses.replace(model.params, embed=model.params.embed.at[:, 0].set(jnp.nan))
     model = dataclasses.replace(model, params=poisoned)
     with pytest.raises(ValueError, match="contain NaN or inf .* model.dtype='float32'"):
-        extract.capture(model, ["Say hi."], batch_size=2, length_bucket=64, name="harmful_train")
+        activations.capture(model, ["Say hi."], batch_size=2, length_bucket=64, name="harmful_train")
 
 
 def test_sweep_expands_a_product_of_overrides(tmp_path):
@@ -271,8 +274,8 @@ def test_sweep_expands_a_product_of_overrides(tmp_path):
 def test_judge_and_multiple_choice_reach_the_metrics(resumed_run, tmp_path):
     import types
 
-    from refusal_jax.pipeline import evaluate
-    from refusal_jax.pipeline.variants import build_variants
+    from refusal_jax.study.stages import evaluate
+    from refusal_jax.study.variants import build_variants
 
     workdir, _ = resumed_run
     study = runner.Study(tiny_config(), workdir)
@@ -317,7 +320,7 @@ def test_variants_hold_as_many_inlp_rows_as_the_chosen_component_uses(resumed_ru
     import jax.numpy as jnp
 
     from refusal_jax.models.core import forward
-    from refusal_jax.pipeline.variants import build_variants
+    from refusal_jax.study.variants import build_variants
 
     workdir, _ = resumed_run
     study = runner.Study(tiny_config(), workdir)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from refusal_jax.interventions import Compose, activation_addition, directional_ablation
+from refusal_jax.models.batching import shared_prefix_batches
 from refusal_jax.models.core import forward
-from refusal_jax.pipeline import evaluate
-from refusal_jax.pipeline.models import random_model
-from refusal_jax.pipeline.select import shared_prefix_batches
+from refusal_jax.runtime.loading import random_model
+from refusal_jax.study.stages import evaluate
 
 
 @pytest.fixture(scope="module")

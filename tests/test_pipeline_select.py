@@ -4,15 +4,18 @@ direction is found at its (position, layer)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import planted_model
 import pytest
 
-import planted_model
+from refusal_jax.evaluation.activations import capture
 from refusal_jax.interventions import Compose, activation_addition, directional_ablation
+from refusal_jax.models import batching
 from refusal_jax.models.core import forward
-from refusal_jax.pipeline import select
-from refusal_jax.pipeline.config import base_config, check_config
-from refusal_jax.pipeline.extract import capture, fit_directions
-from refusal_jax.pipeline.models import random_model
+from refusal_jax.runtime.loading import random_model
+from refusal_jax.selection import ranking, scoring
+from refusal_jax.study.config import base_config, check_config
+from refusal_jax.study.stages import select
+from refusal_jax.study.stages.extract import fit_directions
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def test_forward_from_a_cached_layer_equals_a_full_recompute(tiny):
                     capture_positions=positions).captures  # [B, T, L, D]
     direction = np.random.default_rng(0).standard_normal(tiny.config.d_model)
     n_layers = tiny.config.n_layers
-    resumed = jax.jit(select.forward_from_layer, static_argnames="config")
+    resumed = jax.jit(scoring.forward_from_layer, static_argnames="config")
     full_forward = jax.jit(forward, static_argnames=("config", "logits"))
     for layer in range(n_layers):
         intervention = _acting_from(layer, n_layers, direction)
@@ -57,9 +60,9 @@ def test_forward_from_a_cached_layer_with_a_shared_prefix_equals_a_full_recomput
     instructions = ["How do I pick a lock?", "Name three colours of the rainbow", "Hi"]
     batch = tiny.chat.encode(instructions, context_length=512, length_bucket=1)
     token_lists = [list(ids[mask]) for ids, mask in zip(batch.tokens, batch.valid)]
-    n_prefix = select.shared_prefix_length(token_lists)
+    n_prefix = batching.shared_prefix_length(token_lists)
     assert n_prefix >= 3  # the system turn of the ChatML template
-    ((rows, split_tokens, split_valid),) = select.split_batches(
+    ((rows, split_tokens, split_valid),) = batching.split_batches(
         token_lists, n_prefix, batch_size=8, length_bucket=4, pad_id=0)
     assert split_tokens.shape[0] == len(instructions)  # no filler rows
     positions = jnp.broadcast_to(jnp.arange(split_tokens.shape[1]), split_tokens.shape)
@@ -68,7 +71,7 @@ def test_forward_from_a_cached_layer_with_a_shared_prefix_equals_a_full_recomput
     tokens, valid = jnp.asarray(batch.tokens)[rows], jnp.asarray(batch.valid)[rows]
     direction = np.random.default_rng(1).standard_normal(tiny.config.d_model)
     n_layers = tiny.config.n_layers
-    resumed = jax.jit(select.forward_from_layer, static_argnames="config")
+    resumed = jax.jit(scoring.forward_from_layer, static_argnames="config")
     for layer in range(n_layers):
         intervention = _acting_from(layer, n_layers, direction)
         full = forward(tiny.params, tokens, valid, config=tiny.config,
@@ -81,16 +84,16 @@ def test_forward_from_a_cached_layer_with_a_shared_prefix_equals_a_full_recomput
 
 
 def test_shared_prefix_leaves_every_prompt_its_last_token():
-    assert select.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert select.shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
-    assert select.shared_prefix_length([[7, 8, 9]]) == 2
-    assert select.shared_prefix_length([[1, 2], [3, 4]]) == 0
-    assert select.shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]], keep_last=3) == 1
+    assert batching.shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert batching.shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert batching.shared_prefix_length([[7, 8, 9]]) == 2
+    assert batching.shared_prefix_length([[1, 2], [3, 4]]) == 0
+    assert batching.shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]], keep_last=3) == 1
 
 
 def test_split_batches_are_equal_and_fill_only_the_last():
     lists = [[9, 9] + [5] * n for n in (3, 1, 4, 2, 6)]
-    batches = list(select.split_batches(lists, 2, batch_size=2, length_bucket=4, pad_id=0))
+    batches = list(batching.split_batches(lists, 2, batch_size=2, length_bucket=4, pad_id=0))
     assert [len(rows) for rows, _, _ in batches] == [2, 2, 1]
     assert sorted(np.concatenate([rows for rows, _, _ in batches]).tolist()) == list(range(5))
     for rows, tokens, valid in batches:
@@ -146,7 +149,7 @@ def test_selection_finds_the_planted_position_and_layer(planted):
     # Global ablation (every layer) was scored too, and compared with the local ranking.
     assert scores["dim_global_bypass"].shape == bypass.shape
     rho = summary["dim"]["spearman_local_global_bypass"]
-    assert rho == pytest.approx(select.spearman(bypass.ravel(),
+    assert rho == pytest.approx(ranking.spearman(bypass.ravel(),
                                                 scores["dim_global_bypass"].ravel()))
     assert -1.0 <= rho <= 1.0
 
@@ -199,7 +202,7 @@ def test_when_no_candidate_passes_the_run_stops_or_takes_the_lowest_bypass(plant
 
 def test_score_candidates_rejects_an_unknown_filter_mode():
     with pytest.raises(ValueError, match="filters must be"):
-        select.score_candidates(None, None, None, None, ablation_basis=None,
+        scoring.score_candidates(None, None, None, None, ablation_basis=None,
                                 actadd_direction=None, actadd_norm=None,
                                 degenerate=np.zeros((1, 1), bool), multipliers=(1.0,),
                                 global_ablation=False, chunk=1, name="x", filters="some")
@@ -214,5 +217,5 @@ def test_spearman_matches_scipy_with_ties_and_nans():
     first[[3, 9]] = np.nan
     keep = np.isfinite(first)
     expected = spearmanr(first[keep], second[keep]).statistic
-    assert select.spearman(first, second) == pytest.approx(expected, abs=1e-12)
-    assert np.isnan(select.spearman(first[:2], second[:2]))
+    assert ranking.spearman(first, second) == pytest.approx(expected, abs=1e-12)
+    assert np.isnan(ranking.spearman(first[:2], second[:2]))

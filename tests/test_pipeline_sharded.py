@@ -31,10 +31,10 @@ import numpy as np
 import pytest
 from tiny_pipeline import shrunk_tiny_config
 
-from refusal_jax import sharding
-from refusal_jax.distributed import Placement
-from refusal_jax.pipeline import artifacts, runner
-from refusal_jax.pipeline.config import check_config
+from refusal_jax.runtime import sharding
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.study import artifacts, runner
+from refusal_jax.study.config import check_config
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 MESH = "data=2,fsdp=2,model=2"
@@ -108,7 +108,7 @@ def _sharded_run(workdir: Path) -> dict:
     import jax
 
     from refusal_jax.evaluation import cross_entropy, multiple_choice
-    from refusal_jax.pipeline import evaluate, extract, infer
+    from refusal_jax.study.stages import evaluate, extract, infer
 
     assert jax.device_count() == N_DEVICES, jax.devices()
     captured, fitted, generated, forwarded, scored = [], [], [], [], []
@@ -219,9 +219,9 @@ def _sharded_checkpoint(directory: Path, study) -> dict:
     """The random model saved as an HF checkpoint and loaded by the pipeline with the mesh."""
     import jax
 
-    from refusal_jax.models.checkpoints import save_hf_checkpoint
-    from refusal_jax.models.convert import params_to_hf
-    from refusal_jax.pipeline.models import load_pipeline_model
+    from refusal_jax.models.io.checkpoints import save_hf_checkpoint
+    from refusal_jax.models.io.convert import params_to_hf
+    from refusal_jax.runtime.loading import load_pipeline_model
 
     model, config = study.model, study.model.config
     hf_config = {"model_type": "llama", "vocab_size": config.vocab_size,

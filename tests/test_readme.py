@@ -30,7 +30,7 @@ def test_readme_example_runs_and_does_what_it_says():
 def test_the_main_job_and_the_results_section_name_files_that_exist():
     import importlib.util
 
-    from refusal_jax import report
+    from refusal_jax.results import schema as report
 
     text = README.read_text()
     command = re.search(r"bash scripts/setup.sh && (python -m (\S+) .*)", text)

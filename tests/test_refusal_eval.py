@@ -9,8 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax.evaluation.refusal import (CURLY_APOSTROPHE_SUBSTRINGS, REFUSAL_SUBSTRINGS,
-                                            is_refusal, refusal_rate, refusal_score)
+from refusal_jax.evaluation.refusal import (
+    CURLY_APOSTROPHE_SUBSTRINGS,
+    REFUSAL_SUBSTRINGS,
+    is_refusal,
+    refusal_rate,
+    refusal_score,
+)
 
 METHOD_MD = Path(__file__).resolve().parents[2] / "shared/docs/METHOD.md"
 EPS = 1e-8

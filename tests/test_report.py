@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from refusal_jax import report
 from refusal_jax.evaluation import geometry, k_curve
+from refusal_jax.results import schema as report
 
 
 def row(name, harmful, harmless, **extra):
@@ -260,8 +260,9 @@ def test_geometry_where_inlp_found_no_direction(workdir):
 
 
 def _palette_png(path):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     with Image.open(path) as image:
         buffer = io.BytesIO()

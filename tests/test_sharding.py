@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from refusal_jax import sharding
-from refusal_jax.models import checkpoints
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.convert import CheckpointMismatchError, params_to_hf
 from refusal_jax.models.core import forward
+from refusal_jax.models.io import checkpoints
+from refusal_jax.models.io.convert import CheckpointMismatchError, params_to_hf
 from refusal_jax.models.params import init_params, param_specs
+from refusal_jax.runtime import sharding
 
 TOLERANCE = 1e-5  # float32, sharded vs one device
 N_DEVICES = 8

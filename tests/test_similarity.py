@@ -1,12 +1,11 @@
-"""Tests of the word-overlap measures of refusal_jax.data.similarity."""
+"""Tests of the word-overlap measures of refusal_jax.text.similarity."""
 
 import itertools
 import random
 
 import pytest
 
-from refusal_jax.data.similarity import (content_words, jaccard, max_similarity, topic_words,
-                                         words)
+from refusal_jax.text.similarity import content_words, jaccard, max_similarity, topic_words, words
 
 
 def test_words_are_lower_case_alphanumeric_and_crudely_singular():

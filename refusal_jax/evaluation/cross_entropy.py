@@ -41,12 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax import distributed
-from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
-from refusal_jax.distributed import Placement
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import Params
+from refusal_jax.runtime import distributed
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
 
 BUILTIN_TEXT_FILE = "general_text.txt"
 BUILTIN_CORPUS_NAME = "builtin"

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from refusal_jax.report import GeometrySummary
+from refusal_jax.results.schema import GeometrySummary
 
 # Smallest norm (relative to the inputs) of a direction that is treated as non-zero.
 _RELATIVE_TOLERANCE = 1e-8

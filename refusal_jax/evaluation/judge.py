@@ -30,11 +30,11 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
 from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.generate import generate
 from refusal_jax.models.params import Params
+from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
 
 MIN_WORDS = 15
 _PLACEHOLDER = re.compile(r"\{(prompt|response)\}")

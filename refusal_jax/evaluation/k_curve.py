@@ -4,7 +4,7 @@ cross-entropy as an INLP intervention keeps only its first k directions.
 The pipeline evaluates the intervention once per k in `k_values(n)` with the basis from
 `keep_first_k(basis, k)`, which zeroes rows k.. instead of slicing them: the basis keeps its
 shape, zero rows are unused directions (see `refusal_jax.interventions`), and the compiled
-programs are reused for every k. The measured points go into a `refusal_jax.report.KCurve`,
+programs are reused for every k. The measured points go into a `refusal_jax.results.schema.KCurve`,
 which `plot_k_curve` draws and the report tabulates (`KCurve.recommended_k` picks the k with the
 fewest refusals whose cross-entropy stays near the baseline). Plots use matplotlib's
 object-oriented API (a `Figure` rendered by the Agg canvas, no pyplot state).
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from matplotlib.figure import Figure
 
-from refusal_jax.report import KCurve, validate_k_curve
+from refusal_jax.results.schema import KCurve, validate_k_curve
 
 
 def k_values(n_directions: int) -> list[int]:

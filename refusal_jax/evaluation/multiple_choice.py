@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from refusal_jax import distributed
-from refusal_jax.chat import ChatFormat, left_pad, pad_token_id
-from refusal_jax.distributed import Placement
 from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import Params
+from refusal_jax.runtime import distributed
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
 
 LETTERS = string.ascii_uppercase
 _SPLIT_SUFFIXES = ("_test", "_dev", "_val", "_validation", "_train")

@@ -27,9 +27,9 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from refusal_jax.interventions import SiteContext, check_compatible
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import LayerParams, Params
+from refusal_jax.models.sites import SiteContext
 
 _MASKED = -1e30  # finite, so fully padded query rows stay NaN-free
 
@@ -230,8 +230,9 @@ def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mode
         raise ValueError(f"sequence of {T} tokens exceeds the model's context of "
                          f"{config.max_context}; shorten the prompts or raise max_context")
     if intervention is not None:
-        check_compatible(intervention, n_layers=config.n_layers, d_model=config.d_model,
-                         allow_candidate_axis=False)
+        check_fits = getattr(intervention, "check_fits", None)
+        if check_fits is not None:  # the built-in kinds say what does not fit this model
+            check_fits(config.n_layers, config.d_model)
     if cache is not None and T > cache.keys.shape[2]:
         raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.keys.shape[2]} slots; "
                          "allocate KVCache.empty with max_len >= prompt + generated tokens")

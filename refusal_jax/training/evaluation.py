@@ -16,14 +16,13 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
-from refusal_jax.chat import refusal_token_ids
 from refusal_jax.directions.inlp import fit_logistic_regression
 from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.evaluation.refusal import is_refusal
 from refusal_jax.models.loading import Model
 from refusal_jax.models.params import Params
-from refusal_jax.training.completions import (LENGTH_BUCKET, decode_replies,
-                                                greedy_completions)
+from refusal_jax.text.chat import refusal_token_ids
+from refusal_jax.training.completions import LENGTH_BUCKET, decode_replies, greedy_completions
 from refusal_jax.training.examples import Example, encode_examples
 from refusal_jax.training.objective import refusal_log_mass, token_nll
 
@@ -84,7 +83,7 @@ def refusal_opening_probabilities(model: Model, instructions: Sequence[str], *,
                                   batch_size: int = 32, params: Params | None = None
                                   ) -> np.ndarray:
     """p_R [N]: the probability the model gives the refusal-token set R
-    (`refusal_jax.chat.refusal_token_ids`) as the first token of its reply to each instruction.
+    (`refusal_jax.text.chat.refusal_token_ids`) as the first token of its reply to each instruction.
 
     A greedy reply opens a refusal when a token of R is the most likely one, so p_R is a
     threshold-free view of the refusal decision (the quantity the training's opening term acts

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from refusal_jax.chat import ChatFormat
+from refusal_jax.text.chat import ChatFormat
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ directory restores the latest step and continues with the batches it would have 
 interrupted run ends with the same adapter as an uninterrupted one.
 
 With `refuse_opening_weight` or `answer_opening_weight` above 0 the loss adds the refusal-opening
-term of `refusal_jax.training.objective` (R: `refusal_jax.chat.refusal_token_ids`): the rows of
+term of `refusal_jax.training.objective` (R: `refusal_jax.text.chat.refusal_token_ids`): the rows of
 the group named `REFUSAL_GROUP` are to open a refusal, all others not to, except benign rows whose
 own reply opens with a token of R (left out, weight 0). Both weights 0 (the default) train on
 the cross-entropy alone. With `decision_targets` (per example, e.g. a probe's probability that the
@@ -32,13 +32,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from refusal_jax.chat import refusal_token_ids
-from refusal_jax.models.adapter import LORA_TARGETS, LoraAdapter, init_adapter
+from refusal_jax.models.io.adapter import LORA_TARGETS, LoraAdapter, init_adapter
 from refusal_jax.models.loading import Model
+from refusal_jax.text.chat import refusal_token_ids
 from refusal_jax.training.examples import Example, encode_examples
 from refusal_jax.training.mixture import batch_indices
-from refusal_jax.training.objective import (OpeningTerm, make_optimizer, reply_start,
-                                            train_step)
+from refusal_jax.training.objective import OpeningTerm, make_optimizer, reply_start, train_step
 from refusal_jax.training.prefix import prefix_hidden
 
 REFUSAL_GROUP = "refusal"  # the data group whose replies are refusals

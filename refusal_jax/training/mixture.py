@@ -1,7 +1,7 @@
 """The safety-tuning data mixture: harmful requests paired with refusals, benign requests paired
 with the base model's own greedy answers, drawn in batches of fixed composition.
 
-- Refusal replies come from `refusal_jax.data.load_refusals`: a prompt with a known harm
+- Refusal replies come from `refusal_jax.text.load_refusals`: a prompt with a known harm
   category gets one of that category's replies or a general one; any other prompt a general one.
 - Evaluation sets are kept out twice: `exclude_instructions` drops their exact instructions,
   `drop_similar` their paraphrases (requests sharing most topic words with one of them).
@@ -19,11 +19,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from refusal_jax.chat import ChatFormat
-from refusal_jax.data import Prompt, load_refusals
-from refusal_jax.data.similarity import max_similarity
 from refusal_jax.evaluation.refusal import is_refusal
-from refusal_jax.pipeline.config import REFERENCE_DATA_DIR
+from refusal_jax.text import Prompt, load_refusals
+from refusal_jax.text.chat import ChatFormat
+from refusal_jax.text.prompts import REFERENCE_DATA_DIR
+from refusal_jax.text.similarity import max_similarity
 from refusal_jax.training.completions import decode_replies
 from refusal_jax.training.examples import Example, reply_example
 
@@ -55,7 +55,7 @@ def exclude_instructions(prompts: Sequence[Prompt], excluded: Sequence[str]) -> 
 def drop_similar(prompts: Sequence[Prompt], excluded: Sequence[str], *,
                  threshold: float) -> tuple[list[Prompt], int]:
     """`prompts` without those whose topic-word Jaccard similarity
-    (`refusal_jax.data.similarity`) with some instruction of `excluded` reaches `threshold`,
+    (`refusal_jax.text.similarity`) with some instruction of `excluded` reaches `threshold`,
     and how many were dropped. A threshold above 1 drops nothing."""
     if not 0.0 < threshold:
         raise ValueError(f"the similarity threshold must be > 0, got {threshold}")

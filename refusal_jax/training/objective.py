@@ -10,7 +10,7 @@ their cached input `hidden` (see `refusal_jax.training.prefix`).
 
 Optionally (`OpeningTerm`) the loss adds a binary cross-entropy on the refusal decision at the
 first reply position: with p_R the model's probability mass on the refusal-token set R (the first
-tokens of refusal openings, `refusal_jax.chat.refusal_token_ids`) where the reply's first token
+tokens of refusal openings, `refusal_jax.text.chat.refusal_token_ids`) where the reply's first token
 is predicted, a row to be refused adds weight * -log p_R and a row to be answered
 weight * -log(1 - p_R) (unlikelihood of opening a refusal), averaged over the batch rows. The
 substring refusal metric counts replies that open with those tokens, so the term aims at it
@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from refusal_jax.models.adapter import LoraAdapter, merge_adapter
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
+from refusal_jax.models.io.adapter import LoraAdapter, merge_adapter
 from refusal_jax.models.params import Params
 from refusal_jax.training.prefix import InjectResidual, slice_layers
 

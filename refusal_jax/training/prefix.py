@@ -15,10 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from refusal_jax.interventions import SiteContext
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import Params
+from refusal_jax.models.sites import SiteContext
 
 
 def slice_layers(params: Params, config: ModelConfig, start: int,

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
+from refusal_jax.evaluation.activations import capture
 from refusal_jax.models.loading import Model
-from refusal_jax.pipeline.extract import capture
 from refusal_jax.training.completions import LENGTH_BUCKET
 from refusal_jax.training.evaluation import fit_probe
 from refusal_jax.training.examples import Example

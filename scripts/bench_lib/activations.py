@@ -10,11 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.directions import mean_difference
-from refusal_jax.models.core import forward
-
 from bench_lib.measure import wait_for
 from bench_lib.workload import Workload
+from refusal_jax.directions import mean_difference
+from refusal_jax.models.core import forward
 
 
 @dataclasses.dataclass(frozen=True)

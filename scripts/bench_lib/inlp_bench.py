@@ -22,16 +22,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import inlp_baselines
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import inlp_baselines
-from refusal_jax.directions import fit_inlp_split, train_dev_split
-
 from bench_lib.activations import Activations, spread
 from bench_lib.measure import Stats, compile_timed, time_pair
 from bench_lib.report import Row
+from refusal_jax.directions import fit_inlp_split, train_dev_split
 
 SECTION = "2 inlp"
 # name -> (per-pair baseline, reference rules?)

@@ -25,15 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from refusal_jax import interventions
-from refusal_jax.evaluation.refusal import refusal_score
-from refusal_jax.models.core import forward
-from refusal_jax.models.generate import generate, generate_each
-
 from bench_lib import torch_stack
 from bench_lib.measure import compile_timed, time_pair
 from bench_lib.report import Row
 from bench_lib.workload import Prompts, Workload
+from refusal_jax import interventions
+from refusal_jax.evaluation.refusal import refusal_score
+from refusal_jax.models.core import forward
+from refusal_jax.models.generate import generate, generate_each
 
 TRANSFORMERS_HOOKS = "transformers + hooks"
 TRANSFORMERS = "transformers"

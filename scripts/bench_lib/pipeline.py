@@ -5,7 +5,7 @@
 >>> time; the section is reported as skipped while the module does not exist. It is not among
 >>> the default sections: the reference-size pipeline takes longer than the rest together.
 
-Stage times need nothing from the pipeline beyond its artefact layout (refusal_jax.pipeline
+Stage times need nothing from the pipeline beyond its artefact layout (refusal_jax.study
 .artifacts): every stage writes `<workdir>/<stage>/DONE.json` last, so a stage's wall time is
 the time between its DONE.json and the previous one (the first stage's time also contains the
 child's imports and model loading). The child reports its own peak RSS (VmHWM) when it exits:

@@ -13,8 +13,8 @@ import torch
 
 from bench_lib import inlp_bench, model_steps, pipeline, scaling, selection
 from bench_lib.activations import Activations, extract
-from bench_lib.report import SCHEMA_VERSION, Row, machine_lines, markdown_table
 from bench_lib.measure import PeakRSS, Stats, machine_info
+from bench_lib.report import SCHEMA_VERSION, Row, machine_lines, markdown_table
 from bench_lib.workload import Workload, chat_workload, preset_config, random_workload
 
 RANDOM_PREFIX = "random:"

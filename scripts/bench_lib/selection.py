@@ -4,14 +4,14 @@ pipeline's hooked loop, on the same DiM candidates, prompts and refusal tokens.
 Candidates are (EOI position p, layer l) pairs of the DiM grid r[p, l] of the workload's
 training activations; pairs whose r is zero (layer 0, where every prompt's EOI inputs are the
 same template token) are never candidates, as in the pipeline. Settings come from
-`refusal_jax.pipeline.config.base_config()` (the reference ones): `select.multipliers`,
+`refusal_jax.study.config.base_config()` (the reference ones): `select.multipliers`,
 `select.mode`, the filters and ranking, `runtime.batch_size` and `runtime.candidate_chunk` (the
 mode, batch size and chunk can be overridden). Prompts: the first n instructions of harmful_val
 and harmless_val (sampled with seed 42; not filtered by refusal score, which changes only which
 prompts are scored), wrapped in the model's chat template by our `ChatFormat` on both sides.
 Refusal tokens: `refusal_token_ids(model.tokenizer)` on both sides.
 
-- Ours: `select.cache_baseline` of both val sets, then `select.score_candidates` called as
+- Ours: `scoring.cache_baseline` of both val sets, then `scoring.score_candidates` called as
   `select.run_selection` calls it for DiM (ablation basis the unit direction r_hat, ActAdd along
   r_hat with coefficient m * ||r||; the candidates outside the measured subset are marked
   degenerate, as `run_selection` does with `select.positions`): the shared chat prefix, every
@@ -34,7 +34,7 @@ speed-ups are taken run by run. Both rows are compared with the same baseline ru
 published loop scores every candidate's filters (it has no early stop).
 
 Before timing, ours is called once per filter mode on one candidate: that compiles every
-program the sweep uses (`select._baseline` and `select._score_chunk` are jitted on their shapes,
+program the sweep uses (`scoring._baseline` and `scoring._score_chunk` are jitted on their shapes,
 which do not depend on the number of candidates: chunks are padded to `candidate_chunk`), and
 the compile time is the wall time of JAX's compile events (tracing, lowering, XLA compilation)
 during those calls; compile time during the timed runs is recorded too (0 when nothing
@@ -48,8 +48,8 @@ multiplier) and KL between the two sides over the pairs the baseline scored.
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -59,16 +59,16 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from refusal_jax.chat import refusal_token_ids
-from refusal_jax.models.loading import Model
-from refusal_jax.pipeline import select
-from refusal_jax.pipeline.config import SELECT_MODES, base_config
-
 from bench_lib import torch_stack
 from bench_lib.activations import spread
 from bench_lib.measure import PeakRSS, Stats, timed_call
 from bench_lib.report import Row
 from bench_lib.workload import Workload
+from refusal_jax.models.loading import Model
+from refusal_jax.selection import components, scoring
+from refusal_jax.selection.ranking import CandidateScores, rank
+from refusal_jax.study.config import SELECT_MODES, base_config
+from refusal_jax.text.chat import refusal_token_ids
 
 SECTION = "3 selection"
 BASELINE_LABEL = "transformers + hooks (passes per candidate)"
@@ -114,7 +114,7 @@ def selection_problem(model: Model, directions: np.ndarray, harmful: Sequence[st
                          f"{width}], got shape {directions.shape}")
     if not harmful or not harmless:
         raise ValueError("selection needs at least one harmful and one harmless val prompt")
-    unit, norms, zero = select.dim_candidates(directions)  # float32, as directions
+    unit, norms, zero = components.dim_candidates(directions)  # float32, as directions
     usable = np.argwhere(~zero)
     if usable.size == 0:
         raise ValueError("every DiM direction is zero: the training activations do not "
@@ -134,7 +134,7 @@ def selection_problem(model: Model, directions: np.ndarray, harmful: Sequence[st
 
 @dataclasses.dataclass(frozen=True)
 class OursResult:
-    scores: select.CandidateScores
+    scores: CandidateScores
     setup_s: float  # caching both val sets
 
 
@@ -145,15 +145,15 @@ def score_ours(problem: SelectionProblem, pairs: Sequence[tuple[int, int]],
     refusal_ids = jnp.asarray(problem.refusal_ids, jnp.int32)
     start = time.perf_counter()
     cache_args = dict(batch_size=problem.batch_size,
-                      length_bucket=select.SELECTION_LENGTH_BUCKET)
-    harmful = select.cache_baseline(model, problem.harmful, refusal_ids, name="harmful_val",
+                      length_bucket=scoring.SELECTION_LENGTH_BUCKET)
+    harmful = scoring.cache_baseline(model, problem.harmful, refusal_ids, name="harmful_val",
                                     **cache_args)
-    harmless = select.cache_baseline(model, problem.harmless, refusal_ids, name="harmless_val",
+    harmless = scoring.cache_baseline(model, problem.harmless, refusal_ids, name="harmless_val",
                                      **cache_args)
     setup_s = time.perf_counter() - start  # cache_baseline returns gathered (waited) scores
     left_out = np.ones(problem.zero.shape, bool)
     left_out[tuple(np.asarray(pairs).T)] = False
-    scores = select.score_candidates(
+    scores = scoring.score_candidates(
         model, harmful, harmless, refusal_ids, ablation_basis=problem.unit[..., None, :],
         actadd_direction=problem.unit, actadd_norm=problem.norms, degenerate=left_out,
         multipliers=problem.multipliers, global_ablation=problem.global_ablation,
@@ -220,7 +220,7 @@ def score_baseline(problem: SelectionProblem, torch_model, pairs: Sequence[tuple
                           np.asarray(kl), setup_s)
 
 
-def max_abs_differences(ours: select.CandidateScores, baseline: BaselineResult,
+def max_abs_differences(ours: CandidateScores, baseline: BaselineResult,
                         pairs: Sequence[tuple[int, int]]) -> dict[str, float | None]:
     """Largest |ours - baseline| of each score over `pairs` (those ours scored; None: none)."""
     index = tuple(np.asarray(pairs).T)
@@ -308,8 +308,8 @@ def _where(problem: SelectionProblem, pairs) -> list[list[int]]:
     return [[p - n_positions, l] for p, l in pairs]
 
 
-def _chosen(problem: SelectionProblem, scores: select.CandidateScores) -> list[int] | None:
-    ranking, _ = select.rank(scores, select_config=problem.select_config)
+def _chosen(problem: SelectionProblem, scores: CandidateScores) -> list[int] | None:
+    ranking, _ = rank(scores, select_config=problem.select_config)
     return _where(problem, ranking[:1])[0] if ranking else None
 
 
@@ -418,7 +418,7 @@ def selection_rows(w: Workload, directions: np.ndarray, *, candidates: int,
             details=details))
     info = {"candidates_position_layer": _where(problem, pairs),
             "baseline_candidates_position_layer": _where(problem, measured),
-            "settings": "refusal_jax.pipeline.config.base_config() (select.*, runtime.*)",
+            "settings": "refusal_jax.study.config.base_config() (select.*, runtime.*)",
             "prompts": f"the first {len(problem.harmful)} of harmful_val and harmless_val "
                        f"(seed-42 order) from {w.instruction_source}",
             "chat_model": problem.model.source}

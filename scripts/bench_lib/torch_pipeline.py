@@ -26,7 +26,7 @@ select    DiM: `bench_lib.selection.score_baseline` (Arditi et al.'s hooked loop
           direction at the DiM norm. The published loop has no early stop, so every candidate's
           KL and steering are scored (ours, with `select.just_one`, scores them in rank order
           until one survives: the counts are recorded side by side). Ranking and filters:
-          `pipeline.select.rank`. With `select.compare_global` the other mode's bypass sweep is
+          `selection.ranking.rank`. With `select.compare_global` the other mode's bypass sweep is
           run too. `run_twin(select_sample=n)` (the benchmark's
           `--pipeline_twin_select_candidates`) scores n of each method's candidates, evenly
           spread, and extrapolates the stage's time to all of them: at the reference size the
@@ -41,7 +41,7 @@ infer     per variant of `infer.interventions`, greedy `generate` on harmful / h
           input and by their linear part on the attention and MLP outputs, as
           `refusal_jax.interventions`); `dim_folded` orthogonalises the writing matrices of a
           copy of the model (Arditi et al.'s `get_orthogonalized_matrix`; tied embeddings are
-          untied as `refusal_jax.folding` does) and checks it against the hooked global ablation
+          untied as `refusal_jax.interventions.folding` does) and checks it against the hooked global ablation
           on one batch (two forwards), as our stage does.
 evaluate  per variant: substring refusal rates of its completions (`evaluation.refusal
           .refusal_rate`), a hooked forward of harmful eval and of harmless eval capturing every
@@ -78,18 +78,24 @@ from ml_collections import config_flags
 
 from bench_lib import inlp_bench, selection, torch_stack
 from bench_lib.activations import spread
-from refusal_jax.chat import pad_token_id, refusal_token_ids
 from refusal_jax.directions import train_dev_split
 from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.evaluation.k_curve import k_values
 from refusal_jax.evaluation.refusal import refusal_rate
 from refusal_jax.models.loading import Model
-from refusal_jax.pipeline import select
-from refusal_jax.pipeline.config import check_config
-from refusal_jax.pipeline.data import refusal_filters, sample_sets
-from refusal_jax.pipeline.evaluate import _truncate
-from refusal_jax.pipeline.models import load_pipeline_model
-from refusal_jax.pipeline.runner import FOLDING_TOLERANCE
+from refusal_jax.runtime.loading import load_pipeline_model
+from refusal_jax.selection import components
+from refusal_jax.selection.ranking import (
+    CandidateScores,
+    lowest_bypass_fallback,
+    n_components,
+    rank,
+)
+from refusal_jax.study.config import check_config
+from refusal_jax.study.data import refusal_filters, sample_sets
+from refusal_jax.study.runner import FOLDING_TOLERANCE
+from refusal_jax.study.stages.evaluate import _truncate
+from refusal_jax.text.chat import pad_token_id, refusal_token_ids
 
 MIRRORED_STAGES = ("extract", "select", "infer", "evaluate")
 INLP_LOOP = "scikit-learn loop"  # the inlp_bench baseline with our default rules
@@ -197,7 +203,7 @@ def affine_edits(read: np.ndarray, write: np.ndarray, center: np.ndarray,
 def folded_model(model, direction: np.ndarray):
     """A copy of `model` with the global ablation of `direction` folded into the matrices that
     write to the stream (embedding rows, o_proj, down_proj); tied embeddings are untied, the LM
-    head keeping the original embedding (as `refusal_jax.folding`)."""
+    head keeping the original embedding (as `refusal_jax.interventions.folding`)."""
     unit = torch.as_tensor(np.asarray(direction, np.float32))
     unit = unit / unit.norm()
     folded = copy.deepcopy(model)
@@ -335,13 +341,13 @@ class _Twin:
         select_config, runtime = config.select, config.runtime
         harmful, harmless = self.prompts["harmful_val"], self.prompts["harmless_val"]
         dim = self.directions["dim"]
-        unit, norms, degenerate = select.dim_candidates(dim)
+        unit, norms, degenerate = components.dim_candidates(dim)
         n_positions = dim.shape[0]
         if select_config.positions:
             scored = np.zeros(n_positions, bool)
             scored[[n_positions + p for p in select_config.positions]] = True
             degenerate = degenerate | ~scored[:, None]
-        basis, keep = select.inlp_basis(self.directions, config.directions)
+        basis, keep = components.inlp_basis(self.directions, config.directions)
         self.inlp_k = keep
         first_accuracy = self.directions["inlp_dev_accuracies"][..., 0]
         modes = [select_config.mode]
@@ -388,17 +394,17 @@ class _Twin:
                 by_mode[mode] = _candidate_scores(scored, pairs, dim.shape[:2],
                                                   len(select_config.multipliers), filters)
             scores = by_mode[select_config.mode]
-            ranking, discarded = select.rank(scores, select_config=select_config,
+            ranking, discarded = rank(scores, select_config=select_config,
                                              accuracy=method["accuracy"])
             fallback = None
             if not ranking:
                 # The later stages need a component to do their work, whatever
                 # select.when_none_pass says: the twin's INLP directions come from
                 # scikit-learn's solver, not ours, so its filter results can differ from ours.
-                ranking, fallback = select.lowest_bypass_fallback(
+                ranking, fallback = lowest_bypass_fallback(
                     scores, discarded, select_config=select_config)
-            chosen = ranking[:select.n_components(len(ranking), select_config)]
-            self.selection[name] = {"components": [select.describe_component(
+            chosen = ranking[:n_components(len(ranking), select_config)]
+            self.selection[name] = {"components": [components.describe_component(
                 p, l, n_positions, scores, keep if name == "inlp" else None, method["accuracy"])
                 for p, l in chosen], "filters_scored": int(scores.filtered.sum()),
                 "fallback": fallback}
@@ -457,7 +463,7 @@ class _Twin:
         config, directions, n_layers = self.config, self.directions, self.model.config.n_layers
         dim_parts = self.selection["dim"]["components"]
         inlp_parts = self.selection["inlp"]["components"]
-        basis, _ = select.inlp_basis(directions, config.directions)
+        basis, _ = components.inlp_basis(directions, config.directions)
         if inlp_k is not None:
             basis = np.where((np.arange(basis.shape[-2]) < inlp_k)[:, None], basis, 0.0)
         dim = directions["dim"]
@@ -667,8 +673,8 @@ def leace(harmful: torch.Tensor, harmless: torch.Tensor) -> dict[str, np.ndarray
 
 
 def _candidate_scores(scored: selection.BaselineResult, pairs, shape, n_multipliers: int,
-                      filters: bool) -> select.CandidateScores:
-    scores = select.CandidateScores(bypass=np.full(shape, np.nan),
+                      filters: bool) -> CandidateScores:
+    scores = CandidateScores(bypass=np.full(shape, np.nan),
                                     steering=np.full(shape + (n_multipliers,), np.nan),
                                     kl=np.full(shape, np.nan), filtered=np.zeros(shape, bool))
     for index, (p, l) in enumerate(pairs):

@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.convert import params_to_hf
+from refusal_jax.models.io.convert import params_to_hf
 from refusal_jax.models.params import Params
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

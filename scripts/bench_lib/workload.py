@@ -29,11 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench_lib import torch_stack
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.loading import Model
 from refusal_jax.models.params import Params, init_params
-
-from bench_lib import torch_stack
 
 SHARED_PROMPTS = Path(__file__).resolve().parents[3] / "shared/data/refusal_prompts"
 # Split files of the shared folder and the built-in sets used when it is absent.
@@ -143,8 +142,8 @@ def concatenate(batches: list[Prompts]) -> Prompts:
 
 def chat_workload(source: str, *, prompts_dir: Path | None, dtype: str, torch_options) -> Workload:
     """A real chat model loaded with `refusal_jax.models.loading.load_model`."""
-    from refusal_jax.chat import refusal_token_ids
     from refusal_jax.models.loading import load_model
+    from refusal_jax.text.chat import refusal_token_ids
 
     model = load_model(source, dtype=jnp.dtype(dtype))
     folder = SHARED_PROMPTS if prompts_dir is None else Path(prompts_dir)
@@ -210,7 +209,7 @@ def random_workload(config: ModelConfig, *, prompt_length: int, dtype: str, torc
 
 def _sampled(source: str) -> tuple[str, ...]:
     """Every instruction of a prompt set, shuffled as the pipeline samples (seed 42)."""
-    from refusal_jax.data import load_instructions
+    from refusal_jax.text import load_instructions
 
     every = load_instructions(source)
     return tuple(load_instructions(source, n=len(every), seed=PROMPT_SEED))
@@ -223,8 +222,8 @@ def _builtin_instructions(split: str) -> tuple[str, ...]:
 
 def _tiny_chat_model(config: ModelConfig, params: Params) -> Model:
     """A random model with the pipeline's tiny ChatML tokenizer (see the module docstring)."""
-    from refusal_jax.chat import ChatFormat
-    from refusal_jax.pipeline.models import tiny_chatml_tokenizer
+    from refusal_jax.runtime.loading import tiny_chatml_tokenizer
+    from refusal_jax.text.chat import ChatFormat
 
     tokenizer = tiny_chatml_tokenizer()
     if config.vocab_size < len(tokenizer):

@@ -44,6 +44,8 @@ BUILTIN_SETS: tuple[str, ...] = (
 )
 
 _REFUSALS_FILE = "refusals.json"
+# The built-in sets and refusal replies, shipped as package data.
+_DATA = importlib.resources.files("refusal_jax") / "data"
 _GENERAL_REFUSAL = "general"
 _HF_PREFIX = "hf:"
 
@@ -87,7 +89,7 @@ def load_refusals(*, category: str | None = None) -> list[str]:
     ``category=None`` gives all of them; ``"general"`` only the topic-free ones; a harm category
     (``"cybercrime"``, ``"self-harm"``, ...) the general ones plus those written for it.
     """
-    entries = _read_json(importlib.resources.files(__package__) / _REFUSALS_FILE, _REFUSALS_FILE)
+    entries = _read_json(_DATA / _REFUSALS_FILE, _REFUSALS_FILE)
     refusals = [(entry["category"], entry["refusal"]) for entry in entries]
     if category is None:
         return [text for _, text in refusals]
@@ -101,7 +103,7 @@ def load_refusals(*, category: str | None = None) -> list[str]:
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, list[Prompt]]:
     """(name for messages, prompts) of a built-in name, ``hf:`` id or JSON path."""
     if isinstance(source, str) and source in BUILTIN_SETS:
-        resource = importlib.resources.files(__package__) / f"{source}.json"
+        resource = _DATA / f"{source}.json"
         return source, _parse_entries(_read_json(resource, source), source)
     if isinstance(source, str) and source.startswith(_HF_PREFIX):
         return source, _read_hf(source)
@@ -187,3 +189,8 @@ def _read_hf(source: str) -> list[Prompt]:
         for text, category in zip(table[column], categories)
     ]
     return _parse_entries(entries, source)
+
+
+# The reference prompt sets (Arditi et al.'s processed splits), kept beside the repository, not
+# in it (see ../shared/data/refusal_prompts/README.md).
+REFERENCE_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "refusal_prompts"

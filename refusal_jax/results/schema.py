@@ -756,7 +756,7 @@ def _main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m refusal_jax.report",
+        prog="python -m refusal_jax.results.schema",
         description="Copy a run's results table, findings and geometry plot into a README.")
     parser.add_argument("--workdir", required=True, help="work directory of a finished run")
     parser.add_argument("--readme", default="README.md", help="README with the result markers")

@@ -22,8 +22,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import Params, param_specs

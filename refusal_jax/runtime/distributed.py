@@ -29,7 +29,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from refusal_jax import sharding
+from refusal_jax.runtime import sharding
 
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None,

@@ -1,4 +1,4 @@
-"""The study's stages and their artefacts in a work directory (see ``pipeline.artifacts``).
+"""The study's stages and their artefacts in a work directory (see ``study.artifacts``).
 
     extract/   prompts.json (the sampled, filtered sets), baseline_scores.json,
                activations.npz (EOI activations of the train sets), directions.npz
@@ -12,7 +12,7 @@ earlier stages wrote, so any stage can be rerun alone once its inputs exist. The
 is cheap and always reruns, so notes added to ``notes.md`` in the work directory (explanations
 of results, one paragraph per note) reach the report.
 
-Devices: ``runtime.mesh`` (see ``pipeline.config``) places the run on a mesh of every device of
+Devices: ``runtime.mesh`` (see ``study.config``) places the run on a mesh of every device of
 every process (``distributed.Placement``): the weights are loaded into their sharded layout,
 prompt batches are split over ``data`` x ``fsdp`` (each process encoding only its own rows),
 INLP's (position, layer) pairs over every device, and the KV cache of generation like the batch.
@@ -29,15 +29,16 @@ from pathlib import Path
 import numpy as np
 from absl import logging
 
-from refusal_jax.distributed import Placement
-from refusal_jax.pipeline import artifacts
-from refusal_jax.pipeline.config import STAGES, check_config
-from refusal_jax.pipeline.data import refusal_filters, sample_sets
-from refusal_jax.pipeline.extract import capture, fit_directions
-from refusal_jax.pipeline.infer import complete_variants
-from refusal_jax.pipeline.models import load_pipeline_model, weights_identity
-from refusal_jax.pipeline.select import run_selection
-from refusal_jax.pipeline.variants import build_variants, folding_agreement
+from refusal_jax.evaluation.activations import capture
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.loading import load_pipeline_model, weights_identity
+from refusal_jax.study import artifacts
+from refusal_jax.study.config import STAGES, check_config
+from refusal_jax.study.data import refusal_filters, sample_sets
+from refusal_jax.study.stages.extract import fit_directions
+from refusal_jax.study.stages.infer import complete_variants
+from refusal_jax.study.stages.select import run_selection
+from refusal_jax.study.variants import build_variants, folding_agreement
 
 ALWAYS_RUN = frozenset({"report"})
 # The folded model must reproduce the hooked global ablation to this many logits units.
@@ -169,7 +170,8 @@ def _check_folding(study: Study, variant, directions, prompts) -> None:
 
 
 def _stage_functions():
-    from refusal_jax.pipeline.evaluate import run_evaluate, run_report
+    from refusal_jax.study.stages.evaluate import run_evaluate
+    from refusal_jax.study.stages.report import run_report
 
     return {"extract": run_extract, "select": run_select, "infer": run_infer,
             "evaluate": run_evaluate, "report": run_report}

@@ -18,14 +18,14 @@ from typing import Any
 
 import jax
 
-from refusal_jax import distributed
-from refusal_jax.distributed import Placement
 from refusal_jax.models.generate import generate_each
 from refusal_jax.models.loading import Model
-from refusal_jax.pipeline.data import CLASSES
-from refusal_jax.pipeline.extract import placed_batches
-from refusal_jax.pipeline.progress import progress
-from refusal_jax.pipeline.variants import Variant
+from refusal_jax.runtime import distributed
+from refusal_jax.runtime.batches import placed_batches
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.progress import progress
+from refusal_jax.study.data import CLASSES
+from refusal_jax.study.variants import Variant
 
 
 def complete_each(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax import interventions as iv
-from refusal_jax.folding import fold_projection
+from refusal_jax.interventions.folding import fold_projection
 from refusal_jax.models.core import forward
 from refusal_jax.models.loading import Model
-from refusal_jax.pipeline.select import inlp_basis
+from refusal_jax.selection.components import inlp_basis
 
 
 @dataclasses.dataclass

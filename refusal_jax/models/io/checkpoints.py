@@ -6,7 +6,7 @@ A *source* is one of
   * a hub id "org/name", resolved with huggingface_hub.snapshot_download (the local cache,
     HF_HUB_CACHE and HF_HUB_OFFLINE are honoured);
   * a GGUF file, or a directory or hub id together with `gguf_file="name.gguf"` (see
-    gguf_reader.py for how llama.cpp's tensors are mapped back to Hugging Face's).
+    gguf.py for how llama.cpp's tensors are mapped back to Hugging Face's).
 
 Tensors keep their Hugging Face names and layouts (linear weights [out, in]); convert.py maps
 them onto refusal_jax params. Float tensors are cast to `dtype` (default float32; None keeps the
@@ -37,7 +37,7 @@ from numpy.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from refusal_jax.models.gguf_reader import iter_gguf_tensors, read_gguf_config
+from refusal_jax.models.io.gguf import iter_gguf_tensors, read_gguf_config
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"

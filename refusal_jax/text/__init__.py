@@ -1,6 +1,6 @@
 """Built-in prompt sets and refusal replies, and the loader for any instruction source."""
 
-from refusal_jax.data.prompts import (
+from refusal_jax.text.prompts import (
     BUILTIN_SETS,
     Prompt,
     load_instructions,

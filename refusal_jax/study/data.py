@@ -1,7 +1,7 @@
 """Prompt sets of a study: sources, seeded samples, and the refusal-score filter.
 
 Six sets: harmful / harmless x train / val / eval, each named by a source that
-:func:`refusal_jax.data.load_instructions` reads (a built-in set name, a JSON file of
+:func:`refusal_jax.text.load_instructions` reads (a built-in set name, a JSON file of
 ``[{"instruction": ...}]``, or ``hf:org/name[:split[:column]]``). Each split is a seeded sample
 (``random.Random(seed).sample``, as the reference): ``n_train``, ``n_val`` and ``n_eval`` prompts
 per class. When two splits of a class name the same source, they are drawn from one sample of
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refusal_jax.data import BUILTIN_SETS, load_instructions
+from refusal_jax.text import BUILTIN_SETS, load_instructions
 
 SPLITS = ("train", "val", "eval")
 CLASSES = ("harmful", "harmless")

@@ -35,15 +35,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out", "resid_post")
-SITE_INDEX: dict[str, int] = {site: index for index, site in enumerate(SITES)}
-STREAM_SITES: frozenset[str] = frozenset({"resid_pre", "resid_post"})
+from refusal_jax.models.sites import (
+    SITE_INDEX,
+    SITES,
+    STREAM_SITES,
+    Intervention,
+    SiteContext,
+)
+
 # The sites of directional ablation (Arditi et al.) and of the INLP interventions.
 ABLATION_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "mlp_out")
 
@@ -57,23 +62,11 @@ Array = jax.Array
 LayerSelection = int | Sequence[int] | None
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class SiteContext:
-    """Per-token context passed to every ``apply``.
+class _ChecksFit:
+    """``check_fits``, which the forward calls on the intervention it is given."""
 
-    positions: [B, T] int32, position of each token in its own sequence (cumsum(valid) - 1).
-    valid: [B, T] bool, False at left padding.
-    """
-
-    positions: Array
-    valid: Array
-
-
-class Intervention(Protocol):
-    """What the forward needs from an intervention (leaves sliced to one layer)."""
-
-    def apply(self, site: str, x: Array, ctx: SiteContext) -> Array: ...
+    def check_fits(self, n_layers: int, d_model: int) -> None:
+        check_compatible(self, n_layers=n_layers, d_model=d_model, allow_candidate_axis=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +147,7 @@ def _check_width(x: Array, width: int, kind: str) -> None:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ActivationAddition:
+class ActivationAddition(_ChecksFit):
     """``x + coeff * direction`` at the masked (layer, site) pairs and token positions.
 
     direction: [L, D]; coeff: [L]; site_mask: [L, 4].
@@ -183,7 +176,7 @@ class ActivationAddition:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DirectionalAblation:
+class DirectionalAblation(_ChecksFit):
     """``x - (x . r_hat) r_hat`` at the masked sites. direction: [L, D] unit; site_mask: [L, 4]."""
 
     direction: Array
@@ -197,7 +190,7 @@ class DirectionalAblation:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class NullspaceProjection:
+class NullspaceProjection(_ChecksFit):
     """``x - (x V^T) V`` at the masked sites.
 
     basis: [L, k, D] orthonormal (or zero) rows; site_mask: [L, 4].
@@ -214,7 +207,7 @@ class NullspaceProjection:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class CounterfactualReflection:
+class CounterfactualReflection(_ChecksFit):
     """The reference's counterfactual map ``x - alpha (x V^T) V`` at the masked sites.
 
     basis: [L, k, D] orthonormal rows; alpha: [L]; site_mask: [L, 4].
@@ -240,7 +233,7 @@ class CounterfactualReflection:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SubspaceClamp:
+class SubspaceClamp(_ChecksFit):
     """Counterfactual edit that does not undo itself: clamp the stream's coordinates in span(V).
 
     basis: [L, k, D] orthonormal rows; target: [L, D] a point (e.g. the opposite class's mean)
@@ -263,7 +256,7 @@ class SubspaceClamp:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ObliqueEraser:
+class ObliqueEraser(_ChecksFit):
     """LEACE-style eraser ``x - ((x - mean) @ read.T) @ write`` at the masked sites.
 
     read, write: [L, k, D] (LEACE's A and B); mean: [L, D]; site_mask: [L, 4]. At write sites
@@ -293,7 +286,7 @@ def _affine_erase(
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Compose:
+class Compose(_ChecksFit):
     """Several interventions applied in order at every site: ``interventions[0]`` first.
 
     ``Compose((a, b)).apply(site, x, ctx) == b.apply(site, a.apply(site, x, ctx), ctx)``.
@@ -506,7 +499,7 @@ def directional_ablation(
     """Ablate ``direction`` ([D] or [L, D]; normalised here, so ``r`` or ``r_hat`` both work).
 
     ``layers=None`` with the default sites is Arditi et al.'s global ablation (foldable into the
-    weights with ``refusal_jax.folding``).
+    weights with ``refusal_jax.interventions.folding``).
     """
     mask = make_site_mask(n_layers, layers, sites)
     unit = _unit_rows(_per_layer(direction, n_layers, 1, "direction"), "direction")

@@ -41,16 +41,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from refusal_jax.models.checkpoints import Source, iter_hf_tensors
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.convert import (
+from refusal_jax.models.core import KVCache
+from refusal_jax.models.io.checkpoints import Source, iter_hf_tensors
+from refusal_jax.models.io.convert import (
     NON_PARAMETER_SUFFIXES,
     CheckpointMismatchError,
     WeightRule,
     hf_shape,
     weight_map,
 )
-from refusal_jax.models.core import KVCache
 from refusal_jax.models.params import Params, init_params, param_specs
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "model")

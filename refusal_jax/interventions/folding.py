@@ -56,9 +56,9 @@ from refusal_jax.interventions import (
     NullspaceProjection,
     project_out,
 )
-from refusal_jax.models.checkpoints import Source, save_hf_checkpoint
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.convert import params_to_hf
+from refusal_jax.models.io.checkpoints import Source, save_hf_checkpoint
+from refusal_jax.models.io.convert import params_to_hf
 from refusal_jax.models.params import Params
 
 _RESID_PRE, _ATTN_OUT, _MLP_OUT, _RESID_POST = (

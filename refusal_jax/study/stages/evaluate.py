@@ -1,5 +1,5 @@
 """The evaluate and report stages: metrics of every variant, geometry, the tunable-k curve,
-and ``results.json`` / ``report.md`` (``refusal_jax.report`` schema).
+and ``results.json`` / ``report.md`` (``refusal_jax.results.schema`` schema).
 
 Per variant (its intervention on each prompt set; ActAdd subtracts on harmful prompts and adds
 on harmless ones):
@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from refusal_jax import distributed, report
 from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
@@ -39,14 +38,16 @@ from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.k_curve import k_values, plot_k_curve
 from refusal_jax.evaluation.kl import mean_kl
 from refusal_jax.evaluation.refusal import refusal_rate
+from refusal_jax.models.batching import shared_prefix_batches
 from refusal_jax.models.core import KVCache, forward
-from refusal_jax.pipeline import artifacts
-from refusal_jax.pipeline.infer import complete_variants
-from refusal_jax.pipeline.models import load_pipeline_model
-from refusal_jax.pipeline.progress import progress
-from refusal_jax.pipeline.select import inlp_basis, shared_prefix_batches
-from refusal_jax.pipeline.variants import Variant, build_variants
-from refusal_jax.report import KCurve, KCurvePoint
+from refusal_jax.results.schema import KCurve, KCurvePoint
+from refusal_jax.runtime import distributed
+from refusal_jax.runtime.loading import load_pipeline_model
+from refusal_jax.runtime.progress import progress
+from refusal_jax.selection.components import inlp_basis
+from refusal_jax.study import artifacts
+from refusal_jax.study.stages.infer import complete_variants
+from refusal_jax.study.variants import Variant, build_variants
 
 
 def _share_rows(cache: KVCache, rows: int) -> KVCache:
@@ -309,76 +310,3 @@ def run_evaluate(study) -> list[str]:
     plots = [plot for view in (geometry, inlp_geometry) if view for plot in view["plots"]]
     files = ["metrics.json"] + [os.path.relpath(study.workdir / plot, out) for plot in plots]
     return files + (["k_curve.png"] if k_curve else [])
-
-
-def _selections(selection: dict) -> list[report.SelectedComponent]:
-    chosen = []
-    for method in ("dim", "inlp"):
-        for c in selection[method]["components"]:
-            chosen.append(report.SelectedComponent(
-                method=method, position=c["position"], layer=c["layer"],
-                bypass_score=c["bypass"], steering_score=c["steering"], kl_score=c["kl"],
-                n_directions=c.get("k"), first_direction_accuracy=c.get("first_dev_accuracy")))
-    return chosen
-
-
-def _timings(study) -> dict[str, float]:
-    timings = {}
-    for stage in ("extract", "select", "infer", "evaluate"):
-        marker = study.stage_dir(stage) / artifacts.DONE_FILE
-        if marker.exists():
-            timings[stage] = artifacts.read_json(marker).get("seconds", {}).get("wall", 0.0)
-    return timings
-
-
-NOTES_FILE = "notes.md"
-
-
-def _notes(study) -> list[str]:
-    """Facts a reader needs to interpret the table, then the user's notes (``notes.md``)."""
-    config, notes = study.config, []
-    prompts = study.prompts()
-    for split in ("train", "val"):
-        if config.data[f"filter_{split}"]:
-            wanted = config.data[f"n_{split}"]
-            kept = ", ".join(f"{len(prompts[f'{cls}_{split}'])} {cls}"
-                             for cls in ("harmful", "harmless"))
-            notes.append(f"Refusal-score filter: of {wanted} sampled {split} prompts per class, "
-                         f"{kept} were kept.")
-    folding_path = study.stage_dir("infer") / "folding.json"
-    if folding_path.exists():
-        difference = artifacts.read_json(folding_path)["max_abs_logit_difference"]
-        text = (f"`dim_folded` is the global ablation (every layer) of the best DiM direction "
-                f"folded into the weights; its logits match the hooked global ablation to "
-                f"{difference:.1e}.")
-        if config.select.mode == "local":
-            text += (" `dim_ablation` is local (the source layer only, select.mode=local), so "
-                     "the two rows differ by design.")
-        notes.append(text)
-    selection = study.selection()
-    for method in ("dim", "inlp"):
-        if selection[method].get("fallback"):
-            notes.append(f"{method} selection: {selection[method]['fallback']} "
-                         "(select.when_none_pass=lowest_bypass).")
-        rho = selection[method].get("spearman_local_global_bypass")
-        if rho is not None:
-            notes.append(f"{method}: Spearman correlation of the local and global bypass scores "
-                         f"over all candidates: {rho:.3f}.")
-    user_notes = study.workdir / NOTES_FILE
-    if user_notes.exists():
-        notes += [paragraph.strip() for paragraph in user_notes.read_text().split("\n\n")
-                  if paragraph.strip()]
-    return notes
-
-
-def run_report(study) -> list[str]:
-    metrics = artifacts.read_json(study.stage_dir("evaluate") / "metrics.json")
-    rows = [report.InterventionResult(name=name, **values)
-            for name, values in metrics["interventions"].items()]
-    results = report.StudyResults(
-        model=study.config.model.source, interventions=rows, config=study.config.to_dict(),
-        selections=_selections(study.selection()), geometry=metrics["geometry"],
-        inlp_geometry=metrics.get("inlp_geometry"),
-        k_curve=metrics["k_curve"], timings_s=_timings(study), notes=_notes(study))
-    report.write_report(study.workdir, results)
-    return []

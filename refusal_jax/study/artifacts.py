@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from refusal_jax import distributed
+from refusal_jax.runtime import distributed
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE.json"

@@ -1,6 +1,6 @@
 """The transformers tokenizer of a model source (HF directory, hub id or GGUF file).
 
-Sources are those of refusal_jax.models.checkpoints. Every tokenizer returned pads on the left
+Sources are those of refusal_jax.models.io.checkpoints. Every tokenizer returned pads on the left
 (the forward derives positions from left padding) and has a pad token: its own, else its eos.
 
 A GGUF's tokenizer is built from its `tokenizer.*` metadata the way transformers'
@@ -19,7 +19,7 @@ import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
-from refusal_jax.models.checkpoints import TOKENIZER_PATTERNS, Source, locate_source
+from refusal_jax.models.io.checkpoints import TOKENIZER_PATTERNS, Source, locate_source
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # tokenizer attribute -> the GGUF key holding its token id (transformers' get_gguf_tokenizer).

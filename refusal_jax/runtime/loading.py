@@ -23,12 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax import sharding
-from refusal_jax.chat import ChatFormat
-from refusal_jax.data import BUILTIN_SETS, load_instructions, load_refusals
-from refusal_jax.distributed import Placement
-from refusal_jax.models.checkpoints import load_hf_config
 from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.io.checkpoints import load_hf_config
+from refusal_jax.models.io.tokenizer import load_tokenizer
 from refusal_jax.models.loading import (
     BASE_MODEL,
     DEFAULT_MODEL,
@@ -37,8 +34,11 @@ from refusal_jax.models.loading import (
     Model,
     load_model,
 )
-from refusal_jax.models.params import ParamSpec, Params, map_specs, param_specs
-from refusal_jax.tokenizer import load_tokenizer
+from refusal_jax.models.params import Params, ParamSpec, map_specs, param_specs
+from refusal_jax.runtime import sharding
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.text import BUILTIN_SETS, load_instructions, load_refusals
+from refusal_jax.text.chat import ChatFormat
 
 RANDOM_PREFIX = "random:"
 # name -> ModelConfig keyword arguments (vocab_size comes from the tokenizer).

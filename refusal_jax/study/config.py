@@ -5,14 +5,14 @@ Config files in ``configs/`` call :func:`base_config` and change what differs. T
 is an error rather than a silently ignored setting. Keys:
 
 model.source          ``"default"``, ``"smollm2-135m-instruct"``, an HF directory, a hub id, a
-                      ``.gguf`` file, or ``"random:llama-tiny"`` (see ``pipeline.models``)
+                      ``.gguf`` file, or ``"random:llama-tiny"`` (see ``refusal_jax.runtime.loading``)
 model.dtype           ``"float32"`` or ``"bfloat16"``
 model.system_prompt   system turn before every instruction; "" keeps the template's default
 seed                  seed of prompt sampling and of random models
 data.*                prompt-set sources (built-in names, JSON paths, ``hf:`` ids), the sample
-                      sizes and the refusal-score filters (``pipeline.data``)
+                      sizes and the refusal-score filters (``study.data``)
 directions.*          INLP options (METHOD.md section 4) and the k policy
-select.*              candidate selection (METHOD.md section 5; ``pipeline.select``)
+select.*              candidate selection (METHOD.md section 5; ``refusal_jax.selection``)
 infer.*               completions: which interventions, ``max_new_tokens``
 evaluate.*            evaluation options, passed to the evaluation modules
 runtime.*             batch sizes, chunking and the device mesh; left out of the config hash
@@ -24,7 +24,7 @@ runtime.generation_variants  how many variants of the infer stage (and of the k-
                       did not shorten the default run's infer stage
 runtime.mesh          "" (one device, no mesh) or the (data, fsdp, model) mesh sizes as
                       ``"data=-1,model=4"`` (missing axes 1, one may be -1: the devices left
-                      over; see ``refusal_jax.sharding``). Batch sizes must be multiples of
+                      over; see ``refusal_jax.runtime.sharding``). Batch sizes must be multiples of
                       the devices the batch is split over (data x fsdp), and so must
                       ``candidate_chunk``.
 runtime.sharding_rules  overrides of ``sharding.DEFAULT_RULES``, e.g. ``"embed=none,batch=data"``
@@ -37,14 +37,15 @@ from pathlib import Path
 
 import ml_collections
 
-from refusal_jax import sharding
 from refusal_jax.directions import K_POLICIES
+from refusal_jax.runtime import sharding
+from refusal_jax.text.prompts import REFERENCE_DATA_DIR
 
 # Every intervention the infer stage knows (METHOD.md section 3 and the issue's list).
 INTERVENTIONS = (
     "baseline",
     "dim_ablation",          # directional ablation of the selected DiM direction(s)
-    "dim_folded",            # global DiM ablation baked into the weights (refusal_jax.folding)
+    "dim_folded",            # global DiM ablation baked into the weights (refusal_jax.interventions.folding)
     "dim_actadd",            # ActAdd: subtract on harmful prompts, add on harmless ones
     "inlp_nullspace",        # nullspace projection P = I - V^T V
     "inlp_reflection_a1",    # the reference's P_a with a = 1 (equals nullspace projection)
@@ -140,9 +141,6 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-# The reference prompt sets (Arditi et al.'s processed splits), kept beside the repository, not
-# in it (see ../shared/data/refusal_prompts/README.md).
-REFERENCE_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "refusal_prompts"
 
 
 def reference_config(source: str, *, dtype: str = "bfloat16",

@@ -1,0 +1,59 @@
+"""Activation capture at the EOI positions of every layer, with baseline refusal scores.
+
+Shapes: activations ``[n, P, L, D]`` (prompt, EOI position p = -P..-1 in order, layer, width),
+float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from refusal_jax.evaluation.refusal import refusal_score
+from refusal_jax.models.core import forward
+from refusal_jax.models.loading import Model
+from refusal_jax.runtime import distributed
+from refusal_jax.runtime.batches import placed_batches
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.progress import progress
+from refusal_jax.text.chat import refusal_token_ids
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _capture(params, tokens, valid, capture_positions, refusal_ids, *, config):
+    out = forward(params, tokens, valid, config=config, capture_positions=capture_positions,
+                  logits="last")
+    return out.captures.astype(jnp.float32), refusal_score(out.logits, refusal_ids)
+
+
+def capture(model: Model, instructions: Sequence[str], *, batch_size: int, length_bucket: int,
+            name: str, placement: Placement | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """EOI activations ``[n, P, L, D]`` and baseline refusal scores ``[n]`` of the prompts
+    (gathered to every process).
+
+    Raises ValueError when the activations hold NaN or inf.
+    """
+    refusal_ids = jnp.asarray(refusal_token_ids(model.tokenizer), jnp.int32)
+    n, cfg = len(instructions), model.config
+    activations = np.zeros((n, model.chat.n_eoi, cfg.n_layers, cfg.d_model), np.float32)
+    scores = np.zeros((n,), np.float32)
+    batches = placed_batches(model, instructions, batch_size, length_bucket, placement)
+    total = -(-n // batch_size)
+    for rows, batch in progress(batches, total, f"capture {name} ({n} prompts)"):
+        acts, batch_scores = distributed.gather(_capture(
+            model.params, batch.tokens, batch.valid, batch.eoi_positions, refusal_ids,
+            config=cfg))
+        activations[rows] = acts[:len(rows)]
+        scores[rows] = batch_scores[:len(rows)]
+    bad = ~np.isfinite(activations).all(axis=(1, 2, 3))
+    if bad.any():
+        shown = "; ".join(repr(instructions[i][:60]) for i in np.flatnonzero(bad)[:3])
+        raise ValueError(
+            f"activations of {int(bad.sum())} of {n} {name} prompts contain NaN or inf (e.g. "
+            f"{shown}); the model overflows in {np.dtype(model.params.embed.dtype).name}: run "
+            "with model.dtype='float32', or check the checkpoint")
+    return activations, scores

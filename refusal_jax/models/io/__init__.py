@@ -1,0 +1,1 @@
+"""Model files: HF checkpoints, GGUF, the HF weight mapping, LoRA adapters, tokenizers."""

@@ -1,0 +1,1 @@
+"""The study's results: the ``results.json`` schema and its Markdown rendering."""

@@ -1,0 +1,1 @@
+"""Selection of the steering components: candidate scoring, filters and ranking."""

@@ -1,0 +1,1 @@
+"""The study's stages: extract, select, infer, evaluate, report."""

@@ -1,0 +1,103 @@
+"""The select stage: score, rank and choose the DiM and INLP components."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from refusal_jax.models.loading import Model
+from refusal_jax.runtime.distributed import Placement
+from refusal_jax.selection.components import describe_component, dim_candidates, inlp_basis
+from refusal_jax.selection.ranking import lowest_bypass_fallback, n_components, rank, spearman
+from refusal_jax.selection.scoring import SELECTION_LENGTH_BUCKET, cache_baseline, score_candidates
+from refusal_jax.text.chat import refusal_token_ids
+
+
+def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], config, *,
+                  placement: Placement | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Scores, ranks and picks DiM and INLP components. Returns (summary, arrays). With a
+    placement, the candidates of every chunk are evaluated in parallel over its mesh."""
+    select_config, runtime = config.select, config.runtime
+    refusal_ids = jnp.asarray(refusal_token_ids(model.tokenizer), jnp.int32)
+    # Every candidate pays for each padding column, and a val set is usually one batch (one
+    # compile per set whatever its length), so its padding is kept to a minimum here.
+    cache_args = dict(batch_size=runtime.batch_size, length_bucket=SELECTION_LENGTH_BUCKET)
+    harmful = cache_baseline(model, prompts["harmful_val"], refusal_ids, name="harmful_val",
+                             **cache_args)
+    harmless = cache_baseline(model, prompts["harmless_val"], refusal_ids, name="harmless_val",
+                              **cache_args)
+    n_layers = model.config.n_layers
+    dim = directions["dim"]
+    dim_unit, norms, dim_degenerate = dim_candidates(dim)
+    n_positions = dim.shape[0]
+    if select_config.positions:
+        if min(select_config.positions) < -n_positions:
+            raise ValueError(f"select.positions {tuple(select_config.positions)} reach beyond "
+                             f"the {n_positions} EOI positions of this chat template")
+        scored = np.zeros(n_positions, bool)
+        scored[[n_positions + p for p in select_config.positions]] = True
+        dim_degenerate = dim_degenerate | ~scored[:, None]
+    basis, keep = inlp_basis(directions, config.directions)
+    first_accuracy = directions["inlp_dev_accuracies"][..., 0]
+    common = dict(multipliers=tuple(select_config.multipliers), chunk=runtime.candidate_chunk,
+                  placement=placement)
+    methods = {
+        "dim": dict(ablation_basis=dim_unit[..., None, :], actadd_direction=dim_unit,
+                    actadd_norm=norms, degenerate=dim_degenerate),
+        "inlp": dict(ablation_basis=basis, actadd_direction=directions["inlp_first_direction"],
+                     actadd_norm=norms, degenerate=dim_degenerate | (keep == 0)),
+    }
+    summary = {"mode": select_config.mode, "n_layers": n_layers,
+               "n_positions": int(dim.shape[0]),
+               "baseline": {"harmful_val_refusal_score": float(harmful.refusal_scores.mean()),
+                            "harmless_val_refusal_score": float(harmless.refusal_scores.mean())}}
+    arrays: dict[str, np.ndarray] = {"inlp_k": keep}
+    modes = [select_config.mode]
+    if select_config.compare_global:
+        modes = sorted(set(modes) | {"local", "global"}, key=["local", "global"].index)
+    for name, method in methods.items():
+        accuracy = first_accuracy if name == "inlp" else None
+        rank_args = dict(select_config=select_config, accuracy=accuracy)
+        by_mode = {}
+        for mode in modes:
+            # The mode compared with the chosen one needs only its bypass scores (Spearman).
+            filters = ("none" if mode != select_config.mode else
+                       "until_chosen" if select_config.just_one else "all")
+            by_mode[mode] = score_candidates(model, harmful, harmless, refusal_ids,
+                                             global_ablation=mode == "global",
+                                             name=f"{name} ({mode})", filters=filters,
+                                             rank_args=rank_args, **method, **common)
+            for field in ("bypass", "steering", "kl"):
+                arrays[f"{name}_{mode}_{field}"] = getattr(by_mode[mode], field)
+        scores = by_mode[select_config.mode]
+        ranking, discarded = rank(scores, **rank_args)
+        fallback = None
+        if not ranking and select_config.when_none_pass == "error":
+            raise ValueError(
+                f"no {name} candidate passes the filters (discarded per filter: {discarded}, "
+                f"of {scores.bypass.size} pairs); relax select.kl_threshold, "
+                "select.min_steering_score or select.prune_layer_fraction, check that the "
+                "model refuses, or set select.when_none_pass='lowest_bypass'")
+        if not ranking:
+            ranking, fallback = lowest_bypass_fallback(scores, discarded,
+                                                       select_config=select_config)
+            logging.warning("%s: %s", name, fallback)
+        chosen = ranking[:n_components(len(ranking), select_config)]
+        summary[name] = {
+            "components": [describe_component(p, l, n_positions, scores,
+                                              keep if name == "inlp" else None, accuracy)
+                           for p, l in chosen],
+            "ranking": [[p - n_positions, l] for p, l in ranking],
+            "discarded": discarded,
+            "filters_scored": int(scores.filtered.sum()),
+            "fallback": fallback,
+        }
+        if len(by_mode) == 2:
+            summary[name]["spearman_local_global_bypass"] = spearman(
+                by_mode["local"].bypass.ravel(), by_mode["global"].bypass.ravel())
+        best = summary[name]["components"][0]
+        logging.info("%s: chose (position %d, layer %d), bypass %.3f, steering %.3f, KL %.4f",
+                     name, best["position"], best["layer"], best["bypass"], best["steering"],
+                     best["kl"])
+    return summary, arrays
