@@ -3,7 +3,7 @@ with settings that run the whole study (both methods, every intervention, geomet
 curve) in about 10 minutes on a 2-core CPU. Reference-size settings:
 configs/smollm2_reference.py.
 
-Smaller than the reference (METHOD.md): 32 train / 8 val / 16 eval prompts per class (128 / 32
+Smaller than the reference (docs/method.md): 32 train / 8 val / 16 eval prompts per class (128 / 32
 / 100), candidates at the last two EOI positions only (all six), at most 4 INLP directions per
 (position, layer) (100), completions of 32 new tokens (512), cross-entropy on the first 1024
 tokens of the built-in text. `inlp_reflection_a1` is left out of the interventions: P_a with

@@ -1,4 +1,4 @@
-"""Gemma-2B-it with the reference settings (METHOD.md): run on an accelerator."""
+"""Gemma-2B-it with the reference settings (docs/method.md): run on an accelerator."""
 
 from refusal_jax.study.config import reference_config
 

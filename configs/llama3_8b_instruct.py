@@ -1,4 +1,4 @@
-"""Llama-3-8B-Instruct with the reference settings (METHOD.md): run on an accelerator."""
+"""Llama-3-8B-Instruct with the reference settings (docs/method.md): run on an accelerator."""
 
 from refusal_jax.study.config import reference_config
 

@@ -1,4 +1,5 @@
-"""Qwen2.5-7B-Instruct (Qwen-1 models are not supported) with the reference settings (METHOD.md): run on an accelerator."""
+"""Qwen2.5-7B-Instruct (Qwen-1 models are not supported) with the reference settings
+(docs/method.md): run on an accelerator."""
 
 from refusal_jax.study.config import reference_config
 

@@ -1,4 +1,4 @@
-"""Yi-6B-chat with the reference settings (METHOD.md): run on an accelerator."""
+"""Yi-6B-chat with the reference settings (docs/method.md): run on an accelerator."""
 
 from refusal_jax.study.config import reference_config
 

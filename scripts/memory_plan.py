@@ -5,15 +5,16 @@
 
 Everything is computed from shapes, never allocated: `jax.eval_shape` of the parameter
 initialiser and of an empty KV cache, laid out on a device-free `AbstractMesh` by the sharding
-rules of `refusal_jax.runtime.sharding`, gives each array's per-device shard shape. For every machine the
-script tries every (data, fsdp, model) mesh over its devices and keeps the one with the most data
-parallelism among those that fit, preferring tensor parallelism (model) to FSDP, because FSDP
-re-gathers every weight on every forward pass. A mesh fits when weights + KV cache + captures
-take at most (1 - headroom) of a device's memory (the headroom is left for XLA's temporaries);
-the model axis must divide the number of KV heads (heads are never split), and the global batch
-must divide over data x fsdp. `--variants` is the number of KV caches held at once: generation
-under V interventions together (`generate_each`, the pipeline's `runtime.generation_variants`)
-keeps one cache per intervention. The model configs below are the published config.json values.
+rules of `refusal_jax.runtime.sharding`, gives each array's per-device shard shape. For every
+machine the script tries every (data, fsdp, model) mesh over its devices and keeps the one with
+the most data parallelism among those that fit, preferring tensor parallelism (model) to FSDP,
+because FSDP re-gathers every weight on every forward pass. A mesh fits when weights + KV cache
++ captures take at most (1 - headroom) of a device's memory (the headroom is left for XLA's
+temporaries); the model axis must divide the number of KV heads (heads are never split), and
+the global batch must divide over data x fsdp. `--variants` is the number of KV caches held at
+once: generation under V interventions together (`generate_each`, the pipeline's
+`runtime.generation_variants`) keeps one cache per intervention. The model configs below are
+the published config.json values.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import KVCache
 from refusal_jax.models.params import abstract_params
 from refusal_jax.runtime import sharding
+from refusal_jax.runtime.precision import DtypePolicy
 
 GIB = 2**30
 
@@ -189,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--headroom must lie in [0, 1); got {args.headroom}")
     if args.variants < 1:
         parser.error(f"--variants must be >= 1; got {args.variants}")
-    dtype = sharding.DtypePolicy(params=args.dtype).params_dtype
+    dtype = DtypePolicy(params=args.dtype).params_dtype
     caches = "KV cache" if args.variants == 1 else f"{args.variants} KV caches"
     print(f"Per-device memory in GiB; {args.dtype} weights and activations, batch {args.batch}, "
           f"{caches} of {args.length} slots, captures at {args.capture_positions} positions, "

@@ -50,7 +50,7 @@ def _record_and_run(record_dir: Path, argv: list[str]) -> None:
         return original_encode(self, instructions, **kwargs)
 
     chat.ChatFormat.encode = encode
-    for name in ("_atomic_write_bytes", "_write_npz"):
+    for name in ("write_bytes_atomically", "_write_npz"):
         original = getattr(artifacts, name)
 
         def writer(path, data, original=original):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from refusal_jax.evaluation import k_curve
+from refusal_jax.evaluation.k_curve import KCurve, KCurvePoint
 from refusal_jax.evaluation.kl import _last_logits, last_position_logits
 from refusal_jax.interventions import nullspace_projection, project_out
-from refusal_jax.results.schema import KCurve, KCurvePoint
 from tests.hf_reference import ragged_batch, tiny_hf_model, to_ours
 
 

@@ -12,11 +12,8 @@ import transformers
 from hf_reference import hf_logits, ragged_batch, tiny_hf_model, to_ours
 
 from refusal_jax import interventions as iv
-from refusal_jax.interventions.folding import (
-    export_hf_checkpoint,
-    fold_activation_addition,
-    fold_projection,
-)
+from refusal_jax.interventions import fold
+from refusal_jax.interventions.export import export_hf_checkpoint
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import map_specs, param_specs
@@ -70,7 +67,7 @@ def _logits(params, config, intervention=None):
     return np.asarray(logits)[valid]
 
 
-def _assert_folded_equals_hooked(name, intervention, fold=fold_projection):
+def _assert_folded_equals_hooked(name, intervention):
     config, params = GEMMA2 if name == "gemma2" else CONFIGS[name], _params(name)
     hooked = _logits(params, config, intervention)
     assert np.abs(hooked - _logits(params, config)).max() > MIN_EFFECT
@@ -112,7 +109,7 @@ def test_ablating_only_the_writes_of_some_layers_folds_exactly():
 def test_activation_addition_at_the_first_block_input_folds_into_the_embedding():
     # Gemma2: scaled, tied embeddings; its post-norms do not matter for the embedding route.
     add = iv.activation_addition(_unit(4), 2.0, n_layers=L, layers=0)
-    _assert_folded_equals_hooked("gemma2", add, fold=fold_activation_addition)
+    _assert_folded_equals_hooked("gemma2", add)
 
 
 def test_folded_ablation_exports_to_transformers_with_the_hooked_logits(tmp_path):
@@ -123,7 +120,7 @@ def test_folded_ablation_exports_to_transformers_with_the_hooked_logits(tmp_path
     tokens, valid = ragged_batch(vocab=config.vocab_size)
     hooked = np.asarray(run_forward(params, tokens, valid, config=config,
                                     intervention=ablation).logits)
-    folded_params, folded_config = fold_projection(params, ablation, config=config)
+    folded_params, folded_config = fold(params, ablation, config=config)
     directory = export_hf_checkpoint(tmp_path / "ablated", folded_params, folded_config,
                                      hf_config=model.config.to_dict())
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -134,8 +131,6 @@ def test_folded_ablation_exports_to_transformers_with_the_hooked_logits(tmp_path
 
 
 # ----------------------------------------------------------------------------------- refusals
-
-_ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 
 
 @pytest.mark.parametrize("intervention, message", [
@@ -150,16 +145,19 @@ _ABLATION_SITES = ("resid_pre", "attn_out", "mlp_out")
 ])
 def test_interventions_without_an_exact_weight_form_are_refused(intervention, message):
     with pytest.raises(ValueError, match=message):
-        fold_projection(_params("llama_untied"), intervention, config=CONFIGS["llama_untied"])
+        fold(_params("llama_untied"), intervention, config=CONFIGS["llama_untied"])
 
 
 def test_kinds_without_a_weight_form_are_refused_by_type():
     params, config = _params("llama_untied"), CONFIGS["llama_untied"]
     reflection = iv.counterfactual_reflection(_orthonormal(2), 2.0, n_layers=L, layers=None)
-    with pytest.raises(TypeError, match="folds DirectionalAblation or NullspaceProjection"):
-        fold_projection(params, reflection, config=config)
-    with pytest.raises(TypeError, match="expected an ActivationAddition"):
-        fold_activation_addition(params, reflection, config=config)
+    with pytest.raises(TypeError, match="CounterfactualReflection has no folding rule"):
+        fold(params, reflection, config=config)
+    clamp = iv.subspace_clamp(_orthonormal(2), _unit(), n_layers=L, layers=None)
+    with pytest.raises(TypeError, match="SubspaceClamp has no folding rule"):
+        fold(params, clamp, config=config)
+    with pytest.raises(TypeError, match="Compose has no folding rule"):
+        fold(params, iv.Compose((reflection,)), config=config)
 
 
 @pytest.mark.parametrize("intervention, message", [
@@ -171,11 +169,10 @@ def test_kinds_without_a_weight_form_are_refused_by_type():
 ])
 def test_activation_addition_without_an_exact_weight_form_is_refused(intervention, message):
     with pytest.raises(ValueError, match=message):
-        fold_activation_addition(_params("llama_untied"), intervention,
-                                 config=CONFIGS["llama_untied"])
+        fold(_params("llama_untied"), intervention, config=CONFIGS["llama_untied"])
 
 
 def test_projections_are_refused_for_gemma2_post_norms():
     ablation = iv.directional_ablation(_unit(), n_layers=L, layers=None)
     with pytest.raises(ValueError, match="reintroduces the direction"):
-        fold_projection(_params("gemma2"), ablation, config=GEMMA2)
+        fold(_params("gemma2"), ablation, config=GEMMA2)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refusal_jax.runtime import distributed
+from refusal_jax.runtime import distributed, placement
 
 N_PROMPTS = 24
 MESH = {"data": 2, "model": 4}
@@ -71,12 +71,12 @@ def _study(out: Path) -> None:
     # Weights of std 0.3 give captures of order 1, so atol=1e-5 below is a strict tolerance.
     params = sharding.init_sharded_params(config, jax.random.key(0), mesh, scale=0.3)
     prompts, labels = _prompts()
-    rows = distributed.process_rows(mesh, N_PROMPTS)
+    rows = placement.process_rows(mesh, N_PROMPTS)
     own = prompts[rows]
     length = distributed.agree_on_max(max(len(p) for p in own))
-    tokens, valid = distributed.global_batch(_left_pad(own, length), mesh, N_PROMPTS)
+    tokens, valid = placement.global_batch(_left_pad(own, length), mesh, N_PROMPTS)
     eoi = np.arange(length - EOI_TOKENS, length, dtype=np.int32)
-    positions = distributed.global_batch(np.tile(eoi, (len(own), 1)), mesh, N_PROMPTS)
+    positions = placement.global_batch(np.tile(eoi, (len(own), 1)), mesh, N_PROMPTS)
     run = jax.jit(forward, static_argnames=("config", "logits"))
     captures = run(params, tokens, valid, config=config, capture_positions=positions,
                    logits="none").captures
@@ -94,7 +94,7 @@ def _study(out: Path) -> None:
                   for p in range(jax.process_count())]
     interleaved = [device for group in zip(*by_process, strict=True) for device in group]
     try:
-        distributed.process_rows(sharding.make_mesh({"data": -1}, interleaved), N_PROMPTS)
+        placement.process_rows(sharding.make_mesh({"data": -1}, interleaved), N_PROMPTS)
         interleaved_error = None
     except ValueError as error:
         interleaved_error = str(error)
@@ -195,7 +195,7 @@ def test_single_process_owns_every_row_and_writes():
     from refusal_jax.runtime import sharding
 
     mesh = sharding.make_mesh({"data": 1})
-    assert distributed.process_rows(mesh, 6) == slice(0, 6)
+    assert placement.process_rows(mesh, 6) == slice(0, 6)
     assert distributed.is_primary()
     written = []
     distributed.write_once("single", written.append, "artefact")
@@ -206,10 +206,14 @@ if __name__ == "__main__":
     from absl import app, flags
 
     OUT = flags.DEFINE_string("out", None, "Directory for the artefacts.", required=True)
+    COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+    NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+    PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
     def main(argv):
         del argv
-        distributed.initialize_from_flags()
+        distributed.initialize(distributed.DistributedOptions(
+            COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value))
         _study(Path(OUT.value))
 
     app.run(main)

@@ -17,11 +17,11 @@ from refusal_jax.evaluation import activations
 from refusal_jax.models.generate import generate_each
 from refusal_jax.results import schema as report
 from refusal_jax.runtime import loading as models
-from refusal_jax.runtime.loading import load_pipeline_model
+from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.study import artifacts, runner
 from refusal_jax.study.config import base_config, check_config
 from refusal_jax.study.data import sample_sets
-from refusal_jax.study.stages import infer
+from refusal_jax.study.stages import extract, select
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -66,8 +66,8 @@ def resumed_run(tmp_path_factory):
         return wrapped
 
     patch.setattr(runner, "_stage_functions", lambda: functions)
-    patch.setattr(runner, "capture", counting("capture", runner.capture))
-    patch.setattr(runner, "run_selection", counting("run_selection", runner.run_selection))
+    patch.setattr(extract, "capture", counting("capture", extract.capture))
+    patch.setattr(select, "run_selection", counting("run_selection", select.run_selection))
     runner.run_study(config, workdir)
     patch.undo()
     return workdir, calls
@@ -135,7 +135,7 @@ def test_every_stage_writes_its_artefacts_and_the_report_schema(resumed_run):
     for plot in results.geometry.plots + [results.k_curve.plot]:
         assert (workdir / plot).is_file()
     assert set(results.timings_s) == {"extract", "select", "infer", "evaluate"}
-    assert "dim_ablation" in (workdir / report.REPORT_FILENAME).read_text()
+    assert "dim_ablation" in (workdir / "report.md").read_text()
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -154,7 +154,7 @@ def test_variants_generated_together_complete_as_one_at_a_time(resumed_run, tmp_
         variants_per_call.append(len(interventions))
         return generate_each(params, tokens, valid, interventions, **kwargs)
 
-    monkeypatch.setattr(infer, "generate_each", counting)
+    monkeypatch.setattr("refusal_jax.study.completions.generate_each", counting)
     runner.run_study(config, tmp_path / "run", ("infer",))
     # harmful, then harmless: the three variants on the model's weights, then the folded one
     assert variants_per_call == [3, 3, 1, 1]
@@ -246,11 +246,12 @@ def test_model_that_refuses_nothing(tmp_path):
 
 
 def test_nan_activations():
-    model = load_pipeline_model("random:llama-tiny")
+    model = load_study_model("random:llama-tiny")
     poisoned = dataclasses.replace(model.params, embed=model.params.embed.at[:, 0].set(jnp.nan))
     model = dataclasses.replace(model, params=poisoned)
     with pytest.raises(ValueError, match="contain NaN or inf .* model.dtype='float32'"):
-        activations.capture(model, ["Say hi."], batch_size=2, length_bucket=64, name="harmful_train")
+        activations.capture(model, ["Say hi."], batch_size=2, length_bucket=64,
+                            name="harmful_train")
 
 
 def test_sweep_expands_a_product_of_overrides(tmp_path):

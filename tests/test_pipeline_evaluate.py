@@ -9,7 +9,7 @@ import pytest
 from refusal_jax.interventions import Compose, activation_addition, directional_ablation
 from refusal_jax.models.batching import shared_prefix_batches
 from refusal_jax.models.core import forward
-from refusal_jax.runtime.loading import random_model
+from refusal_jax.runtime.random_models import random_model
 from refusal_jax.study.stages import evaluate
 
 

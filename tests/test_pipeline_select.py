@@ -1,6 +1,8 @@
 """Candidate selection: the resumed forward equals a full recompute, and a planted refusal
 direction is found at its (position, layer)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,11 +13,11 @@ from refusal_jax.evaluation.activations import capture
 from refusal_jax.interventions import Compose, activation_addition, directional_ablation
 from refusal_jax.models import batching
 from refusal_jax.models.core import forward
-from refusal_jax.runtime.loading import random_model
+from refusal_jax.runtime.random_models import random_model
 from refusal_jax.selection import ranking, scoring
 from refusal_jax.study.config import base_config, check_config
 from refusal_jax.study.stages import select
-from refusal_jax.study.stages.extract import fit_directions
+from refusal_jax.directions.fit import fit_directions
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,19 @@ def _acting_from(layer, n_layers, direction):
                             layers=[layer])))
 
 
+@functools.partial(jax.jit, static_argnames="config")
+def _resumed(params, resid, valid, start_layer, intervention, *, config):
+    return forward(params, None, valid, config=config, intervention=intervention, resid=resid,
+                   start_layer=start_layer, logits="last").logits
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _resumed_after_prefix(params, prefix, resid, valid, start_layer, intervention, *, config):
+    return batching.forward_shared_prefix(params, prefix, resid, valid, config=config,
+                                          intervention=intervention, start_layer=start_layer,
+                                          logits="last").logits
+
+
 def test_forward_from_a_cached_layer_equals_a_full_recompute(tiny):
     batch = tiny.chat.encode(["How do I pick a lock?", "Name three colours of the rainbow"],
                              context_length=512)
@@ -40,18 +55,18 @@ def test_forward_from_a_cached_layer_equals_a_full_recompute(tiny):
                     capture_positions=positions).captures  # [B, T, L, D]
     direction = np.random.default_rng(0).standard_normal(tiny.config.d_model)
     n_layers = tiny.config.n_layers
-    resumed = jax.jit(scoring.forward_from_layer, static_argnames="config")
     full_forward = jax.jit(forward, static_argnames=("config", "logits"))
     for layer in range(n_layers):
         intervention = _acting_from(layer, n_layers, direction)
         full = full_forward(tiny.params, tokens, valid, config=tiny.config,
                             intervention=intervention, logits="last").logits
-        got = resumed(tiny.params, cache[:, :, layer], valid, jnp.asarray(layer),
-                      config=tiny.config, intervention=intervention)
+        got = _resumed(tiny.params, cache[:, :, layer], valid, jnp.asarray(layer), intervention,
+                       config=tiny.config)
         np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
         assert not np.allclose(full, full_forward(tiny.params, tokens, valid,
                                                   config=tiny.config, logits="last").logits,
                                atol=1e-3)
+    assert _resumed._cache_size() == 1  # a traced start layer: one program for every layer
 
 
 def test_forward_from_a_cached_layer_with_a_shared_prefix_equals_a_full_recompute(tiny):
@@ -71,16 +86,16 @@ def test_forward_from_a_cached_layer_with_a_shared_prefix_equals_a_full_recomput
     tokens, valid = jnp.asarray(batch.tokens)[rows], jnp.asarray(batch.valid)[rows]
     direction = np.random.default_rng(1).standard_normal(tiny.config.d_model)
     n_layers = tiny.config.n_layers
-    resumed = jax.jit(scoring.forward_from_layer, static_argnames="config")
     for layer in range(n_layers):
         intervention = _acting_from(layer, n_layers, direction)
         full = forward(tiny.params, tokens, valid, config=tiny.config,
                        intervention=intervention, logits="last").logits
-        got = resumed(tiny.params, cache[:, n_prefix:, layer],
-                      jnp.asarray(split_valid[:, n_prefix:]), jnp.asarray(layer),
-                      config=tiny.config, intervention=intervention,
-                      prefix=cache[0, :n_prefix, layer])
+        got = _resumed_after_prefix(tiny.params, cache[0, :n_prefix, layer],
+                                    cache[:, n_prefix:, layer],
+                                    jnp.asarray(split_valid[:, n_prefix:]), jnp.asarray(layer),
+                                    intervention, config=tiny.config)
         np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+    assert _resumed_after_prefix._cache_size() == 1
 
 
 def test_shared_prefix_leaves_every_prompt_its_last_token():

@@ -32,7 +32,7 @@ import pytest
 from tiny_pipeline import shrunk_tiny_config
 
 from refusal_jax.runtime import sharding
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.placement import Placement
 from refusal_jax.study import artifacts, runner
 from refusal_jax.study.config import check_config
 
@@ -107,21 +107,25 @@ def _sharded_run(workdir: Path) -> dict:
     """Runs the stages on the mesh, recording where the arrays were; then the side checks."""
     import jax
 
-    from refusal_jax.evaluation import cross_entropy, multiple_choice
-    from refusal_jax.study.stages import evaluate, extract, infer
+    from refusal_jax.directions import fit
+    from refusal_jax.evaluation import activations, cross_entropy, multiple_choice
+    from refusal_jax.study import completions
+    from refusal_jax.study.stages import evaluate
 
     assert jax.device_count() == N_DEVICES, jax.devices()
     captured, fitted, generated, forwarded, scored = [], [], [], [], []
-    _recording(extract, "_capture", captured, lambda params, tokens, valid, positions, *_, **__: {
-        "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
-        "positions": _spec(positions)})
-    _recording(extract, "fit_inlp", fitted, lambda features, *_, **__: {
+    _recording(activations, "_capture", captured,
+               lambda params, tokens, valid, positions, *_, **__: {
+                   "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
+                   "positions": _spec(positions)})
+    _recording(fit, "fit_inlp", fitted, lambda features, *_, **__: {
         "features": _spec(features), "shape": list(features.shape),
         "shard": _shard_shape(features)})
-    _recording(infer, "generate_each", generated,
+    _recording(completions, "generate_each", generated,
                lambda params, tokens, valid, interventions, **kwargs: {
                    "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens),
-                   "variants": len(interventions), "mesh": dict(kwargs["mesh"].shape)})
+                   "variants": len(interventions),
+                   "mesh": dict(kwargs["cache_shardings"].keys.mesh.shape)})
     _recording(evaluate, "_logits_and_captures", forwarded,
                lambda params, prefix, tokens, *_, **__: {
                    "tokens": _spec(tokens), "tokens_shard": _shard_shape(tokens)})
@@ -210,7 +214,8 @@ def _kv_cache_layouts(model) -> dict:
                                    for line in lowered.splitlines()
                                    if "sdy.sharding_constraint" in line and kv_type in line})}
     tokens_out = generate(params, tokens, valid, config=model.config, max_new_tokens=3,
-                          stop_ids=stop_ids, mesh=mesh).tokens
+                          stop_ids=stop_ids, cache_shardings=Placement(mesh).kv_cache(
+                              model.config, 4, tokens.shape[1] + 3)).tokens
     layouts["token_mismatches"] = int(np.sum(np.asarray(tokens_out) != np.asarray(reference)))
     return layouts
 
@@ -221,7 +226,7 @@ def _sharded_checkpoint(directory: Path, study) -> dict:
 
     from refusal_jax.models.io.checkpoints import save_hf_checkpoint
     from refusal_jax.models.io.convert import params_to_hf
-    from refusal_jax.runtime.loading import load_pipeline_model
+    from refusal_jax.runtime.loading import load_study_model
 
     model, config = study.model, study.model.config
     hf_config = {"model_type": "llama", "vocab_size": config.vocab_size,
@@ -234,7 +239,7 @@ def _sharded_checkpoint(directory: Path, study) -> dict:
     host_params = jax.device_get(model.params)
     save_hf_checkpoint(directory, hf_config, params_to_hf(config, host_params),
                        max_shard_bytes=100_000, tokenizer=model.tokenizer)
-    loaded = load_pipeline_model(str(directory), placement=study.placement)
+    loaded = load_study_model(str(directory), placement=study.placement)
     params = sharding.leaves_by_path(loaded.params)
     expected = sharding.leaves_by_path(sharding.param_shardings(config, study.placement.mesh))
     originals = sharding.leaves_by_path(host_params)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from refusal_jax.evaluation import geometry, k_curve
-from refusal_jax.results import schema as report
+from refusal_jax.results import render, schema
+from refusal_jax.study.findings import PUBLISHED_FINDINGS as FINDINGS
 
 
 def row(name, harmful, harmless, **extra):
@@ -20,7 +21,7 @@ def fixture_results(plots=()):
     """A complete results dict; the centroid position of the reflection (0.3) contradicts the
     published finding on purpose."""
     return {
-        "schema_version": report.SCHEMA_VERSION,
+        "schema_version": schema.SCHEMA_VERSION,
         "model": "smollm2-135m-instruct",
         "config": {"n_train": 32, "max_new_tokens": 64, "layers": [5, 6]},
         "interventions": [
@@ -60,7 +61,7 @@ def workdir(tmp_path):
     geometry.plot_view(tmp_path / "plots" / "geometry_pca.png",
                        geometry.pca_plane(harmful, harmless), harmful, harmless,
                        {"dim_ablation": (harmful * 0.5, None)}, title="fixture")
-    curve = report.validate_k_curve(fixture_results()["k_curve"])
+    curve = schema.validate_k_curve(fixture_results()["k_curve"])
     k_curve.plot_k_curve(tmp_path / "plots" / "k_curve.png", curve)
     return tmp_path
 
@@ -70,7 +71,7 @@ PLOTS = ("plots/geometry_pca.png", "plots/k_curve.png")
 
 def test_write_report_renders_every_row_and_plot(workdir):
     results = fixture_results(PLOTS)
-    results_path, report_path = report.write_report(workdir, results)
+    results_path, report_path = render.write_report(workdir, results, FINDINGS)
     assert results_path == workdir / "results.json" and report_path == workdir / "report.md"
     text = report_path.read_text()
     assert text.startswith("# Refusal steering study: smollm2-135m-instruct\n")
@@ -94,14 +95,14 @@ def test_write_report_renders_every_row_and_plot(workdir):
 def test_results_json_round_trips_and_matches_the_json_schema(workdir):
     jsonschema = pytest.importorskip("jsonschema")
     results = fixture_results(PLOTS)
-    results_path, _ = report.write_report(workdir, results)
+    results_path, _ = render.write_report(workdir, results, FINDINGS)
     stored = json.loads(results_path.read_text())
-    jsonschema.validate(stored, report.json_schema())
-    parsed = report.read_results(results_path)
-    assert parsed == report.validate_results(results)
+    jsonschema.validate(stored, schema.json_schema())
+    parsed = schema.read_results(results_path)
+    assert parsed == schema.validate_results(results)
     assert parsed.interventions[1].kl == 0.02 and parsed.k_curve.points[2].k == 4
     # a dataclass is accepted as well as a dict, with the same output
-    report.write_report(workdir, parsed)
+    render.write_report(workdir, parsed, FINDINGS)
     assert json.loads(results_path.read_text()) == stored
     # the schema and the validator reject the same mistakes
     for mutate in (lambda r: r.pop("model"), lambda r: r.update(extra=1),
@@ -110,14 +111,15 @@ def test_results_json_round_trips_and_matches_the_json_schema(workdir):
         broken = copy.deepcopy(stored)
         mutate(broken)
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(broken, report.json_schema())
+            jsonschema.validate(broken, schema.json_schema())
         with pytest.raises(ValueError):
-            report.validate_results(broken)
+            schema.validate_results(broken)
 
 
 def test_expectation_checks():
     checks = {finding: (verdict, evidence) for finding, verdict, evidence in
-              report.expectation_checks(report.validate_results(fixture_results()))}
+              render.expectation_checks(schema.validate_results(fixture_results()),
+                                        FINDINGS)}
     assert checks["DiM directional ablation suppresses most refusals"][0] == "holds"
     assert "0.90 -> 0.10 (89% of refusals removed)" in checks[
         "DiM directional ablation suppresses most refusals"][1]
@@ -128,21 +130,21 @@ def test_expectation_checks():
     assert checks["nullspace projection lands between the clusters"][0] == "holds"
     assert checks["reflection lands in the opposite (harmless) cluster"][0] == "does not hold"
     # rows that are missing are "not measured", never guessed
-    minimal = report.validate_results({"model": "m", "interventions": [row("baseline", 0.0, 0.0)]})
-    verdicts = {verdict for _, verdict, _ in report.expectation_checks(minimal)}
+    minimal = schema.validate_results({"model": "m", "interventions": [row("baseline", 0.0, 0.0)]})
+    verdicts = {verdict for _, verdict, _ in render.expectation_checks(minimal, FINDINGS)}
     assert verdicts == {"not measured"}
 
 
 def test_unexplained_departures_are_flagged(tmp_path):
     results = fixture_results()
     results["notes"] = []
-    _, report_path = report.write_report(tmp_path, results)
+    _, report_path = render.write_report(tmp_path, results, FINDINGS)
     assert ("**1 published finding(s) do not hold in this run, and no explanation is recorded"
             in report_path.read_text())
 
 
 def test_recommended_k():
-    curve = report.validate_k_curve(fixture_results()["k_curve"])
+    curve = schema.validate_k_curve(fixture_results()["k_curve"])
     assert curve.recommended_k().k == 2  # k = 4 refuses least but costs 0.4 nats
     assert curve.recommended_k(max_increase=1.0).k == 4
     assert curve.recommended_k(max_increase=0.001) is None
@@ -178,29 +180,29 @@ def mutated(change):
 ])
 def test_schema_errors(change, message):
     with pytest.raises(ValueError, match=message):
-        report.validate_results(mutated(change))
+        schema.validate_results(mutated(change))
 
 
 def test_write_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="workdir .* does not exist"):
-        report.write_report(tmp_path / "missing", fixture_results())
+        render.write_report(tmp_path / "missing", fixture_results(), FINDINGS)
     with pytest.raises(FileNotFoundError, match="geometry plot 'plots/none.png' does not exist"):
-        report.write_report(tmp_path, fixture_results(("plots/none.png", None)))
+        render.write_report(tmp_path, fixture_results(("plots/none.png", None)), FINDINGS)
     assert not (tmp_path / "results.json").exists()  # nothing written when rendering fails
     with pytest.raises(FileNotFoundError, match="no results file"):
-        report.read_results(tmp_path / "results.json")
+        schema.read_results(tmp_path / "results.json")
 
 
 def test_update_readme_replaces_the_marked_section_and_copies_a_small_plot(workdir, tmp_path):
-    report.write_report(workdir, fixture_results(PLOTS))
+    render.write_report(workdir, fixture_results(PLOTS), FINDINGS)
     readme = tmp_path / "repo" / "README.md"
     readme.parent.mkdir()
-    readme.write_text(f"# Title\n\nBefore.\n\n{report.README_START}\nold results\n"
-                      f"{report.README_END}\n\nAfter.\n")
-    assert report.update_readme(readme, workdir, plot="docs/geometry.png") == readme
+    readme.write_text(f"# Title\n\nBefore.\n\n{render.README_START}\nold results\n"
+                      f"{render.README_END}\n\nAfter.\n")
+    assert render.update_readme(readme, workdir, FINDINGS, plot="docs/geometry.png") == readme
     text = readme.read_text()
-    assert text.startswith("# Title\n\nBefore.\n\n" + report.README_START + "\n")
-    assert text.endswith(report.README_END + "\n\nAfter.\n") and "old results" not in text
+    assert text.startswith("# Title\n\nBefore.\n\n" + render.README_START + "\n")
+    assert text.endswith(render.README_END + "\n\nAfter.\n") and "old results" not in text
     assert "| `dim_ablation` | 0.10 (2/20) | 0.10 (1/10) | 0.0200 |" in text
     assert ("| reflection lands in the opposite (harmless) cluster | does not hold | mean "
             "centroid-axis position 0.30 (expected >= 0.75) |") in text
@@ -211,20 +213,20 @@ def test_update_readme_replaces_the_marked_section_and_copies_a_small_plot(workd
     plot = readme.parent / "docs/geometry.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size < 200_000
     # Rerunning replaces the section again instead of adding a second one.
-    report.update_readme(readme, workdir, plot="docs/geometry.png")
+    render.update_readme(readme, workdir, FINDINGS, plot="docs/geometry.png")
     assert readme.read_text() == text
 
 
 def test_update_readme_errors(workdir, tmp_path):
     readme = tmp_path / "README.md"
     with pytest.raises(FileNotFoundError, match="no README"):
-        report.update_readme(readme, workdir)
-    readme.write_text(f"{report.README_END}\n{report.README_START}\n")
+        render.update_readme(readme, workdir, FINDINGS)
+    readme.write_text(f"{render.README_END}\n{render.README_START}\n")
     with pytest.raises(ValueError, match="lacks the markers"):
-        report.update_readme(readme, workdir)
-    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
+        render.update_readme(readme, workdir, FINDINGS)
+    readme.write_text(f"{render.README_START}\n{render.README_END}\n")
     with pytest.raises(FileNotFoundError, match="no results file"):
-        report.update_readme(readme, tmp_path / "empty")
+        render.update_readme(readme, tmp_path / "empty", FINDINGS)
 
 
 def test_a_second_geometry_view_at_the_inlp_source(workdir, tmp_path):
@@ -237,15 +239,15 @@ def test_a_second_geometry_view_at_the_inlp_source(workdir, tmp_path):
     results["inlp_geometry"] = {"position": -2, "layer": 6, "cosine_dim_inlp": 0.5,
                                 "principal_angles_deg": [60.0],
                                 "plots": ["inlp_source/geometry_dim_inlp.png"]}
-    _, report_path = report.write_report(workdir, results)
+    _, report_path = render.write_report(workdir, results, FINDINGS)
     text = report_path.read_text()
     assert "At the DiM source, EOI position -1, layer 5 (the baseline and the DiM" in text
     assert "At the INLP source, EOI position -2, layer 6 (the baseline and the INLP" in text
     assert "](inlp_source/geometry_dim_inlp.png)" in text and "](plots/geometry_pca.png)" in text
-    assert report.read_results(workdir / "results.json").inlp_geometry.layer == 6
+    assert schema.read_results(workdir / "results.json").inlp_geometry.layer == 6
     readme = tmp_path / "README.md"
-    readme.write_text(f"{report.README_START}\n{report.README_END}\n")
-    report.update_readme(readme, workdir, plot="geometry.png")
+    readme.write_text(f"{render.README_START}\n{render.README_END}\n")
+    render.update_readme(readme, workdir, FINDINGS, plot="geometry.png")
     assert (tmp_path / "geometry.png").read_bytes() == _palette_png(
         workdir / "inlp_source" / "geometry_dim_inlp.png")
 
@@ -253,10 +255,10 @@ def test_a_second_geometry_view_at_the_inlp_source(workdir, tmp_path):
 def test_geometry_where_inlp_found_no_direction(workdir):
     results = fixture_results(PLOTS)
     results["geometry"].update(cosine_dim_inlp=None, principal_angles_deg=[])
-    _, report_path = report.write_report(workdir, results)
+    _, report_path = render.write_report(workdir, results, FINDINGS)
     text = report_path.read_text()
     assert "INLP kept no direction there" in text and "Cosine between" not in text
-    assert report.read_results(workdir / "results.json").geometry.cosine_dim_inlp is None
+    assert schema.read_results(workdir / "results.json").geometry.cosine_dim_inlp is None
 
 
 def _palette_png(path):
@@ -273,17 +275,37 @@ def _palette_png(path):
 def test_a_departure_of_nullspace_from_ablation_is_explained_from_the_results(workdir):
     results = fixture_results(PLOTS)
     results["interventions"][3]["harmful_refusal_rate"] = 0.1  # nullspace = ablation: 2/20
-    parsed = report.validate_results(results)
-    (note,) = report.departure_notes(parsed)
+    parsed = schema.validate_results(results)
+    (note,) = render.departure_notes(parsed, FINDINGS)
     assert note == ("Nullspace projection vs DiM ablation: 2/20 vs 2/20 harmful prompts still "
                     "refused, a difference of +0.00 against a standard error of 0.09 at this "
                     "sample size.")
     # Both methods at one (position, layer): how much of r the INLP subspace removes.
     results["selections"][1].update(position=-1, layer=5)
-    (note,) = report.departure_notes(report.validate_results(results))
+    (note,) = render.departure_notes(schema.validate_results(results), FINDINGS)
     assert ("Both methods chose (position -1, layer 5), and the INLP subspace lies 12.5° from "
             "the DiM direction r, so the nullspace projection removes 95% of the component "
             "along r that DiM ablation removes, and 6 other direction(s) with it") in note
-    _, report_path = report.write_report(workdir, results)
+    _, report_path = render.write_report(workdir, results, FINDINGS)
     assert note in report_path.read_text()
-    assert report.departure_notes(report.validate_results(fixture_results())) == []
+    assert render.departure_notes(schema.validate_results(fixture_results()), FINDINGS) == []
+
+
+def test_rendering_takes_its_findings_from_the_caller(tmp_path):
+    """The renderer knows no intervention names: a caller's finding on its own rows is judged,
+    explained when it does not hold, and "not measured" when a row is missing."""
+    toy = render.Expectations(summary="Toy expectations.", findings=(
+        render.Finding("toy refuses less than the baseline", ("baseline", "toy"),
+                       lambda base, toy: (toy.harmful_refusal_rate < base.harmful_refusal_rate,
+                                          "compared"),
+                       explain=lambda results, base, toy: f"{toy.name} refused as often"),
+        render.Finding("a missing row", ("absent",), lambda row: (True, "never judged")),
+    ))
+    results = {"model": "m", "interventions": [row("baseline", 0.5, 0.0), row("toy", 0.5, 0.0)]}
+    checks = render.expectation_checks(schema.validate_results(results), toy)
+    assert checks == [("toy refuses less than the baseline", "does not hold", "compared"),
+                      ("a missing row", "not measured", "needs `absent`")]
+    _, report_path = render.write_report(tmp_path, results, toy)
+    text = report_path.read_text()
+    assert "Toy expectations." in text and "- toy refused as often" in text
+    assert "What to expect" not in text

@@ -31,7 +31,8 @@ from refusal_jax.models.core import forward
 from refusal_jax.models.io import checkpoints
 from refusal_jax.models.io.convert import CheckpointMismatchError, params_to_hf
 from refusal_jax.models.params import init_params, param_specs
-from refusal_jax.runtime import sharding
+from refusal_jax.runtime import sharded_loading, sharding
+from refusal_jax.runtime.precision import DtypePolicy
 
 TOLERANCE = 1e-5  # float32, sharded vs one device
 N_DEVICES = 8
@@ -155,7 +156,7 @@ def _measure_model(workdir: Path) -> dict:
                "max_abs_capture": float(jnp.max(jnp.abs(reference["forward"].captures)))}
 
     live_counts = []
-    original_iter = sharding.iter_hf_tensors
+    original_iter = sharded_loading.iter_hf_tensors
 
     def watched_iter(*args, **kwargs):  # how many earlier tensors are alive at each read
         alive = []
@@ -164,11 +165,11 @@ def _measure_model(workdir: Path) -> dict:
             alive.append(weakref.ref(tensor))
             yield name, tensor
 
-    sharding.iter_hf_tensors = watched_iter  # this process only measures, then exits
+    sharded_loading.iter_hf_tensors = watched_iter  # this process only measures, then exits
     for name, shape in MESHES.items():
         mesh = sharding.make_mesh(shape)
         if name in LOADED_MESHES:
-            sharded = sharding.load_sharded_params(checkpoint, CONFIG, mesh)
+            sharded = sharded_loading.load_sharded_params(checkpoint, CONFIG, mesh)
         else:
             sharded = sharding.shard_params(params, CONFIG, mesh)
         batch = sharding.shard_batch((tokens, valid, capture), mesh)
@@ -488,10 +489,10 @@ def test_leading_axis_errors_and_padding():
 
 
 def test_dtype_policy():
-    policy = sharding.DtypePolicy(params="bfloat16")
+    policy = DtypePolicy(params="bfloat16")
     assert policy.params_dtype == jnp.bfloat16 and policy.captures_dtype == jnp.float32
     with pytest.raises(ValueError, match="float16 overflows"):
-        sharding.DtypePolicy(params="float16")
+        DtypePolicy(params="float16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,8 +510,8 @@ def test_sharded_loading_reports_every_mismatch(tmp_path):
            "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(8, np.float32)})
     assert "model.layers.1.mlp.up_proj.weight" in hf
     with pytest.raises(CheckpointMismatchError) as error:  # bfloat16 reuses the next test's jits
-        sharding.load_sharded_params(checkpoint, CONFIG, sharding.make_mesh({"data": 1}),
-                                     dtype=jnp.bfloat16)
+        sharded_loading.load_sharded_params(checkpoint, CONFIG, sharding.make_mesh({"data": 1}),
+                                            dtype=jnp.bfloat16)
     message = str(error.value)
     assert "3 problem(s)" in message
     assert "missing tensor model.layers.1.mlp.up_proj.weight (expected shape (96, 64))" in message
@@ -526,9 +527,9 @@ def test_sharded_loading_reports_every_mismatch(tmp_path):
 def test_bfloat16_loading_and_forward_close_to_float32(tmp_path):
     params = _params()
     checkpoint = _write_checkpoint(tmp_path / "ckpt", params)  # float32 tensors
-    half_params = sharding.load_sharded_params(checkpoint, CONFIG,
-                                               sharding.make_mesh({"data": 1}),
-                                               dtype=jnp.bfloat16)
+    half_params = sharded_loading.load_sharded_params(checkpoint, CONFIG,
+                                                      sharding.make_mesh({"data": 1}),
+                                                      dtype=jnp.bfloat16)
     for loaded, original in zip(jax.tree.leaves(half_params), jax.tree.leaves(params),
                                 strict=True):
         assert loaded.dtype == jnp.bfloat16

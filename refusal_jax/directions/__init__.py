@@ -1,4 +1,8 @@
-"""Direction estimators on captured activations: DiM, INLP and LEACE (pure array code)."""
+"""Direction estimators on captured activations: DiM, INLP and LEACE (pure array code).
+
+``refusal_jax.directions.fit.fit_directions`` fits all of them at every (EOI position, layer)
+of a study's activations, on the devices of a ``runtime`` placement.
+"""
 
 from refusal_jax.directions.dim import mean_difference
 from refusal_jax.directions.inlp import (

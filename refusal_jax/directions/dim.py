@@ -1,4 +1,4 @@
-"""Difference-in-means (DiM) candidate directions (METHOD.md section 2).
+"""Difference-in-means (DiM) candidate directions (docs/method.md section 2).
 
 Activations are shaped ``(n, *trailing)``: the leading axis indexes prompts, the trailing axes
 are whatever the caller captured, typically ``(P, L, D)`` (EOI position, layer, width). The

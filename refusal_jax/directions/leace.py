@@ -33,10 +33,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.typing import ArrayLike
 
-from refusal_jax.directions.inlp import _validated_features, _validated_labels
+from refusal_jax.directions.validation import (
+    check_matching,
+    validated_features,
+    validated_labels,
+)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["mean", "A", "B"],
@@ -89,14 +92,10 @@ def fit_leace(features: ArrayLike, labels: ArrayLike, *, rcond: float | None = N
     Returns:
       :class:`LeaceEraser` with leaves ``mean [*pairs, D]``, ``A, B [*pairs, 1, D]``.
     """
-    features = _validated_features(features, min_ndim=2)
-    labels = _validated_labels(labels)
+    features = validated_features(features, min_ndim=2)
+    labels = validated_labels(labels)
+    check_matching(features, labels)
     pair_shape, (n, dim) = features.shape[:-2], features.shape[-2:]
-    if labels.shape[0] != n:
-        raise ValueError(f"features have {n} examples (axis -2 of shape {features.shape}) but "
-                         f"there are {labels.shape[0]} labels.")
-    if np.unique(labels).size < 2:
-        raise ValueError("labels must contain both classes (0 = harmless, 1 = harmful).")
     if rcond is None:
         rcond = max(n, dim) * float(jnp.finfo(jnp.float32).eps)
     if not 0.0 <= rcond < 1.0:

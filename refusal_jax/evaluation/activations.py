@@ -18,7 +18,7 @@ from refusal_jax.models.core import forward
 from refusal_jax.models.loading import Model
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.batches import placed_batches
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.placement import Placement
 from refusal_jax.runtime.progress import progress
 from refusal_jax.text.chat import refusal_token_ids
 

@@ -1,5 +1,5 @@
 """Token-level cross-entropy (and perplexity) of a model, with or without an intervention, on
-general text and on instruction data (METHOD.md section 6, "Capability").
+general text and on instruction data (docs/method.md section 6, "Capability").
 
 Conventions (fixed here once):
 - A `ScoredTokens` holds left-padded rows: `tokens` [N, T] int32, `valid` [N, T] bool (False at
@@ -45,7 +45,7 @@ from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import Params
 from refusal_jax.runtime import distributed
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.placement import Placement
 from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
 
 BUILTIN_TEXT_FILE = "general_text.txt"

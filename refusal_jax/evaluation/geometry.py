@@ -1,5 +1,5 @@
 """Where interventions move activations: 2-D views, the centroid axis and subspace angles
-(METHOD.md section 6, "Geometry"; the second finding of Rocchetti & Ferrara).
+(docs/method.md section 6, "Geometry"; the second finding of Rocchetti & Ferrara).
 
 Conventions (fixed here once):
 - Activations are [N, D] arrays of one (EOI position, layer): the source layer of the
@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-
-from refusal_jax.results.schema import GeometrySummary
 
 # Smallest norm (relative to the inputs) of a direction that is treated as non-zero.
 _RELATIVE_TOLERANCE = 1e-8
@@ -213,6 +211,19 @@ def plot_view(path: str | os.PathLike, plane: Plane, harmful, harmless, interven
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
+
+
+@dataclasses.dataclass
+class GeometrySummary:
+    """What results.json keeps of one source (EOI position, layer): the DiM / INLP cosine and
+    principal angles in degrees (None and [] where INLP kept no direction) and the plot paths,
+    relative to the work directory."""
+
+    position: int
+    layer: int
+    cosine_dim_inlp: float | None
+    principal_angles_deg: list[float]
+    plots: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

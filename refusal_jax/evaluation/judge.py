@@ -1,5 +1,5 @@
 """A safety judge: a classifier chat model, run through our runtime, that labels each harmful
-prompt's completion "safe" or "unsafe" (METHOD.md section 6, "Safety score"; the reference uses
+prompt's completion "safe" or "unsafe" (docs/method.md section 6, "Safety score"; the reference uses
 LlamaGuard 2).
 
 Conventions (fixed here once):

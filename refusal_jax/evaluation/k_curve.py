@@ -4,14 +4,16 @@ cross-entropy as an INLP intervention keeps only its first k directions.
 The pipeline evaluates the intervention once per k in `k_values(n)` with the basis from
 `keep_first_k(basis, k)`, which zeroes rows k.. instead of slicing them: the basis keeps its
 shape, zero rows are unused directions (see `refusal_jax.interventions`), and the compiled
-programs are reused for every k. The measured points go into a `refusal_jax.results.schema.KCurve`,
-which `plot_k_curve` draws and the report tabulates (`KCurve.recommended_k` picks the k with the
-fewest refusals whose cross-entropy stays near the baseline). Plots use matplotlib's
-object-oriented API (a `Figure` rendered by the Agg canvas, no pyplot state).
+programs are reused for every k. The measured points go into a `KCurve`, which `plot_k_curve`
+draws and the report tabulates (`KCurve.recommended_k` picks the k with the fewest refusals
+whose cross-entropy stays near the baseline). Plots use matplotlib's object-oriented API (a
+`Figure` rendered by the Agg canvas, no pyplot state).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +21,59 @@ import jax
 import jax.numpy as jnp
 from matplotlib.figure import Figure
 
-from refusal_jax.results.schema import KCurve, validate_k_curve
+# A cross-entropy "near baseline" on the k-curve, in nats (about 5% perplexity).
+NEAR_BASELINE_NATS = 0.05
+
+
+@dataclasses.dataclass
+class KCurvePoint:
+    k: int
+    harmful_refusal_rate: float
+    cross_entropy: float
+    harmless_refusal_rate: float | None = None
+    kl: float | None = None
+
+
+@dataclasses.dataclass
+class KCurve:
+    """An INLP intervention measured keeping only its first k directions, k increasing."""
+
+    intervention: str
+    points: list[KCurvePoint]
+    baseline_harmful_refusal_rate: float
+    baseline_cross_entropy: float
+    plot: str | None = None  # PNG path relative to the work directory
+
+    def recommended_k(self, max_increase: float = NEAR_BASELINE_NATS) -> KCurvePoint | None:
+        """The point with the lowest harmful refusal rate (then the smallest k) among those whose
+        cross-entropy exceeds the baseline's by at most `max_increase` nats; None if none does."""
+        near = [p for p in self.points
+                if p.cross_entropy - self.baseline_cross_entropy <= max_increase]
+        return min(near, key=lambda p: (p.harmful_refusal_rate, p.k), default=None)
+
+
+def check_k_curve(curve: KCurve, where: str = "k_curve") -> None:
+    """Raises ValueError, naming the field under `where`, unless the ks are distinct, increasing
+    and >= 1, every rate lies in [0, 1] and every cross-entropy is finite."""
+    ks = [point.k for point in curve.points]
+    if not ks or ks != sorted(set(ks)) or ks[0] < 1:
+        raise ValueError(f"{where}.points must have distinct increasing k >= 1, got {ks}")
+    _check_rate(curve.baseline_harmful_refusal_rate, f"{where}.baseline_harmful_refusal_rate")
+    _check_finite(curve.baseline_cross_entropy, f"{where}.baseline_cross_entropy")
+    for j, point in enumerate(curve.points):
+        _check_rate(point.harmful_refusal_rate, f"{where}.points[{j}].harmful_refusal_rate")
+        _check_rate(point.harmless_refusal_rate, f"{where}.points[{j}].harmless_refusal_rate")
+        _check_finite(point.cross_entropy, f"{where}.points[{j}].cross_entropy")
+
+
+def _check_rate(value: float | None, where: str) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} = {value} is not a rate in [0, 1]")
+
+
+def _check_finite(value: float, where: str) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{where} is {value}; it must be finite")
 
 
 def k_values(n_directions: int) -> list[int]:
@@ -50,7 +104,7 @@ def keep_first_k(basis: jax.Array, k: int | jax.Array) -> jax.Array:
 def plot_k_curve(path: str | os.PathLike, curve: KCurve) -> Path:
     """PNG: refusal rates (left axis) and cross-entropy (right axis) against k (log2 scale),
     with the baseline values as dashed lines."""
-    curve = validate_k_curve(curve)
+    check_k_curve(curve)
     path = Path(path)
     ks = [point.k for point in curve.points]
     figure = Figure(figsize=(6.4, 4.4))

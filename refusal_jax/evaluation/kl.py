@@ -1,6 +1,6 @@
 """KL divergence between the baseline and an intervened model's next-token distributions.
 
-The KL score of METHOD.md (sections 5 and 6) is the mean over prompts of
+The KL score of docs/method.md (sections 5 and 6) is the mean over prompts of
     KL(p || q) = sum_v p_v (log p_v - log q_v),
 with p the baseline's and q the intervened model's next-token distribution at the last prompt
 position. It is computed from logits in float32 log space (log_softmax of each side), so no

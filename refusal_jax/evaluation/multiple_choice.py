@@ -1,5 +1,5 @@
 """Multiple-choice accuracy (MMLU, ARC-Challenge, TruthfulQA MC1) by the log-likelihood of the
-answer letter, k-shot, from local dataset files (METHOD.md section 6, "Capability").
+answer letter, k-shot, from local dataset files (docs/method.md section 6, "Capability").
 
 Conventions (fixed here once):
 - Files in the published layouts (a JSON list, or JSON Lines, of records; or CSV):
@@ -41,7 +41,7 @@ from refusal_jax.evaluation.kl import last_position_logits
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import Params
 from refusal_jax.runtime import distributed
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.placement import Placement
 from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
 
 LETTERS = string.ascii_uppercase

@@ -7,8 +7,9 @@ what it writes is ``h @ (W P)`` with ``W P = W - (W V^T) V`` (the rows of ``W`` 
 No supported family has an o_proj or down_proj bias (Qwen2's biases are on q/k/v, which read
 the stream), so these matrices are the whole of what writes.
 
-When folding is exact (``fold_projection``). A projection hooked at a write site
-(``attn_out[l]``, ``mlp_out[l]``) is exactly the projected writer. A projection hooked at a
+When folding is exact (``fold_projection``, the rule of ``DirectionalAblation`` and
+``NullspaceProjection``). A projection hooked at a write site (``attn_out[l]``, ``mlp_out[l]``)
+is exactly the projected writer. A projection hooked at a
 stream site (``resid_pre[l]``, ``resid_post[l]``) acts on the sum of everything written so far;
 a weight edit cannot express it, because the earlier blocks read that sum unprojected. It is
 exact only when it is redundant: when the embedding and every write before the site are already
@@ -23,75 +24,66 @@ pass through an RMSNorm after o_proj/down_proj whose per-channel scale puts the 
 Tied embeddings: the embedding is also the LM head, which reads ``final_norm(x)`` -- a vector
 the hooked model does not project. So folding the embedding unties them: the returned params
 keep the original embedding as ``lm_head`` and the returned config has ``tie_embeddings=False``
-(export writes a separate ``lm_head.weight`` and ``tie_word_embeddings: false``).
+(``export.export_hf_checkpoint`` writes a separate ``lm_head.weight`` and
+``tie_word_embeddings: false``).
 
-Activation addition (``fold_activation_addition``) adds a constant vector at every position,
-which needs a bias on a residual writer; none of the supported families has one. The one exact
+Activation addition (``fold_activation_addition``, the rule of ``ActivationAddition``) adds a
+constant vector at every position, which needs a bias on a residual writer; none of the
+supported families has one. The one exact
 route without a bias: ActAdd at ``resid_pre`` of layer 0 only (every position) is an edit of the
 embedding rows, ``e + coeff * direction / s`` (``s = sqrt(D)`` where the family scales
 embeddings). ActAdd at ``resid_pre[l]`` for ``l > 0`` would equal a ``down_proj`` bias of layer
 ``l - 1`` (HF Llama's ``mlp_bias``), which ``Params`` does not carry.
 
-Folding reads the intervention's values (it is a one-off edit, not meant to run under jit).
-Matrices are edited in float32 (HIGHEST precision) one layer at a time and cast back to their
-dtype.
+A kind declares its rule as a ``fold`` method (``registry``); :func:`fold` applies it. Folding
+reads the intervention's values (it is a one-off edit, not meant to run under jit). Matrices
+are edited in float32 (HIGHEST precision) one layer at a time and cast back to their dtype.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.interventions import (
-    SITE_INDEX,
-    UNBOUNDED_POSITION,
-    ActivationAddition,
-    DirectionalAblation,
-    NullspaceProjection,
-    project_out,
-)
+from refusal_jax.interventions.per_layer import UNBOUNDED_POSITION
+from refusal_jax.interventions.vector_ops import project_out
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.io.checkpoints import Source, save_hf_checkpoint
-from refusal_jax.models.io.convert import params_to_hf
 from refusal_jax.models.params import Params
+from refusal_jax.models.sites import SITE_INDEX
 
 _RESID_PRE, _ATTN_OUT, _MLP_OUT, _RESID_POST = (
     SITE_INDEX[site] for site in ("resid_pre", "attn_out", "mlp_out", "resid_post")
 )
 
 
-def fold_projection(
-    params: Params,
-    intervention: DirectionalAblation | NullspaceProjection,
-    *,
-    config: ModelConfig,
-) -> tuple[Params, ModelConfig]:
+def fold(params: Params, intervention: Any, *, config: ModelConfig) -> tuple[Params, ModelConfig]:
     """Weights whose unhooked forward equals the hooked forward with ``intervention``.
 
     Returns ``(params, config)``; the config changes only when tied embeddings are untied.
-    Raises ValueError when the hooked intervention cannot be expressed exactly in the weights
-    (see the module docstring).
+    Raises TypeError for a kind without a folding rule, and ValueError when this instance
+    cannot be expressed exactly in the weights (see the module docstring).
     """
-    if not isinstance(intervention, (DirectionalAblation, NullspaceProjection)):
+    rule = getattr(intervention, "fold", None)
+    if rule is None:
         raise TypeError(
-            f"fold_projection folds DirectionalAblation or NullspaceProjection, got "
-            f"{type(intervention).__name__}; for ActAdd use fold_activation_addition, other "
-            "interventions have no exact weight form here"
+            f"{type(intervention).__name__} has no folding rule: no weight edit of the supported "
+            "families equals it. Keep it as a hooked intervention."
         )
+    return rule(params, config=config)
+
+
+def fold_projection(params: Params, basis: jax.Array, site_mask: jax.Array, *,
+                    config: ModelConfig) -> tuple[Params, ModelConfig]:
+    """Fold the projection out of span(``basis`` [L, k, D]) at the sites of ``site_mask``."""
     _check_family(config)
-    if isinstance(intervention, DirectionalAblation):
-        basis = np.asarray(intervention.direction)[:, None, :]
-    else:
-        basis = np.asarray(intervention.basis)
+    basis = np.asarray(basis)
     if basis.shape[-1] != config.d_model:
         raise ValueError(f"intervention width {basis.shape[-1]} != d_model {config.d_model}")
-    mask = _binary_mask(intervention.site_mask, params, config)
+    mask = _binary_mask(site_mask, params, config)
     _check_stream_sites_redundant(mask, basis)
 
     layers = params.layers
@@ -107,18 +99,18 @@ def fold_projection(
     return _with_new_embedding(params, config, embed, new_layers)
 
 
-def fold_activation_addition(
-    params: Params, intervention: ActivationAddition, *, config: ModelConfig
-) -> tuple[Params, ModelConfig]:
-    """Fold ActAdd at ``resid_pre`` of layer 0 into the embedding rows (the one exact route).
+def fold_activation_addition(params: Params, direction: jax.Array, coeff: jax.Array,
+                             site_mask: jax.Array, position_start: jax.Array,
+                             position_stop: jax.Array, *, config: ModelConfig
+                             ) -> tuple[Params, ModelConfig]:
+    """Fold ``x + coeff * direction`` ([L] and [L, D]) at ``resid_pre`` of layer 0 into the
+    embedding rows (the one exact route).
 
     Any other layer or site raises ValueError (no supported family has a residual-writing bias;
     see the module docstring). The position window must cover every position; the folded edit
     also reaches padding tokens, which no valid token attends to.
     """
-    if not isinstance(intervention, ActivationAddition):
-        raise TypeError(f"expected an ActivationAddition, got {type(intervention).__name__}")
-    mask = _binary_mask(intervention.site_mask, params, config)
+    mask = _binary_mask(site_mask, params, config)
     active = [(layer, site) for layer, site in zip(*np.nonzero(mask))]
     if active != [(0, _RESID_PRE)]:
         raise ValueError(
@@ -126,39 +118,17 @@ def fold_activation_addition(
             "adding a constant at a later layer or a write site needs a bias on o_proj/down_proj, "
             "which no supported family has. Keep it as a hooked intervention."
         )
-    start = np.asarray(intervention.position_start[0])
-    stop = np.asarray(intervention.position_stop[0])
+    start = np.asarray(position_start[0])
+    stop = np.asarray(position_stop[0])
     if np.any(start > 0) or np.any(stop < UNBOUNDED_POSITION):
         raise ValueError(
             "a position-windowed ActAdd cannot be folded: weights act at every position"
         )
-    added = intervention.coeff[0] * intervention.direction[0]
+    added = coeff[0] * direction[0]
     if config.scale_embeddings:  # the forward multiplies by sqrt(D) rounded to the embed dtype
         added = added / jnp.asarray(config.d_model**0.5, params.embed.dtype).astype(jnp.float32)
     embed = _cast_like(params.embed.astype(jnp.float32) + added, params.embed)
     return _with_new_embedding(params, config, embed, params.layers)
-
-
-def export_hf_checkpoint(
-    directory: Source,
-    params: Params,
-    config: ModelConfig,
-    *,
-    hf_config: Mapping[str, Any],
-    tokenizer: Any = None,
-    max_shard_bytes: int | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write folded ``(params, config)`` as a Hugging Face safetensors directory.
-
-    ``hf_config`` is the original checkpoint's config.json dict (``checkpoints.load_hf_config``);
-    its ``tie_word_embeddings`` is set from ``config`` (folding the embedding unties it). Tensors
-    are written as ``convert.params_to_hf`` gives them (float32).
-    """
-    state_dict = params_to_hf(config, params)
-    exported_config = dict(hf_config, tie_word_embeddings=config.tie_embeddings)
-    return save_hf_checkpoint(directory, exported_config, state_dict, tokenizer=tokenizer,
-                              max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
 
 def _check_family(config: ModelConfig) -> None:

@@ -1,13 +1,20 @@
 """Prompt batches that share the chat template's opening tokens: the shared prefix is split off
-once, and each prompt's remaining tokens are left padded to a length bucket."""
+once, each prompt's remaining tokens are left padded to a length bucket, and the forward runs the
+prefix once and shares its keys and values with every prompt."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.core import ForwardOutput, KVCache, forward
 from refusal_jax.models.loading import Model
+from refusal_jax.models.params import Params
 from refusal_jax.text.chat import left_pad, pad_token_id
 
 
@@ -62,3 +69,36 @@ def shared_prefix_batches(model: Model, instructions: Sequence[str], *, batch_si
     return n_prefix, list(split_batches(token_lists, n_prefix, batch_size=batch_size,
                                         length_bucket=length_bucket,
                                         pad_id=pad_token_id(model.tokenizer)))
+
+
+def _tokens_or_resid(inputs: jax.Array) -> dict[str, jax.Array | None]:
+    """`forward`'s inputs: integer token ids, or a float residual stream."""
+    if jnp.issubdtype(inputs.dtype, jnp.integer):
+        return {"tokens": inputs, "resid": None}
+    return {"tokens": None, "resid": inputs}
+
+
+def forward_shared_prefix(params: Params, prefix: jax.Array, rows: jax.Array, valid: jax.Array,
+                          *, config: ModelConfig, intervention: Any = None,
+                          capture_positions: jax.Array | None = None,
+                          logits: Literal["all", "last", "none"] = "last",
+                          start_layer: int | jax.Array = 0) -> ForwardOutput:
+    """The forward of prompts that all start with ``prefix`` followed by their own left-padded
+    ``rows`` (``valid`` [B, T]; capture positions index into T): exactly each prompt's full
+    forward, with the prefix run once under the same intervention and its keys and values
+    shared by every row.
+
+    ``prefix`` is [P] token ids or the [P, D] block input of layer ``start_layer`` (P may be 0);
+    ``rows`` is [B, T] token ids or [B, T, D] block inputs of layer ``start_layer``. The
+    intervention must not depend on the row (e.g. no per-row position windows).
+    """
+    n_prefix = prefix.shape[0]
+    cache = None
+    if n_prefix:
+        cache = forward(params, valid=jnp.ones((1, n_prefix), bool), config=config,
+                        intervention=intervention, logits="none", start_layer=start_layer,
+                        cache=KVCache.empty(config, 1, n_prefix, params.embed.dtype),
+                        **_tokens_or_resid(prefix[None])).cache
+    return forward(params, valid=valid, config=config, intervention=intervention,
+                   capture_positions=capture_positions, cache=cache, extend_cache=False,
+                   logits=logits, start_layer=start_layer, **_tokens_or_resid(rows))

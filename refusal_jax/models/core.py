@@ -6,16 +6,21 @@ Conventions fixed here once:
   padding has position -1 and is never attended to.
 - Layers are stacked and scanned (`lax.scan`), so compile time does not grow with depth. Per-layer
   differences (Gemma2's alternating sliding windows) are arrays scanned with the weights.
+- The forward may start at any layer: given `resid` (the block input of layer `start_layer`)
+  in place of the tokens, the layers below `start_layer` are skipped. A traced `start_layer`
+  loops from it (`fori_loop`, the layer weights indexed dynamically), so one compiled program
+  serves every start layer; a Python int scans the layers from it (differentiable).
 - Interventions (see `refusal_jax.interventions`) are pytrees whose leaves have a leading layer
   axis; they are scanned with the weights and called at the sites `resid_pre` (block input),
   `attn_out`, `mlp_out` and `resid_post` of every layer. Their values are traced arrays, so
   changing them never recompiles, and `jax.vmap` over them evaluates many at once.
 - With a KV cache, each layer attends to its cached keys and values where they lie plus the new
   tokens' own, and the new keys and values of all layers are written into the cache once, after
-  the last layer: a decode step copies no per-layer cache slices (on a 2-core CPU those copies
-  were about a sixth of a SmolLM2-135M decode step).
+  the last layer: a decode step copies no per-layer cache slices. A cache may also be only read
+  (`extend_cache=False`): its tokens then precede each row's own in one set of keys, and one
+  row of it may serve every row of the batch (a prompt start common to all rows).
 - Captures are the block inputs (`resid_pre`, after any intervention at that site) of every
-  layer at the requested token indices: [B, P, L, D].
+  layer at the requested token indices: [B, P, L, D] (zero below `start_layer`).
 - Norms, attention softmax and logits are computed in float32; matmuls run in the params' dtype.
 """
 
@@ -172,28 +177,6 @@ def _block(x: jax.Array, w: LayerParams, intervention: Any, ctx: SiteContext, at
     return (x, resid_pre, *extras)
 
 
-def decoder_block(x: jax.Array, w: LayerParams, window: jax.Array, intervention: Any,
-                  ctx: SiteContext, k_cache: jax.Array | None, v_cache: jax.Array | None,
-                  cache_positions: jax.Array, cache_start: jax.Array, config: ModelConfig):
-    """One pre-norm decoder block. Returns (resid_post, resid_pre, new k cache, new v cache).
-
-    With `k_cache`/`v_cache` [B, S, K, Dh] the new keys and values are written at slot
-    `cache_start` and every slot is attended (`cache_positions` [B, S] includes the new
-    tokens'). Without a cache, they are None and the block attends within `x` itself.
-    """
-    def attend(q, k, v):
-        if k_cache is None:
-            return attention(q, k, v, ctx.positions, cache_positions, window, config), None, None
-        keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
-                                            (0, cache_start, 0, 0))
-        values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
-                                              (0, cache_start, 0, 0))
-        return (attention(q, keys, values, ctx.positions, cache_positions, window, config),
-                keys, values)
-
-    return _block(x, w, intervention, ctx, attend, config)
-
-
 def embed_tokens(params: Params, tokens: jax.Array, config: ModelConfig) -> jax.Array:
     x = params.embed[tokens]
     if config.scale_embeddings:  # Gemma; HF rounds the scale to the activation dtype
@@ -211,21 +194,63 @@ def unembed(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
     return logits
 
 
-def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
+def _run_layers(layer, x: jax.Array, xs, start_layer: int | jax.Array, n_layers: int):
+    """Runs ``layer(x, xs_l) -> (x, ys_l)`` on layers ``start_layer..n_layers - 1`` (``xs``:
+    leaves with a leading layer axis). Returns (x, ys stacked on a leading axis of
+    ``n_layers``, zero below ``start_layer``).
+
+    A Python int ``start_layer`` scans the layers' slices (reverse-differentiable); a traced one
+    loops from it, indexing every layer's leaves (one program for every start layer).
+    """
+    if isinstance(start_layer, int):
+        if not start_layer:
+            return jax.lax.scan(layer, x, xs)
+        x, ys = jax.lax.scan(layer, x, jax.tree.map(lambda leaf: leaf[start_layer:], xs))
+        below = [(start_layer, 0)]
+        return x, jax.tree.map(lambda y: jnp.pad(y, below + [(0, 0)] * (y.ndim - 1)), ys)
+
+    def at(index):
+        return jax.tree.map(
+            lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, keepdims=False), xs)
+
+    ys_shape = jax.eval_shape(lambda: layer(x, at(0))[1])
+    ys = jax.tree.map(lambda y: jnp.zeros((n_layers,) + y.shape, y.dtype), ys_shape)
+
+    def step(index, carry):
+        x, ys = carry
+        x, y = layer(x, at(index))
+        return x, jax.tree.map(
+            lambda stack, value: jax.lax.dynamic_update_index_in_dim(stack, value, index, 0),
+            ys, y)
+
+    return jax.lax.fori_loop(start_layer, n_layers, step, (x, ys))
+
+
+def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, config: ModelConfig,
             intervention: Any = None, capture_positions: jax.Array | None = None,
             cache: KVCache | None = None,
-            logits: Literal["all", "last", "none"] = "all") -> ForwardOutput:
+            extend_cache: bool = True, logits: Literal["all", "last", "none"] = "all",
+            resid: jax.Array | None = None, start_layer: int | jax.Array = 0) -> ForwardOutput:
     """Runs the decoder on a left-padded batch.
 
     Args:
-      tokens, valid: [B, T] token ids and non-padding mask (see module docstring).
+      tokens, valid: [B, T] token ids and non-padding mask (see module docstring); `tokens` is
+        None when `resid` is given.
       intervention: None, or an intervention pytree with a leading layer axis on every leaf.
       capture_positions: optional [B, P] token indices whose block inputs are returned.
       cache: optional KV cache; the new tokens are written after its `length` filled slots
         (the caller keeps `length + T` within the cache: jit cannot check traced lengths).
+      extend_cache: False reads the cache without adding the new tokens (none is returned);
+        the cache may then have one row, shared by every row of the batch.
       logits: "all" positions, only the "last" one (what generation needs), or "none".
+      resid: optional [B, T, D] block input of layer `start_layer`, in place of the tokens'
+        embedding (interventions at the layers below it do not apply).
+      start_layer: the first layer run (int, or a traced scalar); the default 0 runs them all.
     """
-    B, T = tokens.shape
+    if (tokens is None) == (resid is None):
+        raise ValueError("forward needs exactly one of tokens and resid")
+    B, T = valid.shape
+    extend = cache is not None and extend_cache
     if cache is None and T > config.max_context:
         raise ValueError(f"sequence of {T} tokens exceeds the model's context of "
                          f"{config.max_context}; shorten the prompts or raise max_context")
@@ -233,9 +258,12 @@ def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mode
         check_fits = getattr(intervention, "check_fits", None)
         if check_fits is not None:  # the built-in kinds say what does not fit this model
             check_fits(config.n_layers, config.d_model)
-    if cache is not None and T > cache.keys.shape[2]:
+    if extend and T > cache.keys.shape[2]:
         raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.keys.shape[2]} slots; "
                          "allocate KVCache.empty with max_len >= prompt + generated tokens")
+    if extend and cache.keys.shape[1] != B:
+        raise ValueError(f"a KV cache of {cache.keys.shape[1]} rows cannot be extended by {B} "
+                         "rows; share a one-row cache with extend_cache=False")
     valid = valid.astype(bool)
     start = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_position
     positions = jnp.where(valid, start[:, None] + jnp.cumsum(valid, axis=1) - 1, -1)
@@ -249,9 +277,16 @@ def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mode
             if cache is None:
                 return (attention(q, k, v, ctx.positions, ctx.positions, window, config),)
             k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
+            if not extend:  # the cached tokens precede each row's own: one set of keys
+                def before(past, new):
+                    past = jnp.broadcast_to(past, (B,) + past.shape[1:])
+                    return jnp.concatenate([past, new], axis=1)
+
+                return (attention(q, before(past_kv[0], k), before(past_kv[1], v), ctx.positions,
+                                  before(cache.positions, ctx.positions), window, config),)
             past = (*past_kv, cache.positions)
-            return attention(q, k, v, ctx.positions, ctx.positions, window, config,
-                             past=past), k, v
+            out = attention(q, k, v, ctx.positions, ctx.positions, window, config, past=past)
+            return out, k, v
 
         x, resid_pre, *new_kv = _block(x, w, iv, ctx, attend, config)
         captured = None
@@ -262,13 +297,13 @@ def forward(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mode
     # A layer's cached keys and values are read in place; the new tokens' ([L, B, T, K, Dh])
     # are written into the cache once, after the last layer.
     past_kv = () if cache is None else (cache.keys, cache.values)
-    x = embed_tokens(params, tokens, config)
-    x, (captures, *new_kv) = jax.lax.scan(
-        layer, x, (params.layers, windows, intervention, *past_kv))
+    x = embed_tokens(params, tokens, config) if resid is None else resid
+    x, (captures, *new_kv) = _run_layers(
+        layer, x, (params.layers, windows, intervention, *past_kv), start_layer, config.n_layers)
     if captures is not None:
         captures = jnp.moveaxis(captures, 0, 2)  # [L, B, P, D] -> [B, P, L, D]
     new_cache = None
-    if cache is not None:
+    if extend:
         at = (0, 0, cache.length, 0, 0)
         new_cache = KVCache(
             keys=jax.lax.dynamic_update_slice(cache.keys, new_kv[0], at),

@@ -4,29 +4,25 @@ Shapes are static (the cache holds prompt + `max_new_tokens` slots), so a batch 
 (batch size, prompt bucket, max_new_tokens, number of interventions). The same intervention is
 active during prefill and every decode step. `generate_each` runs one batch under several
 interventions of one kind at once (the forward passes vmapped over them inside one decode loop),
-so a decode step reads each weight once for all of them (on a 2-core CPU, 8 interventions x 16
-rows of SmolLM2-135M took 71-101 ms per intervention per step, against 163-169 ms one at a
-time); their prefills run one after another. Greedy decoding is the default; temperature and
-top-p sampling take an explicit PRNG key, and their values are traced arrays (changing them does
-not recompile).
+so a decode step reads each weight once for all of them; their prefills run one after another.
+Greedy decoding is the default; temperature and top-p sampling take an explicit PRNG key, and
+their values are traced arrays (changing them does not recompile).
 
-On a mesh (``mesh=``), the KV cache is constrained to its layout from the sharding rules: rows
-over ``batch``, KV heads over ``model``; an axis whose mesh split does not divide it (e.g. 2 KV
-heads on a model axis of 4) is replicated instead (`sharding.kv_cache_shardings`).
+On a mesh, the caller passes the KV cache's layout (``cache_shardings``: a `KVCache` of
+shardings for B rows and prompt + ``max_new_tokens`` slots, e.g. ``Placement.kv_cache``) and the
+cache is constrained to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
 
-from refusal_jax import interventions as iv
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.params import Params
@@ -142,8 +138,8 @@ def _generate(params, tokens, valid, interventions, stop_ids, pad_id, sampling, 
 
 
 def _settings(tokens, config: ModelConfig, max_new_tokens: int, stop_ids, pad_id, sampling,
-              key, mesh: Mesh | None, rules) -> tuple[jax.Array, jax.Array, tuple | None]:
-    """Checks the request; returns (stop ids, pad id, KV cache shardings or None)."""
+              key) -> tuple[jax.Array, jax.Array]:
+    """Checks the request; returns (stop ids, pad id)."""
     total = tokens.shape[1] + max_new_tokens
     if total > config.max_context:
         raise ValueError(f"prompt of {tokens.shape[1]} tokens + {max_new_tokens} new tokens exceeds"
@@ -157,34 +153,30 @@ def _settings(tokens, config: ModelConfig, max_new_tokens: int, stop_ids, pad_id
     if not stop_ids:
         raise ValueError("no stop token: pass stop_ids or use a config with eos_token_ids")
     pad_id = stop_ids[0] if pad_id is None else pad_id
-    cache_shardings = None
-    if mesh is not None:
-        from refusal_jax.runtime import sharding  # not at the top: sharding imports this package
+    return jnp.asarray(stop_ids, jnp.int32), jnp.asarray(pad_id, jnp.int32)
 
-        cache_shardings = tuple(jax.tree.leaves(sharding.kv_cache_shardings(
-            config, mesh, tokens.shape[0], total, sharding.DEFAULT_RULES if rules is None
-            else rules, replicate_indivisible=True)))
-    return jnp.asarray(stop_ids, jnp.int32), jnp.asarray(pad_id, jnp.int32), cache_shardings
+
+def _leaves(cache_shardings: KVCache | None) -> tuple | None:
+    """The shardings of a cache layout as a hashable tuple (a static jit argument)."""
+    return None if cache_shardings is None else tuple(jax.tree.leaves(cache_shardings))
 
 
 def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
              max_new_tokens: int, intervention: Any = None,
              stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
              sampling: Sampling | None = None, key: jax.Array | None = None,
-             mesh: Mesh | None = None, rules: Mapping[str, Any] | None = None) -> Generation:
+             cache_shardings: KVCache | None = None) -> Generation:
     """Generates up to `max_new_tokens` for a left-padded batch (greedy unless `sampling`).
 
     Rows stop at the first token in `stop_ids` (default: the config's EOS ids); the loop ends
-    early once every row has stopped. With `mesh` (the one `params` and the batch live on), the
-    KV cache is laid out by `rules` (default `sharding.DEFAULT_RULES`; see the module
-    docstring).
+    early once every row has stopped. `cache_shardings`, on a mesh, lays out the KV cache of B
+    rows and prompt + `max_new_tokens` slots (see the module docstring).
     """
-    stop, pad, cache_shardings = _settings(tokens, config, max_new_tokens, stop_ids, pad_id,
-                                           sampling, key, mesh, rules)
+    stop, pad = _settings(tokens, config, max_new_tokens, stop_ids, pad_id, sampling, key)
     one = jax.tree.map(lambda leaf: leaf[None], intervention)
     out = _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), one,
                     stop, pad, sampling, key, config=config, max_new_tokens=max_new_tokens,
-                    cache_shardings=cache_shardings)
+                    cache_shardings=_leaves(cache_shardings))
     return Generation(tokens=out.tokens[0], lengths=out.lengths[0])
 
 
@@ -192,8 +184,7 @@ def generate_each(params: Params, tokens: jax.Array, valid: jax.Array,
                   interventions: Sequence[Any], *, config: ModelConfig, max_new_tokens: int,
                   stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
                   sampling: Sampling | None = None, key: jax.Array | None = None,
-                  mesh: Mesh | None = None,
-                  rules: Mapping[str, Any] | None = None) -> Generation:
+                  cache_shardings: KVCache | None = None) -> Generation:
     """`generate` of the same batch under each of `interventions` (one kind and shape, e.g.
     a sweep of directions or coefficients), in one pass: tokens [V, B, max_new_tokens] and
     lengths [V, B] for V interventions.
@@ -204,8 +195,8 @@ def generate_each(params: Params, tokens: jax.Array, valid: jax.Array,
     """
     if not interventions:
         raise ValueError("generate_each needs at least one intervention")
-    stop, pad, cache_shardings = _settings(tokens, config, max_new_tokens, stop_ids, pad_id,
-                                           sampling, key, mesh, rules)
-    return _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool),
-                     iv.stack(interventions), stop, pad, sampling, key, config=config,
-                     max_new_tokens=max_new_tokens, cache_shardings=cache_shardings)
+    stop, pad = _settings(tokens, config, max_new_tokens, stop_ids, pad_id, sampling, key)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *interventions)
+    return _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), stacked,
+                     stop, pad, sampling, key, config=config, max_new_tokens=max_new_tokens,
+                     cache_shardings=_leaves(cache_shardings))

@@ -1,2 +1,2 @@
-"""Running on devices: meshes and sharding, multi-host start-up and placement, progress, model
-loading onto a placement."""
+"""Running on devices: meshes and sharding, placement of a run's arrays, multi-host start-up,
+precision, atomic files, progress, and loading a model for a study onto a placement."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from refusal_jax.models.loading import Model
 from refusal_jax.runtime import distributed
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.placement import Placement
 from refusal_jax.text.chat import Batch, pad_token_id
 
 

@@ -1,24 +1,20 @@
 """The candidate interventions of selection, stacked on a leading candidate axis for ``jax.vmap``:
-the ablation (or nullspace projection) of a (position, layer) and its ActAdd per multiplier."""
+the ablation (or nullspace projection) of a (position, layer) and its ActAdd per multiplier.
+
+Every candidate is one part of the common form of the candidates' kinds
+(``refusal_jax.interventions.forms``), so the candidates of a chunk share one pytree."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refusal_jax.interventions import (
-    ABLATION_SITES,
-    SITE_INDEX,
-    ActivationAddition,
-    Compose,
-    DirectionalAblation,
-    NullspaceProjection,
-)
-
-_NO_POSITION_LIMIT = np.iinfo(np.int32).max
+from refusal_jax.interventions import ABLATION_SITES, Compose, Part, assemble
+from refusal_jax.interventions.compose import check_same_form
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +32,14 @@ class Candidate:
     multiplier: float = 0.0
 
 
-def _ablation_mask(n_layers: int, layers: Sequence[int]) -> np.ndarray:
-    mask = np.zeros((n_layers, 4), np.float32)
-    mask[np.ix_(list(layers), [SITE_INDEX[site] for site in ABLATION_SITES])] = 1.0
-    return mask
+def stack_parts(parts: Sequence[Part], *, kinds: Sequence[str], n_layers: int, width: int,
+                ranks: Mapping[str, int] | None = None) -> Compose:
+    """One candidate per part, each the common form of ``kinds`` with its part filled in,
+    stacked on a leading candidate axis (jax leaves [C, L, ...])."""
+    forms = [assemble([part], kinds=kinds, n_layers=n_layers, width=width, ranks=ranks)
+             for part in parts]
+    check_same_form(forms)
+    return jax.tree_util.tree_map(lambda *leaves: jnp.asarray(np.stack(leaves)), *forms)
 
 
 def _stack_candidates(candidates: Sequence[Candidate], *, n_layers: int, global_ablation: bool,
@@ -47,34 +47,23 @@ def _stack_candidates(candidates: Sequence[Candidate], *, n_layers: int, global_
                       actadd_norm: np.ndarray) -> Compose:
     """Compose(ablation, ActAdd) pytree with a leading candidate axis.
 
-    ablation_basis: [P, L, k, D] (DiM: k = 1 unit direction; INLP: V with zero rows unused);
-    actadd_direction: [P, L, D] unit; actadd_norm: [P, L] the coefficient scale ||r||.
+    ablation_basis: [P, L, k, D] (DiM: k = 1 unit direction, a directional ablation; INLP: V
+    with zero rows unused, a nullspace projection); actadd_direction: [P, L, D] unit;
+    actadd_norm: [P, L] the coefficient scale ||r||.
     """
-    count, width = len(candidates), ablation_basis.shape[-1]
     k = ablation_basis.shape[-2]
-    basis = np.zeros((count, n_layers, k, width), np.float32)
-    ablation_mask = np.zeros((count, n_layers, 4), np.float32)
-    direction = np.zeros((count, n_layers, width), np.float32)
-    coeff = np.zeros((count, n_layers), np.float32)
-    actadd_mask = np.zeros((count, n_layers, 4), np.float32)
-    for index, cand in enumerate(candidates):
+    erasure = "ablation" if k == 1 else "nullspace"
+
+    def part(cand: Candidate) -> Part:
+        p, l = cand.position, cand.layer
         if cand.kind == "ablate":
-            basis[index] = ablation_basis[cand.position, cand.layer]
-            layers = range(n_layers) if global_ablation else [cand.layer]
-            ablation_mask[index] = _ablation_mask(n_layers, layers)
-        else:
-            direction[index, cand.layer] = actadd_direction[cand.position, cand.layer]
-            coeff[index, cand.layer] = cand.multiplier * actadd_norm[cand.position, cand.layer]
-            actadd_mask[index, cand.layer, SITE_INDEX["resid_pre"]] = 1.0
-    if k == 1:
-        ablation = DirectionalAblation(direction=jnp.asarray(basis[:, :, 0]),
-                                       site_mask=jnp.asarray(ablation_mask))
-    else:
-        ablation = NullspaceProjection(basis=jnp.asarray(basis),
-                                       site_mask=jnp.asarray(ablation_mask))
-    actadd = ActivationAddition(
-        direction=jnp.asarray(direction), coeff=jnp.asarray(coeff),
-        site_mask=jnp.asarray(actadd_mask),
-        position_start=jnp.zeros((count, n_layers), jnp.int32),
-        position_stop=jnp.full((count, n_layers), _NO_POSITION_LIMIT, jnp.int32))
-    return Compose((ablation, actadd))
+            layers = range(n_layers) if global_ablation else [l]
+            basis = ablation_basis[p, l]
+            values = {"direction": basis[0]} if k == 1 else {"basis": basis}
+            return Part(erasure, layers, ABLATION_SITES, values)
+        return Part("actadd", [l], ("resid_pre",),
+                    {"direction": actadd_direction[p, l],
+                     "coeff": cand.multiplier * actadd_norm[p, l]})
+
+    return stack_parts([part(cand) for cand in candidates], kinds=(erasure, "actadd"),
+                       n_layers=n_layers, width=ablation_basis.shape[-1], ranks={erasure: k})

@@ -1,4 +1,4 @@
-"""Filters and ranking of the (EOI position, layer) candidates (METHOD.md section 5).
+"""Filters and ranking of the (EOI position, layer) candidates (docs/method.md section 4).
 
 Filters: l >= (1 - prune_layer_fraction) L, KL > kl_threshold, steering < min_steering_score,
 any score NaN. DiM survivors are ranked by bypass (lower first), INLP ones by first-classifier dev

@@ -1,4 +1,4 @@
-"""Selection of the (EOI position, layer) whose direction steers refusal (METHOD.md section 5).
+"""Selection of the (EOI position, layer) whose direction steers refusal (docs/method.md section 4).
 
 Every candidate (p, l) is scored on the validation sets:
 
@@ -32,17 +32,18 @@ How the candidates are evaluated. Each val prompt is the shared start of the cha
 (the system turn: about half of a short prompt's tokens) followed by its own tokens. The
 baseline residual stream of every layer is cached once: [P, L, D] for the P shared tokens,
 [B, S, L, D] for the rest of each prompt. An intervention that acts only at layers >= s leaves
-layers below s untouched, so its forward starts from the cached ``resid_pre[s]``
-(:func:`forward_from_layer`, a ``fori_loop`` from s with the layer weights indexed
-dynamically): no recomputation below s, and s is a traced scalar, so one compiled program
-serves every start layer. The shared tokens are computed once per candidate, not once per
-prompt, and their keys and values are shared by every prompt's attention. A set of at most
-``runtime.batch_size`` prompts is one batch of exactly that many rows (no filler rows), padded
-to a multiple of 8 tokens. Candidates are sorted by start layer and stacked in chunks of
-``candidate_chunk`` on a leading axis (``Compose(ablation, ActAdd)`` pytrees, the unused half
-masked to zero); a chunk resumes at its earliest start layer and is evaluated by ``jax.vmap``,
-returning only per-candidate means. The number of compiled programs is fixed: per method and
-val set one (the batch shapes and the candidate chunk never change).
+layers below s untouched, so its forward starts from the cached ``resid_pre[s]`` (``forward``
+with ``start_layer=s``: a ``fori_loop`` from s with the layer weights indexed dynamically): no
+recomputation below s, and s is a traced scalar, so one compiled program serves every start
+layer. The shared tokens are computed once per candidate, not once per prompt, and their keys
+and values are shared by every prompt's attention (``models.batching.forward_shared_prefix``).
+A set of at most ``runtime.batch_size`` prompts is one batch of exactly that many rows (no
+filler rows), padded to a multiple of 8 tokens. Candidates are sorted by start layer and
+stacked in chunks of ``candidate_chunk`` on a leading axis (``Compose(ablation, ActAdd)``
+pytrees, the unused half masked to zero); a chunk resumes at its earliest start layer and is
+evaluated by ``jax.vmap``, returning only per-candidate means. The number of compiled
+programs is fixed: per method and val set one (the batch shapes and the candidate chunk never
+change).
 """
 
 from __future__ import annotations
@@ -56,84 +57,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax.evaluation.refusal import refusal_score
-from refusal_jax.interventions import (
-    SiteContext,
-)
-from refusal_jax.models.batching import shared_prefix_batches
-from refusal_jax.models.core import decoder_block, forward, unembed
+from refusal_jax.models.batching import forward_shared_prefix, shared_prefix_batches
+from refusal_jax.models.core import forward
 from refusal_jax.models.loading import Model
 from refusal_jax.runtime import distributed
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.placement import Placement
 from refusal_jax.runtime.progress import progress
 from refusal_jax.selection.candidates import Candidate, _stack_candidates
 from refusal_jax.selection.ranking import CandidateScores, rank, rank_order
 
 # Val sets are padded to a multiple of this many tokens (every candidate pays for each column).
 SELECTION_LENGTH_BUCKET = 8
-
-
-def _layer_slice(tree, index):
-    return jax.tree_util.tree_map(
-        lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, axis=0, keepdims=False), tree)
-
-
-def forward_from_layer(params, resid: jax.Array, valid: jax.Array, start_layer: jax.Array, *,
-                       config, intervention=None, prefix: jax.Array | None = None) -> jax.Array:
-    """Last-position logits [B, V] of the forward that resumes at block ``start_layer``.
-
-    ``resid`` [B, S, D] is the (unintervened) ``resid_pre`` of block ``start_layer`` of a
-    left-padded batch; the intervention's sites at layers >= ``start_layer`` apply as in the
-    full forward, those below are ignored (so only pass interventions that act at layers
-    >= ``start_layer``). ``start_layer`` may be traced.
-
-    ``prefix`` [P, D], when given, is the ``resid_pre`` of block ``start_layer`` at P tokens
-    that precede every row (the template's system turn, shared by all prompts): they take
-    positions 0..P-1, each row's tokens follow at P.., and the prefix is computed once for the
-    whole batch instead of once per row (exact: attention sees the same keys). The
-    intervention then must not depend on the row (no per-row position windows).
-    """
-    valid = valid.astype(bool)
-    batch, length, _ = resid.shape
-    n_prefix = 0 if prefix is None else prefix.shape[0]
-    positions = jnp.where(valid, n_prefix + jnp.cumsum(valid, axis=1) - 1, -1).astype(jnp.int32)
-    ctx = SiteContext(positions=positions, valid=valid)
-    windows = jnp.asarray(config.layer_windows())
-    zero = jnp.zeros((), jnp.int32)
-
-    def weights(index):
-        iv = None if intervention is None else _layer_slice(intervention, index)
-        return _layer_slice(params.layers, index), windows[index], iv
-
-    if not n_prefix:
-        def block(index, x):
-            w, window, iv = weights(index)
-            return decoder_block(x, w, window, iv, ctx, None, None, positions, zero, config)[0]
-
-        x = jax.lax.fori_loop(start_layer, config.n_layers, block, resid)
-        return unembed(params, x[:, -1], config)
-
-    head_positions = jnp.arange(n_prefix, dtype=jnp.int32)[None]  # [1, P]
-    head_ctx = SiteContext(positions=head_positions, valid=jnp.ones((1, n_prefix), bool))
-    key_positions = jnp.concatenate(
-        [jnp.broadcast_to(head_positions, (batch, n_prefix)), positions], axis=1)
-    heads = (config.n_kv_heads, config.head_dim)
-    head_slots = jnp.zeros((1, n_prefix) + heads, resid.dtype)
-    row_slots = jnp.zeros((batch, length) + heads, resid.dtype)
-
-    def block(index, carry):
-        head, rows = carry
-        w, window, iv = weights(index)
-        # The prefix attends within itself; its keys and values are then shared by every row.
-        head, _, keys, values = decoder_block(head, w, window, iv, head_ctx, head_slots,
-                                              head_slots, head_positions, zero, config)
-        keys, values = (jnp.concatenate([jnp.broadcast_to(kv, (batch,) + kv.shape[1:]),
-                                         row_slots], axis=1) for kv in (keys, values))
-        rows, _, _, _ = decoder_block(rows, w, window, iv, ctx, keys, values, key_positions,
-                                      jnp.asarray(n_prefix, jnp.int32), config)
-        return head, rows
-
-    _, x = jax.lax.fori_loop(start_layer, config.n_layers, block, (prefix[None], resid))
-    return unembed(params, x[:, -1], config)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "n_prefix"))
@@ -154,11 +88,12 @@ def _score_chunk(params, prefix, cache, valid, row_weights, start_layer, interve
     def at_start(stream):
         return jax.lax.dynamic_index_in_dim(stream, start_layer, axis=-2, keepdims=False)
 
-    resid, head = at_start(cache), (at_start(prefix) if prefix.shape[0] else None)
+    resid, head = at_start(cache), at_start(prefix)
 
     def one(intervention):
-        logits = forward_from_layer(params, resid, valid, start_layer, config=config,
-                                    intervention=intervention, prefix=head)
+        logits = forward_shared_prefix(params, head, resid, valid, config=config,
+                                       intervention=intervention, start_layer=start_layer,
+                                       logits="last").logits
         scores = refusal_score(logits, refusal_ids)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         kl = jnp.sum(jnp.exp(baseline_logprobs) * (baseline_logprobs - logprobs), axis=-1)
@@ -199,12 +134,6 @@ def cache_baseline(model: Model, instructions: Sequence[str], refusal_ids: jax.A
         scores[rows] = distributed.gather(batch_scores)[:len(rows)]
     return CachedSet(prefix=prefix, batches=batches, refusal_scores=scores,
                      n=len(instructions))
-
-
-
-
-
-
 
 
 def _score(model: Model, cached: CachedSet, candidates: list[Candidate], refusal_ids, *,

@@ -6,8 +6,8 @@ Layout of a work directory (one config per directory):
     <stage>/...           the stage's artefacts (arrays as .npz, tables as .json)
     <stage>/DONE.json     written last, atomically: {"config_hash": ..., "files": [...]}
 
-Every file is written to a temporary name in the same directory and moved into place with
-``os.replace``, so a crash leaves either the old file or the new one, never a torn one. A stage
+Every file is written atomically (``runtime.files``), so a crash leaves either the old file or
+the new one, never a torn one. A stage
 counts as done only when its ``DONE.json`` names the current config hash and every file it lists
 exists; an interrupted stage is therefore redone from its start.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from refusal_jax.runtime import distributed
+from refusal_jax.runtime.files import atomic_path, write_bytes_atomically
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE.json"
@@ -45,24 +45,10 @@ class WorkdirConfigMismatch(ValueError):
     """The work directory was written by a different config."""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: str | os.PathLike, value: Any) -> None:
     """Writes ``value`` as indented JSON, atomically, once (process 0)."""
     text = json.dumps(value, indent=2, sort_keys=False, default=_json_default)
-    distributed.write_once(f"write {path}", _atomic_write_bytes, Path(path),
+    distributed.write_once(f"write {path}", write_bytes_atomically, Path(path),
                            (text + "\n").encode("utf-8"))
 
 
@@ -71,21 +57,13 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def write_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
-    """Writes named arrays to one ``.npz`` file, atomically (temp file + ``os.replace``), once
-    (process 0)."""
+    """Writes named arrays to one ``.npz`` file, atomically, once (process 0)."""
     distributed.write_once(f"write {path}", _write_npz, Path(path), arrays)
 
 
 def _write_npz(path: Path, arrays: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(handle)
-    try:
+    with atomic_path(path, suffix=".npz") as temporary:  # np.savez appends .npz to other names
         np.savez(temporary, **{name: np.asarray(value) for name, value in arrays.items()})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:

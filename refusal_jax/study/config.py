@@ -5,14 +5,15 @@ Config files in ``configs/`` call :func:`base_config` and change what differs. T
 is an error rather than a silently ignored setting. Keys:
 
 model.source          ``"default"``, ``"smollm2-135m-instruct"``, an HF directory, a hub id, a
-                      ``.gguf`` file, or ``"random:llama-tiny"`` (see ``refusal_jax.runtime.loading``)
+                      ``.gguf`` file, or ``"random:llama-tiny"``
+                      (see ``refusal_jax.runtime.loading``)
 model.dtype           ``"float32"`` or ``"bfloat16"``
 model.system_prompt   system turn before every instruction; "" keeps the template's default
 seed                  seed of prompt sampling and of random models
 data.*                prompt-set sources (built-in names, JSON paths, ``hf:`` ids), the sample
                       sizes and the refusal-score filters (``study.data``)
-directions.*          INLP options (METHOD.md section 4) and the k policy
-select.*              candidate selection (METHOD.md section 5; ``refusal_jax.selection``)
+directions.*          INLP options (docs/method.md section 2) and the k policy
+select.*              candidate selection (docs/method.md section 4; ``refusal_jax.selection``)
 infer.*               completions: which interventions, ``max_new_tokens``
 evaluate.*            evaluation options, passed to the evaluation modules
 runtime.*             batch sizes, chunking and the device mesh; left out of the config hash
@@ -34,33 +35,42 @@ runtime.sharding_rules  overrides of ``sharding.DEFAULT_RULES``, e.g. ``"embed=n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import ml_collections
 
 from refusal_jax.directions import K_POLICIES
+from refusal_jax.evaluation.judge import PromptStyle
 from refusal_jax.runtime import sharding
+from refusal_jax.study.variants import VARIANTS
 from refusal_jax.text.prompts import REFERENCE_DATA_DIR
 
-# Every intervention the infer stage knows (METHOD.md section 3 and the issue's list).
-INTERVENTIONS = (
-    "baseline",
-    "dim_ablation",          # directional ablation of the selected DiM direction(s)
-    "dim_folded",            # global DiM ablation baked into the weights (refusal_jax.interventions.folding)
-    "dim_actadd",            # ActAdd: subtract on harmful prompts, add on harmless ones
-    "inlp_nullspace",        # nullspace projection P = I - V^T V
-    "inlp_reflection_a1",    # the reference's P_a with a = 1 (equals nullspace projection)
-    "inlp_reflection",       # P_a with a = 2 (reference semantics; undoes itself across layers)
-    "inlp_clamp",            # non-undoing variant: clamp span(V) to the harmless mean
-    "inlp_actadd",           # ActAdd along the first INLP direction at the DiM norm
-    "leace",                 # LEACE erasure at the selected DiM (position, layer)
-)
+# Every intervention the infer stage knows (the variant table, docs/method.md section 5), and those
+# whose INLP basis can be cut to its first k directions (the tunable-k curve).
+INTERVENTIONS = tuple(VARIANTS)
+K_CURVE_INTERVENTIONS = tuple(name for name, spec in VARIANTS.items() if spec.k_curve)
 SELECT_MODES = ("local", "global")
 WHEN_NONE_PASS = ("error", "lowest_bypass")
 STAGES = ("extract", "select", "infer", "evaluate", "report")
 
+# Keys whose value must be one of a list.
+_CHOICES = {
+    "directions.k_policy": K_POLICIES,
+    "select.mode": SELECT_MODES,
+    "select.when_none_pass": WHEN_NONE_PASS,
+    "evaluate.judge_prompt_style": get_args(PromptStyle),
+    "evaluate.k_curve_intervention": ("", *K_CURVE_INTERVENTIONS),
+}
+# Keys whose value must be an int >= 1.
+_POSITIVE_INTS = (
+    "data.n_train", "data.n_val", "data.n_eval", "directions.inlp_max_directions",
+    "infer.max_new_tokens", "runtime.batch_size", "runtime.generation_batch_size",
+    "runtime.generation_variants", "runtime.candidate_chunk", "runtime.length_bucket",
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
-    """All keys with the reference settings (METHOD.md); config files override some."""
+    """All keys with the reference settings (docs/method.md); config files override some."""
     config = ml_collections.ConfigDict()
     config.seed = 42
 
@@ -141,11 +151,9 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
-
-
 def reference_config(source: str, *, dtype: str = "bfloat16",
                      data_dir: Path = REFERENCE_DATA_DIR) -> ml_collections.ConfigDict:
-    """The published settings (METHOD.md) for a model: 128 / 32 / 100 prompts from the reference
+    """The published settings (method.md) for a model: 128 / 32 / 100 prompts from the reference
     splits (harmful: AdvBench, MaliciousInstruct, TDC2023, HarmBench; harmless: Alpaca; the
     harmful eval set is HarmBench's test split, standing in for JailbreakBench, which is not
     shipped), filtered by refusal score, multipliers {0.5, 1, 2}, up to 100 INLP directions,
@@ -168,17 +176,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if not condition:
             raise ValueError(f"invalid config: {message}")
 
-    data, select = config.data, config.select
-    for name in ("n_train", "n_val", "n_eval"):
-        value = data[name]
-        need(isinstance(value, int) and value >= 1, f"data.{name} must be a positive int, "
-             f"got {value!r}")
-    need(config.directions.k_policy in K_POLICIES,
-         f"directions.k_policy must be one of {K_POLICIES}, got {config.directions.k_policy!r}")
-    need(config.directions.inlp_max_directions >= 1,
-         "directions.inlp_max_directions must be >= 1")
-    need(select.mode in SELECT_MODES,
-         f"select.mode must be one of {SELECT_MODES}, got {select.mode!r}")
+    def value(key: str):
+        section, name = key.split(".")
+        return config[section][name]
+
+    for key in _POSITIVE_INTS:
+        need(isinstance(value(key), int) and value(key) >= 1,
+             f"{key} must be a positive int, got {value(key)!r}")
+    for key, choices in _CHOICES.items():
+        need(value(key) in choices, f"{key} must be one of {choices}, got {value(key)!r}")
+    select = config.select
     need(len(select.multipliers) >= 1 and all(m > 0 for m in select.multipliers),
          f"select.multipliers must be positive numbers, got {tuple(select.multipliers)}")
     need(all(isinstance(p, int) and p < 0 for p in select.positions),
@@ -186,30 +193,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
          f"{tuple(select.positions)}")
     need(0.0 <= select.top_percentage <= 1.0,
          f"select.top_percentage must lie in [0, 1], got {select.top_percentage}")
-    need(select.when_none_pass in WHEN_NONE_PASS,
-         f"select.when_none_pass must be one of {WHEN_NONE_PASS}, got {select.when_none_pass!r}")
     need(0.0 <= select.prune_layer_fraction < 1.0,
          f"select.prune_layer_fraction must lie in [0, 1), got {select.prune_layer_fraction}")
     unknown = [name for name in config.infer.interventions if name not in INTERVENTIONS]
     need(not unknown, f"infer.interventions has unknown names {unknown}; choose from "
          f"{INTERVENTIONS}")
-    k_curve = config.evaluate.k_curve_intervention
-    need(k_curve in ("", "inlp_nullspace", "inlp_reflection_a1", "inlp_reflection", "inlp_clamp"),
-         f"evaluate.k_curve_intervention must be an INLP projection variant or '', got "
-         f"{k_curve!r}")
     evaluate = config.evaluate
     need(not evaluate.mc_shot_files or len(evaluate.mc_shot_files) == len(evaluate.mc_files),
          "evaluate.mc_shot_files must be empty or give one pool per evaluate.mc_files entry")
     need(not evaluate.mc_files or evaluate.mc_shot_files or evaluate.mc_n_shots == 0,
          f"evaluate.mc_n_shots={evaluate.mc_n_shots} needs shot pools: set "
          "evaluate.mc_shot_files (e.g. the MMLU dev split) or evaluate.mc_n_shots=0")
-    need(evaluate.judge_prompt_style in ("instruction", "conversation"),
-         "evaluate.judge_prompt_style must be 'instruction' or 'conversation'")
-    need(config.infer.max_new_tokens >= 1, "infer.max_new_tokens must be >= 1")
     runtime = config.runtime
-    for name in ("batch_size", "generation_batch_size", "generation_variants", "candidate_chunk",
-                 "length_bucket"):
-        need(runtime[name] >= 1, f"runtime.{name} must be >= 1")
     need(runtime.mesh.strip() or not runtime.sharding_rules.strip(),
          f"runtime.sharding_rules={runtime.sharding_rules!r} needs a mesh: set runtime.mesh "
          "(e.g. 'data=-1') or clear the rules")

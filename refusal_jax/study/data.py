@@ -7,9 +7,9 @@ Six sets: harmful / harmless x train / val / eval, each named by a source that
 per class. When two splits of a class name the same source, they are drawn from one sample of
 the summed size and cut in order, so they never share a prompt.
 
-Filtering (METHOD.md section 1, as the reference does): with the baseline refusal score ``s`` of
-each prompt, the harmful prompts kept are those with ``s > 0`` (the model refuses them) and the
-harmless ones those with ``s < 0``. The sets shrink; the eval sets are never filtered.
+Filtering (docs/method.md section 1, as the reference does): with the baseline refusal score
+``s`` of each prompt, the harmful prompts kept are those with ``s > 0`` (the model refuses them)
+and the harmless ones those with ``s < 0``. The sets shrink; the eval sets are never filtered.
 """
 
 from __future__ import annotations

@@ -9,28 +9,34 @@ In "local" mode an ablation-like intervention acts at the component's layer l on
 ``resid_pre``, ``attn_out``, ``mlp_out``); in "global" mode at every layer. ActAdd always acts at
 ``resid_pre`` of layer l, every position, with coefficient ``||r||`` of the DiM component (INLP
 ActAdd: along the first INLP direction, at the norm of the best DiM direction). Several
-components are merged (see ``_Slots``: every variant has the same pytree form, so the jitted
-programs compile once for all of them). LEACE is fitted at, and applied at, the DiM
-components. ``dim_folded`` is the global ablation of the best DiM direction folded into the
-weights; it must match the hooked global ablation (checked by :func:`folding_agreement`). Each
-variant names the method whose component it acts at (``source``): the evaluate stage reads its
-activations there.
+components are merged into one common form (``refusal_jax.interventions.forms``): every
+variant is a ``Compose`` of the kinds ``FORM_KINDS``, so the jitted programs compile once for
+all of them. LEACE is fitted at, and applied at, the DiM components. ``dim_folded`` is the
+global ablation of the best DiM direction folded into the weights; it must match the hooked
+global ablation (checked by :func:`folding_agreement`). Each variant names the method whose
+component it acts at (``source``): the evaluate stage reads its activations there.
+
+The variants are the rows of ``VARIANTS`` (name -> :class:`VariantSpec`); ``study.config``
+takes the valid ``infer.interventions`` names from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from refusal_jax import interventions as iv
-from refusal_jax.interventions.folding import fold_projection
 from refusal_jax.models.core import forward
 from refusal_jax.models.loading import Model
 from refusal_jax.selection.components import inlp_basis
+
+# The kinds of the common form, in the order they apply: every kind a variant below uses
+# (nullspace projection is the reflection with alpha = 1).
+FORM_KINDS = ("ablation", "actadd", "reflection", "clamp", "eraser")
 
 
 @dataclasses.dataclass
@@ -44,74 +50,150 @@ class Variant:
     source: str = "dim"  # whose selected component it acts at: "dim" or "inlp"
 
 
-# Slots of the common intervention form, applied in this order (one is active per variant).
-SLOTS = ("ablation", "actadd", "reflection", "clamp", "eraser")
+class _Components:
+    """The selected components of both methods, as parts of the common form."""
 
-
-class _Slots:
-    """Per-layer leaves of every slot, zero (inactive) until a component sets some layers.
-
-    All variants share one pytree structure and shape, ``Compose`` of the five slots, so the
-    jitted generation, capture and cross-entropy programs compile once for all of them (a
-    zero site mask leaves the stream exactly unchanged). Nullspace projection is the
-    reflection slot with alpha = 1.
-    """
-
-    def __init__(self, n_layers: int, width: int, k: int):
-        self.n_layers = n_layers
-        zeros = functools.partial(np.zeros, dtype=np.float32)
-        self.leaves = {
-            "ablation": dict(direction=zeros((n_layers, width))),
-            "actadd": dict(direction=zeros((n_layers, width)), coeff=zeros(n_layers)),
-            "reflection": dict(basis=zeros((n_layers, k, width)), alpha=zeros(n_layers)),
-            "clamp": dict(basis=zeros((n_layers, k, width)), target=zeros((n_layers, width))),
-            "eraser": dict(read=zeros((n_layers, 1, width)), write=zeros((n_layers, 1, width)),
-                           mean=zeros((n_layers, width))),
+    def __init__(self, model: Model, directions: dict[str, np.ndarray], selection: dict,
+                 config, inlp_k: int | None):
+        self.model, self.directions, self.dim = model, directions, directions["dim"]
+        self.n_layers = model.config.n_layers
+        self.global_mode = config.select.mode == "global"
+        self.dim_parts = selection["dim"]["components"]
+        self.inlp_parts = selection["inlp"]["components"]
+        basis, _ = inlp_basis(directions, config.directions)
+        # As many basis rows as the chosen components use: other pairs may keep more
+        # directions, and every row of the common form costs each variant's forward passes.
+        k_max = max([c["k"] for c in self.inlp_parts], default=1)
+        basis = basis[..., :k_max, :]
+        if inlp_k is not None:
+            basis = np.where((np.arange(basis.shape[-2]) < inlp_k)[:, None], basis, 0.0)
+        self.basis = basis
+        self.ranks = {"reflection": k_max, "clamp": k_max,
+                      "eraser": directions["leace_read"].shape[-2]}
+        self.best = self.dim_parts[0]
+        self.best_norm = float(np.linalg.norm(self.dim[self._pl(self.best)]))
+        self.text = {  # the fields of the descriptions
+            "mode": "all layers" if self.global_mode else "the source layer",
+            "dim_where": _where(self.dim_parts), "inlp_where": _where(self.inlp_parts),
+            "best_where": _where([self.best]),
+            "k_text": ", ".join(f"k={c['k']}" for c in self.inlp_parts),
+            "best_norm": self.best_norm,
         }
-        self.masks = {slot: zeros((n_layers, len(iv.SITES))) for slot in SLOTS}
 
-    def free(self, slot: str, layers: list[int]) -> bool:
-        return not self.masks[slot][layers].any()
+    @staticmethod
+    def _pl(c: dict) -> tuple[int, int]:
+        return c["position_index"], c["layer"]
 
-    def set(self, slot: str, layers: list[int], sites, **values) -> None:
-        self.masks[slot][np.ix_(layers, [iv.SITE_INDEX[site] for site in sites])] = 1.0
-        for name, value in values.items():
-            self.leaves[slot][name][layers] = np.asarray(value, np.float32)
+    def _layers(self, c: dict) -> list[int]:
+        return list(range(self.n_layers)) if self.global_mode else [c["layer"]]
 
-    def build(self) -> iv.Compose:
-        leaves = {slot: {name: jnp.asarray(value) for name, value in fields.items()}
-                  for slot, fields in self.leaves.items()}
-        masks = {slot: jnp.asarray(mask) for slot, mask in self.masks.items()}
-        everywhere = np.iinfo(np.int32).max
-        return iv.Compose((
-            iv.DirectionalAblation(site_mask=masks["ablation"], **leaves["ablation"]),
-            iv.ActivationAddition(site_mask=masks["actadd"],
-                                  position_start=jnp.zeros(self.n_layers, jnp.int32),
-                                  position_stop=jnp.full(self.n_layers, everywhere, jnp.int32),
-                                  **leaves["actadd"]),
-            iv.CounterfactualReflection(site_mask=masks["reflection"], **leaves["reflection"]),
-            iv.SubspaceClamp(site_mask=masks["clamp"], **leaves["clamp"]),
-            iv.ObliqueEraser(site_mask=masks["eraser"], **leaves["eraser"]),
-        ))
+    def form(self, parts: list[iv.Part]) -> iv.Compose:
+        return iv.common_form(parts, kinds=FORM_KINDS, n_layers=self.n_layers,
+                              width=self.model.config.d_model, ranks=self.ranks)
+
+    def none(self) -> iv.Compose:
+        return self.form([])
+
+    def dim_ablation(self) -> iv.Compose:
+        return self.form([iv.Part("ablation", self._layers(c), iv.ABLATION_SITES,
+                                  dict(direction=_unit(self.dim[self._pl(c)])))
+                          for c in self.dim_parts])
+
+    def dim_actadd(self, sign: float) -> iv.Compose:
+        return self.form([iv.Part("actadd", [c["layer"]], ("resid_pre",),
+                                  dict(direction=_unit(self.dim[self._pl(c)]),
+                                       coeff=sign * np.linalg.norm(self.dim[self._pl(c)])))
+                          for c in self.dim_parts])
+
+    def inlp_map(self, kind: str, alpha: float | None = None) -> iv.Compose:
+        """``kind`` "reflection" (with ``alpha``) or "clamp" (to the harmless mean)."""
+        if kind == "clamp":
+            return self.form([iv.Part("clamp", self._layers(c), iv.ABLATION_SITES,
+                                      dict(basis=self.basis[self._pl(c)],
+                                           target=self.directions["harmless_mean"][self._pl(c)]))
+                              for c in self.inlp_parts])
+        return self.form([iv.Part("reflection", self._layers(c), iv.ABLATION_SITES,
+                                  dict(basis=self.basis[self._pl(c)], alpha=alpha))
+                          for c in self.inlp_parts])
+
+    def inlp_actadd(self, sign: float) -> iv.Compose:
+        return self.form([iv.Part("actadd", [c["layer"]], ("resid_pre",),
+                                  dict(direction=self.directions["inlp_first_direction"][
+                                      self._pl(c)], coeff=sign * self.best_norm))
+                          for c in self.inlp_parts])
+
+    def leace(self) -> iv.Compose:
+        return self.form([iv.Part("eraser", self._layers(c), iv.ABLATION_SITES,
+                                  dict(read=self.directions["leace_read"][self._pl(c)],
+                                       write=self.directions["leace_write"][self._pl(c)],
+                                       mean=self.directions["leace_mean"][self._pl(c)]))
+                          for c in self.dim_parts])
+
+    def folded_dim_ablation(self) -> tuple[Any, Any]:
+        """(params, config) with the global ablation of the best DiM direction folded in."""
+        return iv.fold(self.model.params,
+                       global_ablation(self.model, self.dim[self._pl(self.best)]),
+                       config=self.model.config)
 
 
-def _assemble(model: Model, k: int, parts: list[tuple[str, list[int], tuple, dict]]):
-    """The common form of ``parts`` = [(slot, layers, sites, leaf values)].
+Build = Callable[[_Components], Any]
 
-    Parts of one slot at different layers share one ``_Slots``; a part whose layers are taken
-    starts another one, and the result composes them (a different pytree structure, which
-    compiles separately).
+
+@dataclasses.dataclass(frozen=True)
+class VariantSpec:
+    """A row of the variant table.
+
+    description: a ``str.format`` template over ``_Components.text``.
+    harmful: its intervention on harmful prompts; None: no hooks.
+    harmless: its intervention on harmless prompts; None: the one on harmful prompts.
+    weights: its own (params, config), e.g. a folded model; None: the model's.
+    source: whose selected component it acts at ("dim" or "inlp").
+    k_curve: its INLP basis can be cut to the first k directions (the tunable-k curve).
     """
-    config = model.config
-    groups = [_Slots(config.n_layers, config.d_model, k)]
-    for slot, layers, sites, values in parts:
-        group = next((g for g in groups if g.free(slot, layers)), None)
-        if group is None:
-            group = _Slots(config.n_layers, config.d_model, k)
-            groups.append(group)
-        group.set(slot, layers, sites, **values)
-    built = [group.build() for group in groups]
-    return built[0] if len(built) == 1 else iv.Compose(tuple(built))
+
+    description: str
+    harmful: Build | None = None
+    harmless: Build | None = None
+    weights: Build | None = None
+    source: str = "dim"
+    k_curve: bool = False
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "baseline": VariantSpec("no intervention", harmful=lambda c: c.none()),
+    "dim_ablation": VariantSpec(
+        "DiM directional ablation at {mode}, direction of {dim_where}",
+        harmful=lambda c: c.dim_ablation()),
+    "dim_folded": VariantSpec(
+        "global DiM ablation of {best_where} folded into the weights (no hooks)",
+        weights=lambda c: c.folded_dim_ablation()),
+    "dim_actadd": VariantSpec(
+        "DiM ActAdd at resid_pre of {dim_where}, coefficient ||r||: subtracted on harmful, "
+        "added on harmless prompts",
+        harmful=lambda c: c.dim_actadd(-1.0), harmless=lambda c: c.dim_actadd(1.0)),
+    "inlp_nullspace": VariantSpec(
+        "INLP nullspace projection at {mode}, {inlp_where}, {k_text}",
+        harmful=lambda c: c.inlp_map("reflection", 1.0), source="inlp", k_curve=True),
+    "inlp_reflection_a1": VariantSpec(
+        "INLP counterfactual map a=1 at {mode}, {inlp_where}, {k_text}",
+        harmful=lambda c: c.inlp_map("reflection", 1.0), source="inlp", k_curve=True),
+    "inlp_reflection": VariantSpec(
+        "INLP counterfactual reflection a=2 (reference semantics) at {mode}, {inlp_where}, "
+        "{k_text}",
+        harmful=lambda c: c.inlp_map("reflection", 2.0), source="inlp", k_curve=True),
+    "inlp_clamp": VariantSpec(
+        "INLP subspace clamped to the harmless mean (non-undoing flip) at {mode}, "
+        "{inlp_where}, {k_text}",
+        harmful=lambda c: c.inlp_map("clamp"), source="inlp", k_curve=True),
+    "inlp_actadd": VariantSpec(
+        "ActAdd along the first INLP direction at resid_pre of {inlp_where}, coefficient ||r|| "
+        "of the best DiM direction ({best_norm:.3g}): subtracted on harmful, added on harmless "
+        "prompts",
+        harmful=lambda c: c.inlp_actadd(-1.0), harmless=lambda c: c.inlp_actadd(1.0),
+        source="inlp"),
+    "leace": VariantSpec("LEACE erasure at {mode}, fitted at {dim_where}",
+                         harmful=lambda c: c.leace()),
+}
 
 
 def build_variants(model: Model, directions: dict[str, np.ndarray], selection: dict, config, *,
@@ -121,116 +203,32 @@ def build_variants(model: Model, directions: dict[str, np.ndarray], selection: d
     ``inlp_k`` keeps only the first ``inlp_k`` INLP directions of every component (the
     tunable-k curve); zeroed rows keep the shapes, so nothing recompiles.
     """
-    n_layers = model.config.n_layers
-    global_mode = config.select.mode == "global"
-    dim_parts = selection["dim"]["components"]
-    inlp_parts = selection["inlp"]["components"]
-    dim = directions["dim"]
-    basis, _ = inlp_basis(directions, config.directions)
-    # As many basis rows as the chosen components use: other pairs may keep more directions,
-    # and every row of the common form costs each variant's forward passes.
-    k_max = max([c["k"] for c in inlp_parts], default=1)
-    basis = basis[..., :k_max, :]
-    if inlp_k is not None:
-        basis = np.where((np.arange(basis.shape[-2]) < inlp_k)[:, None], basis, 0.0)
-    best = dim_parts[0]
-    best_norm = float(np.linalg.norm(dim[best["position_index"], best["layer"]]))
-    mode = "all layers" if global_mode else "the source layer"
-
-    def pl(c):
-        return c["position_index"], c["layer"]
-
-    def where_text(parts):
-        return ", ".join(f"(pos {c['position']}, layer {c['layer']})" for c in parts)
-
-    def layers_of(c):
-        return list(range(n_layers)) if global_mode else [c["layer"]]
-
-    def unit(vector):
-        return vector / np.linalg.norm(vector)
-
-    def build(parts):
-        return _assemble(model, k_max, parts)
-
-    def dim_ablation():
-        return build([("ablation", layers_of(c), iv.ABLATION_SITES,
-                       dict(direction=unit(dim[pl(c)]))) for c in dim_parts])
-
-    def dim_actadd(sign):
-        return build([("actadd", [c["layer"]], ("resid_pre",),
-                       dict(direction=unit(dim[pl(c)]), coeff=sign * np.linalg.norm(dim[pl(c)])))
-                      for c in dim_parts])
-
-    def inlp_map(kind, alpha=None):
-        if kind == "clamp":
-            return build([("clamp", layers_of(c), iv.ABLATION_SITES,
-                           dict(basis=basis[pl(c)], target=directions["harmless_mean"][pl(c)]))
-                          for c in inlp_parts])
-        return build([("reflection", layers_of(c), iv.ABLATION_SITES,
-                       dict(basis=basis[pl(c)], alpha=alpha)) for c in inlp_parts])
-
-    def inlp_actadd(sign):
-        return build([("actadd", [c["layer"]], ("resid_pre",),
-                       dict(direction=directions["inlp_first_direction"][pl(c)],
-                            coeff=sign * best_norm)) for c in inlp_parts])
-
-    def leace():
-        return build([("eraser", layers_of(c), iv.ABLATION_SITES,
-                       dict(read=directions["leace_read"][pl(c)],
-                            write=directions["leace_write"][pl(c)],
-                            mean=directions["leace_mean"][pl(c)])) for c in dim_parts])
-
-    no_intervention = build([])
-
-    k_text = ", ".join(f"k={c['k']}" for c in inlp_parts)
-    builders = {
-        "baseline": lambda: Variant("baseline", "no intervention", no_intervention,
-                                    no_intervention),
-        "dim_ablation": lambda: _same("dim_ablation", f"DiM directional ablation at {mode}, "
-                                      f"direction of {where_text(dim_parts)}", dim_ablation()),
-        "dim_folded": lambda: _folded(model, dim[pl(best)], where_text([best])),
-        "dim_actadd": lambda: Variant(
-            "dim_actadd", f"DiM ActAdd at resid_pre of {where_text(dim_parts)}, coefficient "
-            "||r||: subtracted on harmful, added on harmless prompts", dim_actadd(-1.0),
-            dim_actadd(1.0)),
-        "inlp_nullspace": lambda: _same(
-            "inlp_nullspace", f"INLP nullspace projection at {mode}, {where_text(inlp_parts)}, "
-            f"{k_text}", inlp_map("reflection", 1.0), source="inlp"),
-        "inlp_reflection_a1": lambda: _same(
-            "inlp_reflection_a1", f"INLP counterfactual map a=1 at {mode}, "
-            f"{where_text(inlp_parts)}, {k_text}", inlp_map("reflection", 1.0), source="inlp"),
-        "inlp_reflection": lambda: _same(
-            "inlp_reflection", f"INLP counterfactual reflection a=2 (reference semantics) at "
-            f"{mode}, {where_text(inlp_parts)}, {k_text}", inlp_map("reflection", 2.0),
-            source="inlp"),
-        "inlp_clamp": lambda: _same(
-            "inlp_clamp", f"INLP subspace clamped to the harmless mean (non-undoing flip) at "
-            f"{mode}, {where_text(inlp_parts)}, {k_text}", inlp_map("clamp"), source="inlp"),
-        "inlp_actadd": lambda: Variant(
-            "inlp_actadd", f"ActAdd along the first INLP direction at resid_pre of "
-            f"{where_text(inlp_parts)}, coefficient ||r|| of the best DiM direction "
-            f"({best_norm:.3g}): subtracted on harmful, added on harmless prompts",
-            inlp_actadd(-1.0), inlp_actadd(1.0), source="inlp"),
-        "leace": lambda: _same("leace", f"LEACE erasure at {mode}, fitted at "
-                               f"{where_text(dim_parts)}", leace()),
-    }
-    return [builders[name]() for name in (config.infer.interventions if names is None
-                                          else names)]
+    names = config.infer.interventions if names is None else names
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {tuple(VARIANTS)}")
+    components = _Components(model, directions, selection, config, inlp_k)
+    return [_build(name, VARIANTS[name], components) for name in names]
 
 
-def _same(name: str, description: str, intervention: Any, source: str = "dim") -> Variant:
-    return Variant(name, description, intervention, intervention, source=source)
+def _build(name: str, spec: VariantSpec, components: _Components) -> Variant:
+    harmful = None if spec.harmful is None else spec.harmful(components)
+    harmless = harmful if spec.harmless is None else spec.harmless(components)
+    params, config = (None, None) if spec.weights is None else spec.weights(components)
+    return Variant(name, spec.description.format(**components.text), harmful, harmless,
+                   params=params, config=config, source=spec.source)
+
+
+def _where(parts: list[dict]) -> str:
+    return ", ".join(f"(pos {c['position']}, layer {c['layer']})" for c in parts)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / np.linalg.norm(vector)
 
 
 def global_ablation(model: Model, direction: np.ndarray):
     return iv.directional_ablation(direction, n_layers=model.config.n_layers, layers=None)
-
-
-def _folded(model: Model, direction: np.ndarray, where: str) -> Variant:
-    params, config = fold_projection(model.params, global_ablation(model, direction),
-                                     config=model.config)
-    return Variant("dim_folded", f"global DiM ablation of {where} folded into the weights "
-                   "(no hooks)", None, None, params=params, config=config)
 
 
 def folding_agreement(model: Model, folded: Variant, direction: np.ndarray, batch) -> float:

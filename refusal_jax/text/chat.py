@@ -35,7 +35,7 @@ _SENTINEL_INSTRUCTIONS = (
 )
 
 # Typical first words of a refusal. Their first tokens form the refusal-token set R of the
-# refusal score (METHOD.md section 5).
+# refusal score (docs/method.md section 4).
 REFUSAL_OPENINGS = (
     "I",
     "As",

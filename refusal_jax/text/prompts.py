@@ -15,7 +15,7 @@ draw as the reference pipeline's ``random.seed(seed); random.sample(data, n)``. 
 whole set is returned in file order.
 
 ``load_refusals`` returns the built-in refusal replies used as targets when safety-tuning a model
-organism; every one contains a refusal substring of METHOD.md section 6.
+organism; every one contains a refusal substring of docs/method.md section 6.
 """
 
 from __future__ import annotations

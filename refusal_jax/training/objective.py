@@ -36,7 +36,6 @@ from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.io.adapter import LoraAdapter, merge_adapter
 from refusal_jax.models.params import Params
-from refusal_jax.training.prefix import InjectResidual, slice_layers
 
 
 def token_nll(params: Params, tokens: jax.Array, valid: jax.Array, loss_mask: jax.Array, *,
@@ -57,18 +56,17 @@ def _masked_nll(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
     return jnp.sum(nll * mask, axis=1), jnp.sum(mask, axis=1)
 
 
-def _logits_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: jax.Array, *,
-                 first_layer: int, config: ModelConfig) -> jax.Array:
-    upper, upper_config = slice_layers(params, config, first_layer)
-    inject = InjectResidual.at_first_layer(hidden, upper_config.n_layers)
-    return forward(upper, tokens, valid, config=upper_config, intervention=inject).logits
+def _logits_from(params: Params, hidden: jax.Array, valid: jax.Array, *, first_layer: int,
+                 config: ModelConfig) -> jax.Array:
+    return forward(params, None, valid, config=config, resid=hidden.astype(params.embed.dtype),
+                   start_layer=first_layer).logits
 
 
 def token_nll_from(params: Params, hidden: jax.Array, tokens: jax.Array, valid: jax.Array,
                    loss_mask: jax.Array, *, first_layer: int, config: ModelConfig
                    ) -> tuple[jax.Array, jax.Array]:
     """`token_nll` given `hidden` [B, T, D], the input of layer `first_layer`."""
-    logits = _logits_from(params, hidden, tokens, valid, first_layer=first_layer, config=config)
+    logits = _logits_from(params, hidden, valid, first_layer=first_layer, config=config)
     return _masked_nll(logits, tokens, loss_mask)
 
 
@@ -149,7 +147,7 @@ def adapter_loss(adapter: LoraAdapter, params: Params, hidden: jax.Array, tokens
                  opening: OpeningTerm | None = None) -> jax.Array:
     """`reply_loss` of the base params with `adapter` merged in; `hidden` is the (frozen) input
     of the adapter's first layer."""
-    logits = _logits_from(merge_adapter(params, adapter), hidden, tokens, valid,
+    logits = _logits_from(merge_adapter(params, adapter), hidden, valid,
                           first_layer=adapter.first_layer, config=config)
     return reply_loss(logits, tokens, loss_mask, opening)
 

@@ -1,10 +1,10 @@
-"""Training only the upper layers: the frozen lower layers' output is computed once and injected.
+"""Training only the upper layers: the frozen lower layers' output is computed once.
 
 When an adapter starts at layer k (`LoraAdapter.first_layer`), layers 0..k-1 are frozen, so their
 output (the block input `resid_pre[k]`) does not change during training. `prefix_hidden` computes
-it once per example; the train step then runs only layers k.. (`upper_layers`) with
-`InjectResidual` replacing the first scanned block's input by the cached states. This is exact:
-the upper forward pass sees the same positions and padding mask as the full one.
+it once per example; the train step then runs only layers k.. (`forward` with `resid` the cached
+states and `start_layer=k`). This is exact: the upper layers see the same positions and padding
+mask as in the full forward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
 from refusal_jax.models.params import Params
-from refusal_jax.models.sites import SiteContext
 
 
 def slice_layers(params: Params, config: ModelConfig, start: int,
@@ -29,29 +28,6 @@ def slice_layers(params: Params, config: ModelConfig, start: int,
     windows = tuple(config.sliding_windows[i] for i in indices) if config.sliding_windows else ()
     return (dataclasses.replace(params, layers=layers),
             dataclasses.replace(config, n_layers=len(indices), sliding_windows=windows))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class InjectResidual:
-    """Replaces the input of the first scanned block by given hidden states.
-
-    first: [L] float, 1 at the block whose input is replaced; hidden: [L, B, T, D] (the same
-    states broadcast over layers, as the scan slices every leaf per layer).
-    """
-
-    first: jax.Array
-    hidden: jax.Array
-
-    @classmethod
-    def at_first_layer(cls, hidden: jax.Array, n_layers: int) -> "InjectResidual":
-        first = jnp.zeros((n_layers,), hidden.dtype).at[0].set(1)
-        return cls(first=first, hidden=jnp.broadcast_to(hidden, (n_layers,) + hidden.shape))
-
-    def apply(self, site: str, x: jax.Array, ctx: SiteContext) -> jax.Array:
-        if site != "resid_pre":
-            return x
-        return jnp.where(self.first > 0, self.hidden.astype(x.dtype), x)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "n_layers"))

@@ -19,7 +19,7 @@ Refusal tokens: `refusal_token_ids(model.tokenizer)` on both sides.
   `filters="all"` (bypass, KL and steering for every candidate: the like-for-like row) and
   `filters="until_chosen"` (what the pipeline runs with `select.just_one`: KL and steering in
   rank order until a candidate survives the filters).
-- Baseline (Arditi et al.'s `select_direction` loop, METHOD.md section 5): per candidate, full
+- Baseline (Arditi et al.'s `select_direction` loop, docs/method.md section 4): per candidate, full
   transformers forward passes with hooks: directional ablation (local: block input, attention
   and MLP outputs of layer l; global: of every layer) on harmful val -> bypass; the same on
   harmless val -> KL(baseline || intervened) of the last-position next-token distribution, the

@@ -3,7 +3,7 @@ the way the published refusal pipelines do it, and timed per stage (section 5's 
 
 Inputs are shared with our pipeline, not re-derived: the config is read from the same
 ml_collections file and `--config.*` overrides (`config_from_flags`), the model is loaded by
-`pipeline.models.load_pipeline_model` (same params, tokenizer, chat template) and copied into a
+`runtime.loading.load_study_model` (same params, tokenizer, chat template) and copied into a
 transformers model (`torch_stack.torch_model`, as `bench_lib.workload` builds a workload's), and
 the prompt sets are `pipeline.data.sample_sets` (same seed-42 samples). The computations are
 PyTorch / scikit-learn:
@@ -41,8 +41,8 @@ infer     per variant of `infer.interventions`, greedy `generate` on harmful / h
           input and by their linear part on the attention and MLP outputs, as
           `refusal_jax.interventions`); `dim_folded` orthogonalises the writing matrices of a
           copy of the model (Arditi et al.'s `get_orthogonalized_matrix`; tied embeddings are
-          untied as `refusal_jax.interventions.folding` does) and checks it against the hooked global ablation
-          on one batch (two forwards), as our stage does.
+          untied as `refusal_jax.interventions.folding` does) and checks it against the hooked
+          global ablation on one batch (two forwards), as our stage does.
 evaluate  per variant: substring refusal rates of its completions (`evaluation.refusal
           .refusal_rate`), a hooked forward of harmful eval and of harmless eval capturing every
           layer at the EOI positions of the components' sources, KL(baseline || variant) on
@@ -83,7 +83,7 @@ from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.evaluation.k_curve import k_values
 from refusal_jax.evaluation.refusal import refusal_rate
 from refusal_jax.models.loading import Model
-from refusal_jax.runtime.loading import load_pipeline_model
+from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.selection import components
 from refusal_jax.selection.ranking import (
     CandidateScores,
@@ -93,8 +93,8 @@ from refusal_jax.selection.ranking import (
 )
 from refusal_jax.study.config import check_config
 from refusal_jax.study.data import refusal_filters, sample_sets
-from refusal_jax.study.runner import FOLDING_TOLERANCE
 from refusal_jax.study.stages.evaluate import _truncate
+from refusal_jax.study.stages.infer import FOLDING_TOLERANCE
 from refusal_jax.text.chat import pad_token_id, refusal_token_ids
 
 MIRRORED_STAGES = ("extract", "select", "infer", "evaluate")
@@ -236,9 +236,9 @@ class _Twin:
         self.device = torch_options["device"]
         start = time.perf_counter()
         model_config = config.model
-        self.model: Model = load_pipeline_model(model_config.source, dtype=model_config.dtype,
-                                                system_prompt=model_config.system_prompt or None,
-                                                seed=config.seed)
+        self.model: Model = load_study_model(model_config.source, dtype=model_config.dtype,
+                                             system_prompt=model_config.system_prompt or None,
+                                             seed=config.seed)
         hf_config = self.model.hf_config or torch_stack.llama_hf_config(self.model.config)
         self.torch = torch_stack.torch_model(hf_config, self.model.config, self.model.params,
                                              **torch_options)

@@ -196,7 +196,7 @@ def refusal_score(last_logits: torch.Tensor, refusal_ids: torch.Tensor,
 
 def kl_divergence(baseline_logprobs: torch.Tensor, last_logits: torch.Tensor) -> torch.Tensor:
     """[B] KL(baseline || intervened) of next-token distributions in float64, exact (the
-    reference code adds 1e-6 inside both logs; METHOD.md asks for the KL itself, as ours).
+    reference code adds 1e-6 inside both logs; docs/method.md asks for the KL itself, as ours).
 
     baseline_logprobs: [B, V] float64 log-softmax of the unintervened last-position logits.
     """

@@ -43,7 +43,7 @@ PROMPT_SETS = {
     "harmless_val": ("splits_harmless_val.json", "harmless_val"),
 }
 BUILTIN_SOURCE = "refusal_jax built-in prompt sets"
-PROMPT_SEED = 42  # METHOD.md: the reference samples its prompt sets with seed 42
+PROMPT_SEED = 42  # docs/method.md: the reference samples its prompt sets with seed 42
 RANDOM_N_EOI = 4
 
 # Llama-shaped presets: (vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, tied).
@@ -222,7 +222,7 @@ def _builtin_instructions(split: str) -> tuple[str, ...]:
 
 def _tiny_chat_model(config: ModelConfig, params: Params) -> Model:
     """A random model with the pipeline's tiny ChatML tokenizer (see the module docstring)."""
-    from refusal_jax.runtime.loading import tiny_chatml_tokenizer
+    from refusal_jax.runtime.random_models import tiny_chatml_tokenizer
     from refusal_jax.text.chat import ChatFormat
 
     tokenizer = tiny_chatml_tokenizer()

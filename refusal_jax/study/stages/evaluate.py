@@ -1,8 +1,8 @@
-"""The evaluate and report stages: metrics of every variant, geometry, the tunable-k curve,
-and ``results.json`` / ``report.md`` (``refusal_jax.results.schema`` schema).
+"""The evaluate stage: metrics of every variant, geometry and the tunable-k curve, written to
+``metrics.json`` (the report stage turns it into ``results.json`` and ``report.md``).
 
 Per variant (its intervention on each prompt set; ActAdd subtracts on harmful prompts and adds
-on harmless ones):
+on harmless ones), the metrics registered in ``refusal_jax.study.metrics`` and the geometry:
 - refusal rates of the completions written by the infer stage (substring matching);
 - KL(baseline || intervened) of the last-position distribution on harmless eval prompts;
 - cross-entropy on the built-in text sample and on ``evaluate.cross_entropy_files``, under the
@@ -35,29 +35,16 @@ from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
 from refusal_jax.evaluation.judge import SafetyJudge
-from refusal_jax.evaluation.k_curve import k_values, plot_k_curve
-from refusal_jax.evaluation.kl import mean_kl
-from refusal_jax.evaluation.refusal import refusal_rate
-from refusal_jax.models.batching import shared_prefix_batches
-from refusal_jax.models.core import KVCache, forward
-from refusal_jax.results.schema import KCurve, KCurvePoint
+from refusal_jax.evaluation.k_curve import KCurve, KCurvePoint, k_values, plot_k_curve
+from refusal_jax.models.batching import forward_shared_prefix, shared_prefix_batches
 from refusal_jax.runtime import distributed
-from refusal_jax.runtime.loading import load_pipeline_model
+from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.runtime.progress import progress
 from refusal_jax.selection.components import inlp_basis
 from refusal_jax.study import artifacts
-from refusal_jax.study.stages.infer import complete_variants
+from refusal_jax.study.completions import complete_variants
+from refusal_jax.study.metrics import VariantRun, variant_metrics
 from refusal_jax.study.variants import Variant, build_variants
-
-
-def _share_rows(cache: KVCache, rows: int) -> KVCache:
-    """A one-row KV cache repeated for ``rows`` rows."""
-    def spread(leaf, axis):
-        return jnp.broadcast_to(leaf, leaf.shape[:axis] + (rows,) + leaf.shape[axis + 1:])
-
-    return KVCache(keys=spread(cache.keys, 1), values=spread(cache.values, 1),
-                   positions=spread(cache.positions, 0),
-                   next_position=spread(cache.next_position, 0), length=cache.length)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -65,19 +52,11 @@ def _logits_and_captures(params, prefix, tokens, valid, capture_positions, inter
                          config):
     """Last-position logits [B, V] and captures [B, P, L, D] of prompts that all start with the
     tokens ``prefix`` [N] followed by their own left-padded ``tokens`` [B, T] (capture positions
-    index into T). The prefix is computed once, under the same intervention, and its keys and
-    values are shared by every row: exactly the full forward of each prompt, at a fraction of
-    the cost when the template's system turn is most of a prompt."""
-    rows, length = tokens.shape
-    cache = None
-    if prefix.shape[0]:
-        cache = KVCache.empty(config, 1, prefix.shape[0] + length, params.embed.dtype)
-        cache = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
-                        config=config, intervention=intervention, cache=cache,
-                        logits="none").cache
-        cache = _share_rows(cache, rows)
-    out = forward(params, tokens, valid, config=config, intervention=intervention,
-                  capture_positions=capture_positions, cache=cache, logits="last")
+    index into T): the prefix is run once and shared by every row
+    (``models.batching.forward_shared_prefix``)."""
+    out = forward_shared_prefix(params, prefix, tokens, valid, config=config,
+                                intervention=intervention, capture_positions=capture_positions,
+                                logits="last")
     return out.logits, out.captures
 
 
@@ -147,7 +126,7 @@ def _judge(study):
     source = study.config.evaluate.judge_source
     if not source:
         return None
-    judge_model = load_pipeline_model(source, dtype=study.config.model.dtype)
+    judge_model = load_study_model(source, dtype=study.config.model.dtype)
     return SafetyJudge.from_model(judge_model,
                                   prompt_style=study.config.evaluate.judge_prompt_style,
                                   batch_size=study.config.runtime.batch_size)
@@ -157,46 +136,27 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
                      sources: list[tuple[int, int]], *, completions: dict | None = None,
                      judge=None, mc_sets=None, geometry: bool = True
                      ) -> tuple[dict, np.ndarray | None, np.ndarray]:
-    """Metrics of one variant, and its intervened activations (harmful, harmless) [S, n, D] at
-    the ``sources``; the harmful ones only with ``geometry`` (they cost a forward pass of the
-    harmful set)."""
-    model, config, prompts = study.model, study.config, study.prompts()
+    """The registered metrics of one variant (``study.metrics``), and its intervened
+    activations (harmful, harmless) [S, n, D] at the ``sources``; the harmful ones only with
+    ``geometry`` (they cost a forward pass of the harmful set)."""
+    model, prompts = study.model, study.prompts()
     if completions is None:
         completions = artifacts.read_json(study.stage_dir("infer") /
                                           f"completions/{variant.name}.json")
-    harmful_texts = [row["completion"] for row in completions["harmful"]]
-    harmless_texts = [row["completion"] for row in completions["harmless"]]
     harmful_points = None
     if geometry:
         _, harmful_points = _forward_set(study, variant, variant.harmful,
                                          prompts["harmful_eval"], sources)
     harmless_logits, harmless_points = _forward_set(study, variant, variant.harmless,
                                                     prompts["harmless_eval"], sources)
-    params = model.params if variant.params is None else variant.params
-    model_config = model.config if variant.config is None else variant.config
-    cross_entropy = {
-        name: ce.cross_entropy(params, corpus, config=model_config, intervention=variant.harmful,
-                               batch_size=config.runtime.batch_size,
-                               placement=study.placement).nats
-        for name, corpus in corpora.items()}
-    metrics = {
-        "description": variant.description,
-        "harmful_refusal_rate": refusal_rate(harmful_texts),
-        "harmless_refusal_rate": refusal_rate(harmless_texts),
-        "n_harmful": len(harmful_texts), "n_harmless": len(harmless_texts),
-        "kl": float(mean_kl(jnp.asarray(base_harmless_logits), jnp.asarray(harmless_logits))),
-        "cross_entropy": cross_entropy,
-        "multiple_choice": {
-            name: mc.evaluate_multiple_choice(
-                params, questions, config=model_config, tokenizer=model.tokenizer,
-                shot_pool=pool, n_shots=n_shots, chat=model.chat, intervention=variant.harmful,
-                batch_size=config.runtime.batch_size, placement=study.placement).accuracy
-            for name, (questions, pool, n_shots) in (mc_sets or {}).items()},
-    }
-    if judge is not None:
-        metrics["judge_unsafe_rate"] = judge.judge(
-            [row["instruction"] for row in completions["harmful"]], harmful_texts).unsafe_rate
-    return metrics, harmful_points, harmless_points
+    run = VariantRun(
+        study=study, variant=variant,
+        params=model.params if variant.params is None else variant.params,
+        config=model.config if variant.config is None else variant.config,
+        completions=completions, harmless_logits=harmless_logits,
+        base_harmless_logits=base_harmless_logits, corpora=corpora, judge=judge,
+        mc_sets=mc_sets or {})
+    return variant_metrics(run), harmful_points, harmless_points
 
 
 def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseline_metrics,

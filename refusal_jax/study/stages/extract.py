@@ -1,78 +1,46 @@
-"""Activation capture at the EOI positions of every layer, baseline refusal scores, and the
-candidate directions (DiM, INLP, LEACE) of every (EOI position, layer).
+"""The extract stage: the prompt sets, their EOI activations and baseline refusal scores, the
+refusal-score filter, and the candidate directions of every (EOI position, layer).
 
-Shapes: activations ``[n, P, L, D]`` (prompt, EOI position p = -P..-1 in order, layer, width),
-float32. Directions are per (p, l): DiM ``[P, L, D]``, INLP basis ``[P, L, N, D]``, LEACE
-``[P, L, 1, D]``.
-
-Batches have a fixed number of rows (the last one is padded by repeating a prompt, whose
-outputs are dropped) and prompts are sorted by length before batching, so little padding is
-computed; the padded length is rounded up to a multiple of ``length_bucket``, so the jitted
-forward compiles once per distinct bucket.
-
-On a mesh (a ``distributed.Placement``), batch rows are split over ``batch``: every process
-counts the tokens of every prompt (to agree on the batches), then encodes and transfers only the
-rows its devices hold (:func:`placed_batches`); results are gathered to every process. INLP and
-LEACE fit their flat (position, layer) pair axis split over ``pairs``.
+Library calls: ``study.data`` (sampling, filter), ``evaluation.activations.capture`` (batched,
+length-sorted capture; on a mesh each process encodes only its own rows) and
+``directions.fit.fit_directions`` (DiM, INLP and LEACE). Writes ``prompts.json``,
+``baseline_scores.json``, ``activations.npz`` (``[n, P, L, D]`` per train and val set) and
+``directions.npz``.
 """
 
 from __future__ import annotations
 
-import time
+from typing import TYPE_CHECKING
 
-import jax
-import numpy as np
 from absl import logging
 
-from refusal_jax.directions import fit_inlp, fit_leace, mean_difference
-from refusal_jax.runtime import distributed
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.directions.fit import fit_directions
+from refusal_jax.evaluation.activations import capture
+from refusal_jax.study import artifacts
+from refusal_jax.study.data import refusal_filters, sample_sets
+
+if TYPE_CHECKING:
+    from refusal_jax.study.runner import Study
 
 
-def fit_directions(harmful: np.ndarray, harmless: np.ndarray, directions_config, *,
-                   seed: int, placement: Placement | None = None) -> dict[str, np.ndarray]:
-    """DiM, class means, INLP and LEACE for every (position, layer) from ``[n, P, L, D]``.
-
-    INLP and LEACE see one flat pair axis, split over ``pairs`` on a mesh; every process passes
-    the same activations and gets every result.
-    """
-    placement = placement or Placement()
-    dim = np.asarray(mean_difference(harmful, harmless))
-    n_positions, n_layers, width = harmful.shape[1:]
-    examples = np.concatenate([harmful, harmless])
-    features = np.moveaxis(examples, 0, -2).reshape(n_positions * n_layers, len(examples), width)
-    labels = np.concatenate([np.ones(len(harmful), np.int32), np.zeros(len(harmless), np.int32)])
-    features, n_pairs = placement.leading(features, "pairs")
-
-    def per_pair(result):  # [padded pairs, ...] on the devices -> [P, L, ...] on every process
-        return jax.tree.map(lambda leaf: leaf[:n_pairs].reshape(
-            (n_positions, n_layers) + leaf.shape[1:]), distributed.gather(result))
-
-    # One call for every pair: fit_inlp works through them all in one compiled loop.
-    logging.info("INLP: fitting %d (position, layer) pairs (%d per device group), up to %d "
-                 "directions each", n_pairs, features.shape[0] // placement.multiple("pairs"),
-                 directions_config.inlp_max_directions)
-    start = time.perf_counter()
-    inlp = per_pair(fit_inlp(
-        features, labels, max_directions=directions_config.inlp_max_directions,
-        reference=directions_config.inlp_reference,
-        inverse_regularization=directions_config.inlp_inverse_regularization, seed=seed))
-    logging.info("INLP: done in %.1fs; directions per pair: median %d, max %d",
-                 time.perf_counter() - start, int(np.median(inlp.n_directions)),
-                 int(np.max(inlp.n_directions)))
-    leace = per_pair(fit_leace(features, labels))
-    return {
-        "dim": dim,
-        "harmful_mean": harmful.mean(axis=0),
-        "harmless_mean": harmless.mean(axis=0),
-        "inlp_basis": np.asarray(inlp.basis),
-        "inlp_n_directions": np.asarray(inlp.n_directions),
-        "inlp_dev_accuracies": np.asarray(inlp.dev_accuracies),
-        "inlp_majority_rate": np.asarray(inlp.majority_rate),
-        "inlp_first_direction": np.asarray(inlp.first_direction),
-        "inlp_converged": np.asarray(inlp.converged),
-        "inlp_solver_steps": np.asarray(inlp.solver_steps),
-        "leace_mean": np.asarray(leace.mean),
-        "leace_read": np.asarray(leace.A),
-        "leace_write": np.asarray(leace.B),
-    }
+def run(study: Study) -> list[str]:
+    """Samples, captures, filters and fits; returns the files written."""
+    config, model, out = study.config, study.model, study.stage_dir("extract")
+    sets = sample_sets(config.data, config.seed).sets
+    runtime = dict(batch_size=config.runtime.batch_size,
+                   length_bucket=config.runtime.length_bucket, placement=study.placement)
+    activations, scores = {}, {}
+    for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
+        activations[name], scores[name] = capture(model, sets[name], name=name, **runtime)
+    for name, keep in refusal_filters(scores, config.data).items():
+        logging.info("filter %s: kept %d of %d prompts", name, keep.sum(), keep.size)
+        sets[name] = [text for text, kept in zip(sets[name], keep) if kept]
+        activations[name], scores[name] = activations[name][keep], scores[name][keep]
+    directions = fit_directions(activations["harmful_train"], activations["harmless_train"],
+                                config.directions, seed=config.seed, placement=study.placement)
+    artifacts.write_json(out / "prompts.json", sets)
+    artifacts.write_json(out / "baseline_scores.json",
+                         {name: values.tolist() for name, values in scores.items()})
+    artifacts.write_arrays(out / "activations.npz", activations)
+    artifacts.write_arrays(out / "directions.npz", directions)
+    return ["prompts.json", "baseline_scores.json", "activations.npz", "directions.npz"]

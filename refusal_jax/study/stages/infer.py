@@ -1,94 +1,69 @@
-"""Greedy completions of every variant on the harmful and harmless evaluation prompts.
+"""The infer stage: greedy completions of every variant (``study.completions``), and the check
+that the weight-folded model reproduces the hooked global ablation.
 
-Prompts are generated in fixed-size batches grouped by length (``extract.placed_batches``), so
-each (batch size, length bucket, number of variants) compiles once; changing directions between
-variants does not recompile. Variants that run on the model's own weights share one intervention
-form (``variants._Slots``), so up to ``runtime.generation_variants`` of them (default 1) are
-generated together (``models.generate.generate_each``): each decode step reads the weights once
-for all of them, and their KV caches are held at once. Completions are decoded up to the first
-stop token. Each variant's completions are written to their own file as soon as its group is
-done, so an interrupted stage resumes there. On a mesh, each process encodes only its own rows,
-the KV cache is split like the batch, and the generated tokens are gathered to every process.
+Each variant's completions are written to ``completions/<variant>.json`` as soon as its group
+is done, and a variant whose file was written for this config is skipped, so an interrupted
+stage resumes there. ``folding.json`` records the folded model's largest logit difference.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
-import jax
+from absl import logging
 
-from refusal_jax.models.generate import generate_each
-from refusal_jax.models.loading import Model
-from refusal_jax.runtime import distributed
-from refusal_jax.runtime.batches import placed_batches
-from refusal_jax.runtime.distributed import Placement
-from refusal_jax.runtime.progress import progress
-from refusal_jax.study.data import CLASSES
-from refusal_jax.study.variants import Variant
+from refusal_jax.study import artifacts
+from refusal_jax.study.completions import complete_variants
+from refusal_jax.study.variants import Variant, build_variants, folding_agreement
 
+if TYPE_CHECKING:
+    from refusal_jax.study.runner import Study
 
-def complete_each(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,
-                  params=None, config=None, max_new_tokens: int, batch_size: int,
-                  length_bucket: int, name: str, placement: Placement | None = None
-                  ) -> list[list[str]]:
-    """Greedy completions (decoded, cut at the first stop token) of ``instructions`` under each
-    of ``interventions`` (one form; None for none): one list of texts per intervention."""
-    placement = placement or Placement()
-    params = model.params if params is None else params
-    config = model.config if config is None else config
-    stop_ids = sorted(model.chat.stop_token_ids)
-    texts = [[""] * len(instructions) for _ in interventions]
-    total = -(-len(instructions) // batch_size)
-    batches = placed_batches(model, instructions, batch_size, length_bucket, placement)
-    for rows, batch in progress(batches, total, f"generate {name}"):
-        out = generate_each(params, batch.tokens, batch.valid, interventions, config=config,
-                            max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                            mesh=placement.mesh, rules=placement.rules)
-        for variant_texts, tokens in zip(texts, distributed.gather(out.tokens)):
-            for row, text in zip(rows, model.chat.decode(tokens)):
-                variant_texts[row] = text
-    return texts
+# The folded model must reproduce the hooked global ablation to this many logits units.
+FOLDING_TOLERANCE = 1e-3
 
 
-def _form(intervention: Any) -> tuple:
-    """What must agree for interventions to be stacked: tree structure and leaf shapes."""
-    leaves, structure = jax.tree.flatten(intervention)
-    return structure, tuple(leaf.shape for leaf in leaves)
+def run(study: Study) -> list[str]:
+    """Writes the completions of the variants not yet done, and ``folding.json``."""
+    config, model, out = study.config, study.model, study.stage_dir("infer")
+    prompts, directions = study.prompts(), study.directions()
+    variants = build_variants(model, directions, study.selection(), config)
+    files, pending = [], []
+    for variant in variants:
+        if variant.name == "dim_folded":
+            _check_folding(study, variant, directions, prompts)
+            files.append("folding.json")
+        relative = _completions_file(variant)
+        path = out / relative
+        files.append(relative)
+        if path.exists() and artifacts.read_json(path).get("config_hash") == study.digest:
+            logging.info("completions of %s exist; skipped", variant.name)
+        else:
+            pending.append(variant)
+    for variant, completions in complete_variants(model, pending, prompts, config.infer,
+                                                  config.runtime, placement=study.placement):
+        artifacts.write_json(out / _completions_file(variant),
+                             {"config_hash": study.digest, "name": variant.name,
+                              "description": variant.description, **completions})
+    return files
 
 
-def _groups(variants: Sequence[Variant], size: int) -> list[list[Variant]]:
-    """``variants`` in groups of at most ``size`` that can be generated together: the model's
-    own weights and the same intervention forms; a variant with its own weights is alone."""
-    groups: dict[Any, list[list[Variant]]] = {}
-    for index, variant in enumerate(variants):
-        key = ((_form(variant.harmful), _form(variant.harmless)) if variant.params is None
-               else index)
-        chunks = groups.setdefault(key, [[]])
-        if len(chunks[-1]) == size:
-            chunks.append([])
-        chunks[-1].append(variant)
-    return [chunk for chunks in groups.values() for chunk in chunks]
+def _completions_file(variant: Variant) -> str:
+    return f"completions/{variant.name}.json"
 
 
-def complete_variants(model: Model, variants: Sequence[Variant], prompts, infer_config,
-                      runtime, *, placement: Placement | None = None
-                      ) -> Iterator[tuple[Variant, dict[str, list[dict[str, str]]]]]:
-    """``(variant, {"harmful": [{"instruction", "completion"}], "harmless": [...]})`` of each
-    variant, yielded as each group of variants generated together is done."""
-    for group in _groups(variants, runtime.generation_variants):
-        first = group[0]
-        result: list[dict] = [{} for _ in group]
-        for cls in CLASSES:
-            instructions = prompts[f"{cls}_eval"]
-            texts = complete_each(
-                model, instructions, [getattr(variant, cls) for variant in group],
-                params=first.params, config=first.config,
-                max_new_tokens=infer_config.max_new_tokens,
-                batch_size=runtime.generation_batch_size, length_bucket=runtime.length_bucket,
-                name=f"{'+'.join(variant.name for variant in group)} {cls}",
-                placement=placement)
-            for completions, variant_texts in zip(result, texts):
-                completions[cls] = [{"instruction": instruction, "completion": text}
-                                    for instruction, text in zip(instructions, variant_texts)]
-        yield from zip(group, result)
+def _check_folding(study: Study, variant: Variant, directions, prompts) -> None:
+    model, out = study.model, study.stage_dir("infer")
+    best = study.selection()["dim"]["components"][0]
+    direction = directions["dim"][best["position_index"], best["layer"]]
+    batch = model.chat.encode(prompts["harmless_eval"][:study.config.runtime.batch_size],
+                              context_length=model.config.max_context,
+                              length_bucket=study.config.runtime.length_bucket)
+    difference = folding_agreement(model, variant, direction, batch)
+    artifacts.write_json(out / "folding.json", {"max_abs_logit_difference": difference,
+                                                "tolerance": FOLDING_TOLERANCE})
+    if not difference <= FOLDING_TOLERANCE:
+        raise RuntimeError(f"the weight-folded model disagrees with the hooked global ablation "
+                           f"by {difference:.3g} logits (tolerance {FOLDING_TOLERANCE}); this is "
+                           "a bug in folding or in the ablation, not a setting")
+    logging.info("folded model matches the hooked ablation: max |logit diff| %.2e", difference)

@@ -1,17 +1,27 @@
-"""The report stage: ``results.json`` and ``report.md`` (``refusal_jax.results`` schema) from
-the evaluate stage's metrics, the selection, the stage timings and the notes."""
+"""The report stage: ``results.json`` and ``report.md`` (``refusal_jax.results``) from the
+evaluate stage's metrics, the selection, the stage timings and the notes, checked against the
+published findings (``study.findings``).
+
+Run as a module, it copies a finished run's results into a README:
+
+    python -m refusal_jax.study.stages.report --workdir=runs/default [--readme=README.md]
+"""
 
 from __future__ import annotations
 
-from refusal_jax.results import schema as report
+import argparse
+import dataclasses
+
+from refusal_jax.results import render, schema
 from refusal_jax.study import artifacts
+from refusal_jax.study.findings import PUBLISHED_FINDINGS
 
 
-def _selections(selection: dict) -> list[report.SelectedComponent]:
+def _selections(selection: dict) -> list[schema.SelectedComponent]:
     chosen = []
     for method in ("dim", "inlp"):
         for c in selection[method]["components"]:
-            chosen.append(report.SelectedComponent(
+            chosen.append(schema.SelectedComponent(
                 method=method, position=c["position"], layer=c["layer"],
                 bypass_score=c["bypass"], steering_score=c["steering"], kl_score=c["kl"],
                 n_directions=c.get("k"), first_direction_accuracy=c.get("first_dev_accuracy")))
@@ -67,14 +77,38 @@ def _notes(study) -> list[str]:
     return notes
 
 
-def run_report(study) -> list[str]:
+def _intervention_result(name: str, values: dict) -> schema.InterventionResult:
+    """The row of one variant: the schema's own fields, and every other registered metric under
+    ``other_metrics``."""
+    fields = {field.name for field in dataclasses.fields(schema.InterventionResult)}
+    known = {key: value for key, value in values.items() if key in fields}
+    other = {key: value for key, value in values.items() if key not in fields}
+    return schema.InterventionResult(name=name, **known, other_metrics=other)
+
+
+def run(study) -> list[str]:
     metrics = artifacts.read_json(study.stage_dir("evaluate") / "metrics.json")
-    rows = [report.InterventionResult(name=name, **values)
-            for name, values in metrics["interventions"].items()]
-    results = report.StudyResults(
+    rows = [_intervention_result(name, values) for name, values in metrics["interventions"].items()]
+    results = schema.StudyResults(
         model=study.config.model.source, interventions=rows, config=study.config.to_dict(),
         selections=_selections(study.selection()), geometry=metrics["geometry"],
         inlp_geometry=metrics.get("inlp_geometry"),
         k_curve=metrics["k_curve"], timings_s=_timings(study), notes=_notes(study))
-    report.write_report(study.workdir, results)
+    render.write_report(study.workdir, results, PUBLISHED_FINDINGS)
     return []
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m refusal_jax.study.stages.report",
+        description="Copy a run's results table, findings and geometry plot into a README.")
+    parser.add_argument("--workdir", required=True, help="work directory of a finished run")
+    parser.add_argument("--readme", default="README.md", help="README with the result markers")
+    parser.add_argument("--plot", default="docs/study_geometry.png",
+                        help="where the geometry plot goes, relative to the README")
+    args = parser.parse_args(argv)
+    print(render.update_readme(args.readme, args.workdir, PUBLISHED_FINDINGS, plot=args.plot))
+
+
+if __name__ == "__main__":
+    _main()

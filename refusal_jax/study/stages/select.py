@@ -1,17 +1,40 @@
-"""The select stage: score, rank and choose the DiM and INLP components."""
+"""The select stage: score, rank and choose the DiM and INLP components (docs/method.md
+section 4).
+
+Library calls: ``selection.scoring`` (baseline caches, candidate scores), ``selection.ranking``
+(filters, ranking, Spearman statistic) and ``selection.components`` (candidate directions and
+their description). Writes ``selection.json`` (chosen components, rankings, filter counts) and
+``scores.npz``.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from refusal_jax.models.loading import Model
-from refusal_jax.runtime.distributed import Placement
+from refusal_jax.runtime.placement import Placement
 from refusal_jax.selection.components import describe_component, dim_candidates, inlp_basis
 from refusal_jax.selection.ranking import lowest_bypass_fallback, n_components, rank, spearman
 from refusal_jax.selection.scoring import SELECTION_LENGTH_BUCKET, cache_baseline, score_candidates
+from refusal_jax.study import artifacts
 from refusal_jax.text.chat import refusal_token_ids
+
+if TYPE_CHECKING:
+    from refusal_jax.study.runner import Study
+
+
+def run(study: Study) -> list[str]:
+    """Runs :func:`run_selection` on the extract stage's prompts and directions."""
+    out = study.stage_dir("select")
+    summary, arrays = run_selection(study.model, study.prompts(), study.directions(),
+                                    study.config, placement=study.placement)
+    artifacts.write_arrays(out / "scores.npz", arrays)
+    artifacts.write_json(out / "selection.json", summary)
+    return ["scores.npz", "selection.json"]
 
 
 def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], config, *,

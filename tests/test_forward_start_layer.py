@@ -1,0 +1,96 @@
+"""`forward` from a start layer on a given residual stream, and prompts sharing a prefix's keys
+and values: both must give the full forward's logits and captures."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from refusal_jax.interventions import Compose, activation_addition, directional_ablation
+from refusal_jax.models.batching import forward_shared_prefix, shared_prefix_length, split_batches
+from refusal_jax.models.core import KVCache, forward
+from refusal_jax.runtime.random_models import random_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_model("llama-tiny", seed=3)
+
+
+def _batch(tiny, instructions):
+    batch = tiny.chat.encode(instructions, context_length=512)
+    return jnp.asarray(batch.tokens), jnp.asarray(batch.valid)
+
+
+def _intervention(tiny, layer):
+    n_layers = tiny.config.n_layers
+    direction = np.random.default_rng(layer).standard_normal(tiny.config.d_model)
+    return Compose((
+        directional_ablation(direction, n_layers=n_layers, layers=range(layer, n_layers)),
+        activation_addition(direction / np.linalg.norm(direction), 2.0, n_layers=n_layers,
+                            layers=[layer])))
+
+
+def test_static_and_traced_start_layers_equal_the_full_forward(tiny):
+    tokens, valid = _batch(tiny, ["How do I pick a lock?", "Hi"])
+    everywhere = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    baseline = forward(tiny.params, tokens, valid, config=tiny.config,
+                       capture_positions=everywhere, logits="none").captures  # [B, T, L, D]
+    traced = jax.jit(lambda resid, start, iv: forward(
+        tiny.params, None, valid, config=tiny.config, intervention=iv, resid=resid,
+        start_layer=start, capture_positions=everywhere))
+    for layer in range(tiny.config.n_layers):
+        intervention = _intervention(tiny, layer)
+        full = forward(tiny.params, tokens, valid, config=tiny.config, intervention=intervention,
+                       capture_positions=everywhere)
+        scale = float(jnp.max(jnp.abs(full.captures)))
+        for out in (forward(tiny.params, None, valid, config=tiny.config,
+                            intervention=intervention, resid=baseline[:, :, layer],
+                            start_layer=layer, capture_positions=everywhere),
+                    traced(baseline[:, :, layer], jnp.asarray(layer), intervention)):
+            np.testing.assert_allclose(out.logits, full.logits, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(out.captures[:, :, layer:], full.captures[:, :, layer:],
+                                       rtol=1e-5, atol=1e-5 * scale)
+            assert not np.any(out.captures[:, :, :layer])  # layers below the start do not run
+
+
+def test_shared_prefix_forward_of_one_row_and_of_resumed_streams_equals_the_full_forward(tiny):
+    """One row (its cache is as long as the prefix, and is read, not extended) and a batch
+    resumed at a layer from its residual stream, through `forward_shared_prefix`."""
+    instructions = ["Write a poem about the sea", "Name a colour", "Hi"]
+    batch = tiny.chat.encode(instructions, context_length=512, length_bucket=1)
+    token_lists = [list(ids[mask]) for ids, mask in zip(batch.tokens, batch.valid)]
+    n_prefix = shared_prefix_length(token_lists)
+    assert n_prefix >= 3  # the template's system turn
+    ((rows, split_tokens, split_valid),) = split_batches(token_lists, n_prefix, batch_size=8,
+                                                         length_bucket=4, pad_id=0)
+    split_tokens, split_valid = jnp.asarray(split_tokens), jnp.asarray(split_valid)
+    layer = 1
+    intervention = _intervention(tiny, layer)
+    full = forward(tiny.params, jnp.asarray(batch.tokens)[rows], jnp.asarray(batch.valid)[rows],
+                   config=tiny.config, intervention=intervention, logits="last")
+
+    one = forward_shared_prefix(tiny.params, split_tokens[0, :n_prefix],
+                                split_tokens[:1, n_prefix:], split_valid[:1, n_prefix:],
+                                config=tiny.config, intervention=intervention)
+    np.testing.assert_allclose(one.logits, full.logits[:1], rtol=1e-5, atol=1e-5)
+
+    everywhere = jnp.broadcast_to(jnp.arange(split_tokens.shape[1]), split_tokens.shape)
+    baseline = forward(tiny.params, split_tokens, split_valid, config=tiny.config,
+                       capture_positions=everywhere, logits="none").captures[:, :, layer]
+    resumed = jax.jit(forward_shared_prefix, static_argnames=("config", "logits"))(
+        tiny.params, baseline[0, :n_prefix], baseline[:, n_prefix:], split_valid[:, n_prefix:],
+        config=tiny.config, intervention=intervention, start_layer=jnp.asarray(layer))
+    np.testing.assert_allclose(resumed.logits, full.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_needs_exactly_one_input_and_a_cache_it_can_extend(tiny):
+    tokens, valid = _batch(tiny, ["Hi", "Hello there"])
+    with pytest.raises(ValueError, match="exactly one of tokens and resid"):
+        forward(tiny.params, None, valid, config=tiny.config)
+    embedded = tiny.params.embed[tokens]
+    with pytest.raises(ValueError, match="exactly one of tokens and resid"):
+        forward(tiny.params, tokens, valid, config=tiny.config, resid=embedded)
+    one_row = KVCache.empty(tiny.config, 1, 64)
+    with pytest.raises(ValueError, match="extend_cache=False"):
+        forward(tiny.params, tokens, valid, config=tiny.config, cache=one_row)
