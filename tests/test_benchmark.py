@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from refusal_jax.directions import mean_difference
 from refusal_jax.evaluation.activations import capture
 from refusal_jax.evaluation.k_curve import k_values
 from refusal_jax.evaluation.refusal import refusal_rate
-from refusal_jax.runtime.loading import random_model
+from refusal_jax.runtime.random_models import random_model
 from refusal_jax.study import artifacts
 from refusal_jax.study.runner import run_study
 from refusal_jax.text import load_instructions
@@ -441,13 +442,117 @@ def test_twin_dim_direction_equals_our_extract_stage(tiny_pipeline_and_twin):
     assert np.abs(ours[:, 1:]).max() > 100 * DIM_ATOL
 
 
-def test_twin_baseline_completions_match_ours_under_greedy_decoding(tiny_pipeline_and_twin):
-    _, study, twin = tiny_pipeline_and_twin
-    ours_rows = artifacts.read_json(study.stage_dir("infer") / "completions/baseline.json")
-    for cls in ("harmful", "harmless"):
-        ours = [row["completion"] for row in ours_rows[cls]]
-        assert twin.completions["baseline"][cls] == ours
-        assert twin.metrics["baseline"][f"{cls}_refusal_rate"] == refusal_rate(ours)
+def test_twin_completions_of_every_variant_match_ours_under_greedy_decoding(
+        tiny_pipeline_and_twin):
+    """The twin builds each variant from its own directions and selection (the same components
+    as ours here), with hooks of its own: every variant's completions are ours."""
+    config, study, twin = tiny_pipeline_and_twin
+    assert len(config.infer.interventions) == 10
+    for name in config.infer.interventions:
+        ours_rows = artifacts.read_json(study.stage_dir("infer") / f"completions/{name}.json")
+        for cls in ("harmful", "harmless"):
+            ours = [row["completion"] for row in ours_rows[cls]]
+            assert twin.completions[name][cls] == ours, (name, cls)
+            assert twin.metrics[name][f"{cls}_refusal_rate"] == refusal_rate(ours)
+
+
+# Largest |ours - twin| of the evaluate stage's metrics when the twin builds its variants from
+# our directions and selection (float32 forwards of the same weights, summed in other orders):
+# measured at most 1.3e-6 (KL of dim_folded; 4e-7 elsewhere), 5e-7 (cross-entropy) and 1.2e-7
+# (centroid-axis positions) on the idle 2-core CPU; the tolerances are about 10x that. The
+# variants move KL by 1.6e-2 to 0.5 and cross-entropy by 3e-4 to 4.6e-2 from the baseline.
+KL_TOLERANCE, CROSS_ENTROPY_TOLERANCE, POSITION_TOLERANCE = 1e-5, 5e-6, 1e-6
+# Against the twin's metrics from its own directions (its INLP is scikit-learn's, whose basis
+# differs from ours in the sixth digit): measured at most 2.1e-5, tolerance 10x.
+OWN_DIRECTIONS_TOLERANCE = 2e-4
+
+
+def _twin_centroid_axis_positions(twin, names) -> dict[str, tuple[float, float]]:
+    """Mean centroid-axis positions (harmful, harmless eval) of each variant, from the twin's
+    hooked captures, in float64 numpy: at the first DiM component's (position, layer) for the
+    baseline and the DiM / LEACE variants, at the first INLP component's for the INLP ones; 0 =
+    baseline harmful centroid, 1 = baseline harmless centroid there."""
+    prompts, selection = twin.prompts, twin.selection
+    sources = [selection[method]["components"][0] for method in ("dim", "inlp")]
+    eoi = [source["position_index"] for source in sources]
+
+    def at_source(captures, index):  # captures [n, 2, L, D] at the two sources' positions
+        return captures[:, index, sources[index]["layer"]].detach().double().numpy()
+
+    base = {cls: twin.capture(prompts[f"{cls}_eval"], eoi)[0] for cls in ("harmful", "harmless")}
+    positions = {}
+    for name in names:
+        index = 1 if name.startswith("inlp_") else 0
+        harmful_hooks, harmless_hooks, model = twin.variant(name)
+        mu_h = at_source(base["harmful"], index).mean(0)
+        axis = at_source(base["harmless"], index).mean(0) - mu_h
+        moved = []
+        for cls, hooks in (("harmful", harmful_hooks), ("harmless", harmless_hooks)):
+            with hooks():
+                points = at_source(twin.capture(prompts[f"{cls}_eval"], eoi, model)[0], index)
+            moved.append(float(((points - mu_h) @ axis / (axis @ axis)).mean()))
+        positions[name] = tuple(moved)
+    return positions
+
+
+@pytest.fixture(scope="module")
+def evaluated_and_twin_on_our_artefacts(tiny_pipeline_and_twin):
+    """Our evaluate stage on the fixture's run, and a twin whose infer and evaluate stages start
+    from our prompts, directions and selection: each variant is built twice from the same
+    inputs, by `study.variants` and by the twin's hooks, and measured twice."""
+    config, study, _ = tiny_pipeline_and_twin
+    run_study(config, study.workdir, stages=("evaluate",))
+    metrics = artifacts.read_json(study.stage_dir("evaluate") / "metrics.json")["interventions"]
+    with torch.no_grad():
+        twin = torch_pipeline._Twin(config, TORCH_CPU)
+        twin.prompts = study.prompts()
+        twin.directions, twin.selection = study.directions(), study.selection()
+        twin.infer()
+        twin.evaluate()
+        positions = _twin_centroid_axis_positions(twin, config.infer.interventions)
+    return config, study, metrics, twin, positions
+
+
+def test_every_variant_on_our_artefacts_completes_as_the_twin(evaluated_and_twin_on_our_artefacts):
+    config, study, _, twin, _ = evaluated_and_twin_on_our_artefacts
+    for name in config.infer.interventions:
+        ours_rows = artifacts.read_json(study.stage_dir("infer") / f"completions/{name}.json")
+        for cls in ("harmful", "harmless"):
+            assert twin.completions[name][cls] == [row["completion"] for row in ours_rows[cls]], (
+                name, cls)
+
+
+def test_evaluate_metrics_of_every_variant_match_the_twin(evaluated_and_twin_on_our_artefacts,
+                                                          tiny_pipeline_and_twin):
+    """KL on harmless eval (harmless-prompt intervention), cross-entropy of the built-in text
+    (harmful-prompt intervention) and the centroid-axis positions, variant by variant, against
+    the twin's hooks on the same directions; and against the twin's own run."""
+    config, _, metrics, twin, positions = evaluated_and_twin_on_our_artefacts
+    own = tiny_pipeline_and_twin[2]
+    assert set(metrics) == set(config.infer.interventions)
+    for name in config.infer.interventions:
+        ours, theirs = metrics[name], twin.metrics[name]
+        assert abs(ours["kl"] - theirs["kl"]) <= KL_TOLERANCE, (name, ours["kl"], theirs["kl"])
+        assert abs(ours["cross_entropy"]["builtin"] - theirs["cross_entropy"]["builtin"]) <= (
+            CROSS_ENTROPY_TOLERANCE), (name, ours["cross_entropy"], theirs["cross_entropy"])
+        harmful, harmless = positions[name]
+        assert abs(ours["centroid_axis_position"] - harmful) <= POSITION_TOLERANCE, (
+            name, ours["centroid_axis_position"], harmful)
+        assert abs(ours["centroid_axis_position_harmless"] - harmless) <= POSITION_TOLERANCE, (
+            name, ours["centroid_axis_position_harmless"], harmless)
+        for cls in ("harmful", "harmless"):
+            assert ours[f"{cls}_refusal_rate"] == theirs[f"{cls}_refusal_rate"]
+        assert abs(ours["kl"] - own.metrics[name]["kl"]) <= OWN_DIRECTIONS_TOLERANCE, name
+        assert abs(ours["cross_entropy"]["builtin"] - own.metrics[name]["cross_entropy"][
+            "builtin"]) <= OWN_DIRECTIONS_TOLERANCE, name
+    # Not vacuous: every variant but the baseline moves the KL, and the cross-entropy, far more
+    # than the tolerances (a sign flip of any variant's coefficient moves them too).
+    baseline = metrics["baseline"]
+    assert baseline["kl"] == pytest.approx(0.0, abs=KL_TOLERANCE)
+    for name in config.infer.interventions[1:]:
+        assert metrics[name]["kl"] > 1000 * KL_TOLERANCE, name
+        assert abs(metrics[name]["cross_entropy"]["builtin"]
+                   - baseline["cross_entropy"]["builtin"]) > 20 * CROSS_ENTROPY_TOLERANCE, name
 
 
 def test_section_rows_pair_each_mirrored_stage_with_the_twin(tiny_pipeline_and_twin):

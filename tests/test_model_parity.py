@@ -14,7 +14,9 @@ from refusal_jax.models.core import forward
 from refusal_jax.models.io.checkpoints import save_hf_checkpoint
 from refusal_jax.models.io.convert import CheckpointMismatchError, params_from_hf, params_to_hf
 
-TOLERANCE = 1e-4
+# Largest |ours - transformers| of float32 logits (magnitude up to 1.5): measured 1.8e-7 to
+# 4.8e-7 over the families (gemma_mqa the largest); about 10x that.
+TOLERANCE = 5e-6
 
 
 @functools.lru_cache(maxsize=None)
