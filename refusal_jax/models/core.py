@@ -63,6 +63,15 @@ class KVCache:
                    next_position=jnp.zeros((batch,), jnp.int32),
                    length=jnp.zeros((), jnp.int32))
 
+    def repeat_rows(self, rows: int) -> "KVCache":
+        """This one-row cache repeated for ``rows`` rows (broadcast, not copied)."""
+        def spread(leaf, axis):
+            return jnp.broadcast_to(leaf, leaf.shape[:axis] + (rows,) + leaf.shape[axis + 1:])
+
+        return KVCache(keys=spread(self.keys, 1), values=spread(self.values, 1),
+                       positions=spread(self.positions, 0),
+                       next_position=spread(self.next_position, 0), length=self.length)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

@@ -36,7 +36,8 @@ from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
 from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.k_curve import KCurve, KCurvePoint, k_values, plot_k_curve
-from refusal_jax.models.batching import forward_shared_prefix, shared_prefix_batches
+from refusal_jax.models.batching import shared_prefix_batches
+from refusal_jax.models.core import KVCache, forward
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.runtime.progress import progress
@@ -52,11 +53,18 @@ def _logits_and_captures(params, prefix, tokens, valid, capture_positions, inter
                          config):
     """Last-position logits [B, V] and captures [B, P, L, D] of prompts that all start with the
     tokens ``prefix`` [N] followed by their own left-padded ``tokens`` [B, T] (capture positions
-    index into T): the prefix is run once and shared by every row
-    (``models.batching.forward_shared_prefix``)."""
-    out = forward_shared_prefix(params, prefix, tokens, valid, config=config,
-                                intervention=intervention, capture_positions=capture_positions,
-                                logits="last")
+    index into T). The prefix is run once, under the same intervention, into a KV cache that
+    every row then continues, as generation does: exactly the full forward of each prompt."""
+    rows, length = tokens.shape
+    cache = None
+    if prefix.shape[0]:
+        cache = KVCache.empty(config, 1, prefix.shape[0] + length, params.embed.dtype)
+        cache = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
+                        config=config, intervention=intervention, cache=cache,
+                        logits="none").cache
+        cache = cache.repeat_rows(rows)
+    out = forward(params, tokens, valid, config=config, intervention=intervention,
+                  capture_positions=capture_positions, cache=cache, logits="last")
     return out.logits, out.captures
 
 
