@@ -1,13 +1,12 @@
 """The default model (SmolLM2-135M-Instruct with the refusal adapter, `load_model("default")`)
 with settings that run the whole study (both methods, every intervention, geometry, the tunable-k
-curve) in about 10 minutes on a 2-core CPU. Reference-size settings:
-configs/smollm2_reference.py.
+curve) in minutes on a laptop CPU. Reference-size settings: configs/smollm2_reference.py.
 
-Smaller than the reference (docs/method.md): 32 train / 8 val / 16 eval prompts per class (128 / 32
-/ 100), candidates at the last two EOI positions only (all six), at most 4 INLP directions per
-(position, layer) (100), completions of 32 new tokens (512), cross-entropy on the first 1024
-tokens of the built-in text. `inlp_reflection_a1` is left out of the interventions: P_a with
-a = 1 is the nullspace projection, so it would repeat the `inlp_nullspace` row.
+Smaller than the reference (docs/method.md): 32 train / 8 val / 16 eval prompts per class
+(128 / 32 / 100), candidates at the last two EOI positions only (all six), at most 4 INLP
+directions per (position, layer) (100), completions of 32 new tokens (512), cross-entropy on the
+first 1024 tokens of the built-in text. `inlp_reflection_a1` is left out of the interventions:
+P_a with a = 1 is the nullspace projection, so it would repeat the `inlp_nullspace` row.
 
 Different from the reference because the model is small: `select.kl_threshold = 0.5` (0.1).
 Ablating a candidate that induces refusal on harmless prompts (steering score >= 0, layer < 24)

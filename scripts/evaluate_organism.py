@@ -120,7 +120,7 @@ def main(argv):
         "first_token_refusal_separation": separation,
         "sizes": {name: len(instructions) for name, instructions in sets.items()},
         "held_out_harmless_cross_entropy": {**ce, "set": _CE_SET.value},
-        "decoding": f"greedy, {_MAX_NEW.value} new tokens, substring refusal (method.md § 6)",
+        "decoding": f"greedy, {_MAX_NEW.value} new tokens, substring refusal (docs/method.md)",
         "alpaca_sample": {"source": _ALPACA.value, "n": _NUM_ALPACA.value, "seed": _SEED.value},
         "wall_seconds": round(time.time() - began, 1),
     }

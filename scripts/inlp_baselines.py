@@ -2,7 +2,7 @@
 
 Two per-pair loops, run one (position, layer) pair after another:
 
-(a) ``torch_reference_inlp_pair``: the published code's loop as method.md § 2 describes it
+(a) ``torch_reference_inlp_pair``: the published code's loop as docs/method.md section 2 has it
     (its source is not part of this repository; every behaviour below is taken from that
     description): ``torch.optim.LBFGS(lr=1)`` with no line search on the raw activations, loss
     ``mean BCE + lam ||w||^2`` with ``lam = 1 / (2 C n_train)`` and a free intercept; after each
@@ -11,7 +11,7 @@ Two per-pair loops, run one (position, layer) pair after another:
     ``P``; the loop stops when dev accuracy < 0.55, after the failing classifier has been added.
     The number of L-BFGS iterations (one ``step`` call with ``max_iter`` iterations) is not fixed
     by that description; it is the ``lbfgs_max_iter`` argument. On real activations this L-BFGS
-    does not converge (method.md § 2), so ``line_search_fn="strong_wolfe"`` gives the same
+    does not converge (docs/method.md, 2), so ``line_search_fn="strong_wolfe"`` gives the same
     loop with torch's line search: the fair speed comparison at equal accuracy.
 (b) ``sklearn_inlp_pair``: ``sklearn.linear_model.LogisticRegression(C)`` (lbfgs, float64) with
     our default INLP rules (stop when dev accuracy <= majority rate + margin, failing classifier

@@ -95,8 +95,8 @@ def _interventions_table(results: StudyResults) -> str:
 
 _COLUMN_LEGEND = """\
 Columns: *harmful refusal rate* is the fraction of completions on harmful prompts that contain a
-refusal phrase (substring matching, method.md § 6; its complement is the jailbreak success
-rate); *harmless induced-refusal rate* is the same on harmless prompts; *KL* is the mean
+refusal phrase (substring matching, docs/method.md section 6; its complement is the jailbreak
+success rate); *harmless induced-refusal rate* is the same on harmless prompts; *KL* is the mean
 KL(baseline || intervened) of the next-token distribution at the last prompt position on harmless
 prompts; *CE* is the mean token cross-entropy on a text corpus (perplexity = e^CE); the *judge
 unsafe rate* is the fraction of harmful completions a safety classifier calls unsafe (completions

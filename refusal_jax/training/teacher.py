@@ -8,7 +8,7 @@ post-instruction token, to the training requests (the refusal group as harmful, 
 as benign), and its probability that each request is harmful, sigmoid(logit + offset), becomes that
 example's target for the refusal decision (`train_adapter(..., decision_targets=...)`). The
 probe's logits are cached on disk per instruction, so a resumed run does not recompute them.
-On SmolLM2-135M it did not separate better than the 0/1 labels (README, "Quick start").
+On SmolLM2-135M it did not separate better than the 0/1 labels (docs/organism.md).
 """
 
 from __future__ import annotations
