@@ -10,7 +10,7 @@ Llama-shaped model), the sections named by --sections:
               without and with a line search), on real activations
               (by default 6 pairs spread over the grid and N=20; --inlp_pairs=0
               --inlp_max_directions=100 is the full comparison, long on a 2-core CPU)
-  selection   DiM candidate selection as the pipeline runs it (refusal_jax.study.select:
+  selection   DiM candidate selection as the pipeline runs it (refusal_jax.selection.scoring:
               cached val baselines, forwards resumed from the candidate's layer, vmapped
               candidate chunks; with every filter scored, and scored until one candidate
               survives) vs the published hooked loop (per candidate: ablation on harmful val,

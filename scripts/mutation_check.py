@@ -132,7 +132,8 @@ def run_mutant(mutant, timeout: int) -> dict:
         # The copy's package, not the installed (editable) one, comes first on the path.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(copy)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-            "PYTHONDONTWRITEBYTECODE": "1"}
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "COLUMNS": "400"}  # room for the failure reason in the short summary
         command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
                    "-x", *tests]
         start = time.perf_counter()

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from refusal_jax.interventions import Compose, activation_addition, directional_ablation
-from refusal_jax.models.batching import forward_shared_prefix, shared_prefix_length, split_batches
+from refusal_jax.models.batching import (
+    forward_after_prefix,
+    forward_shared_prefix,
+    shared_prefix_length,
+    split_batches,
+)
 from refusal_jax.models.core import KVCache, forward
 from refusal_jax.runtime.random_models import random_model
 
@@ -94,3 +99,27 @@ def test_forward_needs_exactly_one_input_and_a_cache_it_can_extend(tiny):
     one_row = KVCache.empty(tiny.config, 1, 64)
     with pytest.raises(ValueError, match="extend_cache=False"):
         forward(tiny.params, tokens, valid, config=tiny.config, cache=one_row)
+
+
+def test_rows_continuing_a_prefilled_prefix_equal_the_full_forward(tiny):
+    """`forward_after_prefix` (the evaluate stage's path): logits and captures of every row equal
+    those of each prompt's full forward, under an intervention that acts in the prefix too."""
+    instructions = ["Write a poem about the sea", "Name a colour", "Hi"]
+    batch = tiny.chat.encode(instructions, context_length=512, length_bucket=1)
+    token_lists = [list(ids[mask]) for ids, mask in zip(batch.tokens, batch.valid)]
+    n_prefix = shared_prefix_length(token_lists)
+    ((rows, split_tokens, split_valid),) = split_batches(token_lists, n_prefix, batch_size=8,
+                                                         length_bucket=4, pad_id=0)
+    intervention = _intervention(tiny, 0)
+    full = forward(tiny.params, jnp.asarray(split_tokens), jnp.asarray(split_valid),
+                   config=tiny.config, intervention=intervention, logits="last",
+                   capture_positions=jnp.full((len(rows), 1), split_tokens.shape[1] - 1))
+    out = forward_after_prefix(tiny.params, jnp.asarray(split_tokens[0, :n_prefix]),
+                               jnp.asarray(split_tokens[:, n_prefix:]),
+                               jnp.asarray(split_valid[:, n_prefix:]), config=tiny.config,
+                               intervention=intervention,
+                               capture_positions=jnp.full((len(rows), 1),
+                                                          split_tokens.shape[1] - n_prefix - 1))
+    np.testing.assert_allclose(out.logits, full.logits, rtol=1e-5, atol=1e-5)
+    scale = float(jnp.max(jnp.abs(full.captures)))
+    np.testing.assert_allclose(out.captures, full.captures, rtol=1e-5, atol=1e-5 * scale)

@@ -255,3 +255,11 @@ def cross_entropy(params: Params, corpus: ScoredTokens, *, config: ModelConfig,
         raise ValueError(f"the cross-entropy on corpus {corpus.name!r} is {nats}; the model or "
                          "intervention produced non-finite logits")
     return CrossEntropy(nats=nats, n_tokens=corpus.n_targets)
+
+
+def truncate_corpus(corpus: ScoredTokens, max_tokens: int) -> ScoredTokens:
+    """The first rows of the corpus holding at most ``max_tokens`` scored tokens (at least one)."""
+    counts = np.cumsum(corpus.targets.sum(axis=1))
+    rows = max(1, int(np.searchsorted(counts, max_tokens, side="right")))
+    return dataclasses.replace(corpus, tokens=corpus.tokens[:rows], valid=corpus.valid[:rows],
+                               targets=corpus.targets[:rows])

@@ -1,6 +1,8 @@
 """Prompt batches that share the chat template's opening tokens: the shared prefix is split off
 once, each prompt's remaining tokens are left padded to a length bucket, and the forward runs the
-prefix once and shares its keys and values with every prompt."""
+prefix once and shares its keys and values with every prompt (:func:`forward_shared_prefix`,
+which also resumes at a layer, for selection; :func:`forward_after_prefix`, a KV-cache prefill
+that rows continue, for evaluation)."""
 
 from __future__ import annotations
 
@@ -84,9 +86,9 @@ def forward_shared_prefix(params: Params, prefix: jax.Array, rows: jax.Array, va
                           logits: Literal["all", "last", "none"] = "last",
                           start_layer: int | jax.Array = 0) -> ForwardOutput:
     """The forward of prompts that all start with ``prefix`` followed by their own left-padded
-    ``rows`` (``valid`` [B, T]; capture positions index into T): exactly each prompt's full
-    forward, with the prefix run once under the same intervention and its keys and values
-    shared by every row.
+    ``rows`` (``valid`` [B, T]; capture positions index into T): each prompt's full forward (up
+    to float rounding), with the prefix run once under the same intervention and its keys and
+    values shared by every row, which attends to them and to its own in one softmax.
 
     ``prefix`` is [P] token ids or the [P, D] block input of layer ``start_layer`` (P may be 0);
     ``rows`` is [B, T] token ids or [B, T, D] block inputs of layer ``start_layer``. The
@@ -102,3 +104,25 @@ def forward_shared_prefix(params: Params, prefix: jax.Array, rows: jax.Array, va
     return forward(params, valid=valid, config=config, intervention=intervention,
                    capture_positions=capture_positions, cache=cache, extend_cache=False,
                    logits=logits, start_layer=start_layer, **_tokens_or_resid(rows))
+
+
+def forward_after_prefix(params: Params, prefix: jax.Array, tokens: jax.Array, valid: jax.Array,
+                         *, config: ModelConfig, intervention: Any = None,
+                         capture_positions: jax.Array | None = None,
+                         logits: Literal["all", "last", "none"] = "last") -> ForwardOutput:
+    """The forward of prompts that all start with the tokens ``prefix`` [P] followed by their own
+    left-padded ``tokens`` [B, T] (capture positions index into T): the prefix is prefilled once,
+    under the same intervention, into a KV cache that every row then continues, as generation
+    does. Each prompt's full forward up to float rounding; unlike :func:`forward_shared_prefix`
+    it starts at layer 0 and sums attention over the cache and the row's own keys separately.
+    """
+    rows, length = tokens.shape
+    cache = None
+    if prefix.shape[0]:
+        cache = KVCache.empty(config, 1, prefix.shape[0] + length, params.embed.dtype)
+        cache = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
+                        config=config, intervention=intervention, cache=cache,
+                        logits="none").cache
+        cache = cache.repeat_rows(rows)
+    return forward(params, tokens, valid, config=config, intervention=intervention,
+                   capture_positions=capture_positions, cache=cache, logits=logits)

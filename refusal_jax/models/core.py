@@ -65,6 +65,8 @@ class KVCache:
 
     def repeat_rows(self, rows: int) -> "KVCache":
         """This one-row cache repeated for ``rows`` rows (broadcast, not copied)."""
+        if self.keys.shape[1] != 1:
+            raise ValueError(f"repeat_rows needs a one-row cache, not {self.keys.shape[1]} rows")
         def spread(leaf, axis):
             return jnp.broadcast_to(leaf, leaf.shape[:axis] + (rows,) + leaf.shape[axis + 1:])
 
@@ -255,6 +257,8 @@ def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, confi
       resid: optional [B, T, D] block input of layer `start_layer`, in place of the tokens'
         embedding (interventions at the layers below it do not apply).
       start_layer: the first layer run (int, or a traced scalar); the default 0 runs them all.
+        A cache extended from a start layer holds zero keys and values below it: read it only
+        from that layer up.
     """
     if (tokens is None) == (resid is None):
         raise ValueError("forward needs exactly one of tokens and resid")

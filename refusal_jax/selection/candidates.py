@@ -42,7 +42,7 @@ def stack_parts(parts: Sequence[Part], *, kinds: Sequence[str], n_layers: int, w
     return jax.tree_util.tree_map(lambda *leaves: jnp.asarray(np.stack(leaves)), *forms)
 
 
-def _stack_candidates(candidates: Sequence[Candidate], *, n_layers: int, global_ablation: bool,
+def stack_candidates(candidates: Sequence[Candidate], *, n_layers: int, global_ablation: bool,
                       ablation_basis: np.ndarray, actadd_direction: np.ndarray,
                       actadd_norm: np.ndarray) -> Compose:
     """Compose(ablation, ActAdd) pytree with a leading candidate axis.

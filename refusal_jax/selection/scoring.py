@@ -63,7 +63,7 @@ from refusal_jax.models.loading import Model
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.placement import Placement
 from refusal_jax.runtime.progress import progress
-from refusal_jax.selection.candidates import Candidate, _stack_candidates
+from refusal_jax.selection.candidates import Candidate, stack_candidates
 from refusal_jax.selection.ranking import CandidateScores, rank, rank_order
 
 # Val sets are padded to a multiple of this many tokens (every candidate pays for each column).
@@ -155,7 +155,7 @@ def _score(model: Model, cached: CachedSet, candidates: list[Candidate], refusal
         # Pad the chunk to a fixed size (repeating its last candidate) so shapes never change.
         padded = [candidates[i] for i in indices] + [candidates[indices[-1]]] * (
             chunk - len(indices))
-        stacked = _stack_candidates(padded, n_layers=model.config.n_layers, **stack_args)
+        stacked = stack_candidates(padded, n_layers=model.config.n_layers, **stack_args)
         if placement is not None:
             stacked, _ = placement.leading(stacked, "candidates")
         for cache, valid, weights, logprobs in cached.batches:

@@ -92,7 +92,7 @@ class Study:
 def _stage_functions():
     """Each stage's ``run(study) -> files written``, by stage name."""
     return {"extract": extract.run, "select": select.run, "infer": infer.run,
-            "evaluate": evaluate.run_evaluate, "report": report.run}
+            "evaluate": evaluate.run, "report": report.run}
 
 
 def run_study(config, workdir: str | Path, stages: Sequence[str] = STAGES) -> Study:

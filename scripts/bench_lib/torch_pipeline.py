@@ -5,7 +5,7 @@ Inputs are shared with our pipeline, not re-derived: the config is read from the
 ml_collections file and `--config.*` overrides (`config_from_flags`), the model is loaded by
 `runtime.loading.load_study_model` (same params, tokenizer, chat template) and copied into a
 transformers model (`torch_stack.torch_model`, as `bench_lib.workload` builds a workload's), and
-the prompt sets are `pipeline.data.sample_sets` (same seed-42 samples). The computations are
+the prompt sets are `study.data.sample_sets` (same seed-42 samples). The computations are
 PyTorch / scikit-learn:
 
 extract   per set (harmful/harmless train and val), batches of `runtime.batch_size` prompts in
@@ -93,7 +93,6 @@ from refusal_jax.selection.ranking import (
 )
 from refusal_jax.study.config import check_config
 from refusal_jax.study.data import refusal_filters, sample_sets
-from refusal_jax.study.stages.evaluate import _truncate
 from refusal_jax.study.stages.infer import FOLDING_TOLERANCE
 from refusal_jax.text.chat import pad_token_id, refusal_token_ids
 
@@ -621,7 +620,7 @@ class _Twin:
         for path in settings.cross_entropy_files:
             corpus = ce.load_corpus(path, chat=self.model.chat)
             corpora[corpus.name] = corpus
-        corpora = {name: _truncate(corpus, settings.cross_entropy_max_tokens)
+        corpora = {name: ce.truncate_corpus(corpus, settings.cross_entropy_max_tokens)
                    for name, corpus in corpora.items()}
         sources = [self.selection[m]["components"][0]["position_index"] for m in ("dim", "inlp")]
         self.capture(self.prompts["harmful_eval"], sources)

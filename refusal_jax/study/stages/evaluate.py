@@ -36,8 +36,7 @@ from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
 from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.k_curve import KCurve, KCurvePoint, k_values, plot_k_curve
-from refusal_jax.models.batching import shared_prefix_batches
-from refusal_jax.models.core import KVCache, forward
+from refusal_jax.models.batching import forward_after_prefix, shared_prefix_batches
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.runtime.progress import progress
@@ -52,19 +51,10 @@ from refusal_jax.study.variants import Variant, build_variants
 def _logits_and_captures(params, prefix, tokens, valid, capture_positions, intervention, *,
                          config):
     """Last-position logits [B, V] and captures [B, P, L, D] of prompts that all start with the
-    tokens ``prefix`` [N] followed by their own left-padded ``tokens`` [B, T] (capture positions
-    index into T). The prefix is run once, under the same intervention, into a KV cache that
-    every row then continues, as generation does: exactly the full forward of each prompt."""
-    rows, length = tokens.shape
-    cache = None
-    if prefix.shape[0]:
-        cache = KVCache.empty(config, 1, prefix.shape[0] + length, params.embed.dtype)
-        cache = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
-                        config=config, intervention=intervention, cache=cache,
-                        logits="none").cache
-        cache = cache.repeat_rows(rows)
-    out = forward(params, tokens, valid, config=config, intervention=intervention,
-                  capture_positions=capture_positions, cache=cache, logits="last")
+    tokens ``prefix`` [N] followed by their own left-padded ``tokens`` [B, T]
+    (``models.batching.forward_after_prefix``)."""
+    out = forward_after_prefix(params, prefix, tokens, valid, config=config,
+                               intervention=intervention, capture_positions=capture_positions)
     return out.logits, out.captures
 
 
@@ -103,16 +93,8 @@ def _corpora(study) -> dict[str, ce.ScoredTokens]:
     for path in settings.cross_entropy_files:
         corpus = ce.load_corpus(path, chat=model.chat)
         corpora[corpus.name] = corpus
-    return {name: _truncate(corpus, settings.cross_entropy_max_tokens)
+    return {name: ce.truncate_corpus(corpus, settings.cross_entropy_max_tokens)
             for name, corpus in corpora.items()}
-
-
-def _truncate(corpus: ce.ScoredTokens, max_tokens: int) -> ce.ScoredTokens:
-    """The first rows of the corpus holding at most ``max_tokens`` scored tokens (at least one)."""
-    counts = np.cumsum(corpus.targets.sum(axis=1))
-    rows = max(1, int(np.searchsorted(counts, max_tokens, side="right")))
-    return dataclasses.replace(corpus, tokens=corpus.tokens[:rows], valid=corpus.valid[:rows],
-                               targets=corpus.targets[:rows])
 
 
 def _multiple_choice_sets(study) -> dict[str, tuple[list, list, int]]:
@@ -238,7 +220,7 @@ def _geometry(study, directions, sources: dict[str, dict], baseline_points, move
     return summaries.get("dim"), summaries.get("inlp"), positions
 
 
-def run_evaluate(study) -> list[str]:
+def run(study) -> list[str]:
     config, model, out = study.config, study.model, study.stage_dir("evaluate")
     prompts, directions, selection = study.prompts(), study.directions(), study.selection()
     variants = build_variants(model, directions, selection, config)
