@@ -7,17 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_decoder import CONFIG, D, L, run_forward
+from tiny_decoder import batch as _batch
+from tiny_decoder import params as _params
 
 from refusal_jax import interventions as iv
-from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
-from refusal_jax.models.params import map_specs, param_specs
-
-D = 32
-L = 3
-CONFIG = ModelConfig(family="llama", vocab_size=64, d_model=D, n_layers=L, n_heads=4,
-                     n_kv_heads=2, head_dim=8, d_ff=48, max_context=64)
-run_forward = jax.jit(forward, static_argnames=("config", "logits"))
 
 
 def _rng(seed=0):
@@ -32,26 +27,6 @@ def _orthonormal(k, d=D, seed=0):
 def _unit(d=D, seed=0):
     r = _rng(seed).normal(size=d).astype(np.float32)
     return r / np.linalg.norm(r)
-
-
-@functools.cache
-def _params():
-    """Random weights (numpy, so no compilation): N(0, 0.1^2), norms near 1."""
-    rng = _rng(0)
-
-    def init(spec):
-        identity = 1.0 if spec.is_norm else 0.0
-        return jnp.asarray(identity + 0.1 * rng.normal(size=spec.shape), jnp.float32)
-
-    return map_specs(init, param_specs(CONFIG))
-
-
-def _batch():
-    """Left-padded batch: row 1 has 3 padding tokens."""
-    tokens = _rng(1).integers(0, CONFIG.vocab_size, (2, 7)).astype(np.int32)
-    valid = np.ones((2, 7), bool)
-    valid[1, :3] = False
-    return tokens, valid
 
 
 def _context(valid):

@@ -9,20 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_decoder import CONFIG, D, L, run_forward
+from tiny_decoder import batch as _batch
+from tiny_decoder import params as _params
 
 from refusal_jax import interventions as iv
 from refusal_jax.interventions import folding
-from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import forward
-from refusal_jax.models.params import map_specs, param_specs
 from refusal_jax.selection.candidates import stack_parts
 from refusal_jax.study import variants
 from refusal_jax.study.config import base_config
-
-D, L = 32, 3
-CONFIG = ModelConfig(family="llama", vocab_size=64, d_model=D, n_layers=L, n_heads=4,
-                     n_kv_heads=2, head_dim=8, d_ff=48, max_context=64)
-run_forward = jax.jit(forward, static_argnames=("config", "logits"))
 
 
 @iv.intervention_kind("test_scaled_ablation")
@@ -81,24 +77,6 @@ TOY_KINDS = ("test_scaled_ablation", "test_shift")
 def _unit(seed):
     r = np.random.default_rng(seed).normal(size=D).astype(np.float32)
     return r / np.linalg.norm(r)
-
-
-@functools.cache
-def _params():
-    rng = np.random.default_rng(0)
-
-    def init(spec):
-        identity = 1.0 if spec.is_norm else 0.0
-        return jnp.asarray(identity + 0.1 * rng.normal(size=spec.shape), jnp.float32)
-
-    return map_specs(init, param_specs(CONFIG))
-
-
-def _batch():
-    tokens = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (2, 7)).astype(np.int32)
-    valid = np.ones((2, 7), bool)
-    valid[1, :3] = False
-    return tokens, valid
 
 
 def _logits(intervention, params=None, config=CONFIG):
