@@ -27,9 +27,14 @@ def fixture_results(plots=()):
         "interventions": [
             row("baseline", 0.9, 0.1, cross_entropy={"builtin": 3.0, "alpaca": 2.1},
                 judge_unsafe_rate=0.05, multiple_choice={"mmlu": 0.4},
-                centroid_axis_position=0.0, centroid_axis_position_harmless=1.0),
+                centroid_axis_position=0.0, centroid_axis_position_harmless=1.0,
+                harmful_on_topic_compliance_rate=0.05, harmful_degenerate_rate=0.05,
+                intervals={"harmful_refusal_rate": [0.699, 0.972],
+                           "harmful_on_topic_compliance_rate": [0.009, 0.236]}),
             row("dim_ablation", 0.1, 0.1, kl=0.02, cross_entropy={"builtin": 3.01},
-                judge_unsafe_rate=0.7, centroid_axis_position=0.8),
+                judge_unsafe_rate=0.7, centroid_axis_position=0.8,
+                harmful_on_topic_compliance_rate=0.85, harmful_degenerate_rate=0.05,
+                intervals={"kl": [0.011, 0.034]}),
             row("dim_actadd", 0.05, 0.9, kl=0.3, cross_entropy={"builtin": 3.2}),
             row("inlp_nullspace", 0.5, 0.1, kl=0.01, centroid_axis_position=0.52),
             row("inlp_reflection", 0.2, 0.15, kl=0.05, centroid_axis_position=0.3),
@@ -78,11 +83,15 @@ def test_write_report_renders_every_row_and_plot(workdir):
     for intervention in results["interventions"]:
         assert f"| `{intervention['name']}` |" in text
         assert f"- `{intervention['name']}`: {intervention['name']} at layer 5" in text
-    assert ("| intervention | harmful refusal rate | harmless induced-refusal rate | KL (harmless) "
-            "| CE builtin (nats) | CE alpaca (nats) | judge unsafe rate | mmlu acc. |") in text
-    assert ("| `baseline` | 0.90 (18/20) | 0.10 (1/10) | – | 3.000 | 2.100 | 0.05 | 0.40 | "
-            "0.00 | 1.00 |") in text
-    assert "| `dim_ablation` | 0.10 (2/20) | 0.10 (1/10) | 0.0200 | 3.010 | – | 0.70 | – |" in text
+    assert ("| intervention | harmful refusal rate | harmless induced-refusal rate | harmful "
+            "on-topic compliance | harmful off-topic / degenerate | KL (harmless) | CE builtin "
+            "(nats) | CE alpaca (nats) | judge unsafe rate | mmlu acc. |") in text
+    assert ("| `baseline` | 0.90 (18/20; 0.70–0.97) | 0.10 (1/10) | 0.05 (1/20; 0.01–0.24) | "
+            "0.05 (1/20) | – | 3.000 | 2.100 | 0.05 (1/20) | 0.40 | 0.00 | 1.00 |") in text
+    assert ("| `dim_ablation` | 0.10 (2/20) | 0.10 (1/10) | 0.85 (17/20) | 0.05 (1/20) | "
+            "0.0200 (0.0110–0.0340) | 3.010 | – | 0.70 (14/20) | – |") in text
+    # rows the judge did not label show a dash, not a zero
+    assert "| `leace` | 0.60 (12/20) | 0.10 (1/10) | – | – | 0.0000 |" in text
     for plot in PLOTS:
         assert f"]({plot})" in text and (workdir / plot).stat().st_size > 10_000
     assert "What to expect" in text and results["notes"][0] in text
@@ -120,13 +129,21 @@ def test_expectation_checks():
     checks = {finding: (verdict, evidence) for finding, verdict, evidence in
               render.expectation_checks(schema.validate_results(fixture_results()),
                                         FINDINGS)}
-    assert checks["DiM directional ablation suppresses most refusals"][0] == "holds"
-    assert "0.90 -> 0.10 (89% of refusals removed)" in checks[
-        "DiM directional ablation suppresses most refusals"][1]
-    assert checks["INLP reflection suppresses most refusals"][0] == "holds"
+    # judged rows: read on on-topic compliance, 1/20 -> 17/20, Newcombe [0.52, 0.91] > 0.45
+    assert checks["DiM directional ablation suppresses most refusals"] == (
+        "holds", "harmful on-topic compliance 0.05 -> 0.85 (+0.80, 95% CI [+0.52, +0.91]) "
+        "against 0.45, half the baseline's refusal rate")
+    # no judge on the reflection row: refusal rate 18/20 -> 4/20, [0.40, 0.84] straddles 0.45
+    verdict, evidence = checks["INLP reflection suppresses most refusals"]
+    assert verdict == "not resolved"
+    assert evidence.startswith("harmful refusal rate 0.90 -> 0.20 (substring match; no offline "
+                               "judge) (+0.70, 95% CI [+0.40, +0.84])")
+    # 10/20 vs 2/20 refused: [0.12, 0.61] > 0
     assert checks["INLP nullspace projection suppresses fewer refusals than DiM ablation"][0] \
         == "holds"
-    assert checks["DiM ActAdd induces refusals on harmless prompts"][0] == "holds"
+    # 9/10 vs 1/10 refused on harmless prompts: [0.37, 0.92] > 0
+    assert checks["DiM ActAdd induces refusals on harmless prompts"] == (
+        "holds", "harmless refusal rate 0.10 -> 0.90 (+0.80, 95% CI [+0.37, +0.92])")
     assert checks["nullspace projection lands between the clusters"][0] == "holds"
     assert checks["reflection lands in the opposite (harmless) cluster"][0] == "does not hold"
     # rows that are missing are "not measured", never guessed
@@ -177,6 +194,14 @@ def mutated(change):
      r"cross_entropy.builtin must be a number"),
     (lambda r: r["geometry"].update(layer=None), "layer is null"),
     (lambda r: r["geometry"].update(cosine_dim_inlp="high"), "cosine_dim_inlp must be a number"),
+    (lambda r: r["interventions"][1]["intervals"].update(kl=[0.03, 0.04]),
+     r"intervals.kl = \[0.03, 0.04\] does not hold its value 0.02"),
+    (lambda r: r["interventions"][1]["intervals"].update(kl=[0.01]), r"must be \[low, high\]"),
+    (lambda r: r["interventions"][2].update(intervals={"harmful_degenerate_rate": [0, 1]}),
+     "no number 'harmful_degenerate_rate'"),
+    (lambda r: r["interventions"][0]["intervals"].update(harmful_refusal_rate=[0.8, 1.2]),
+     r"harmful_refusal_rate\[1\] = 1.2 is not a rate"),
+    (lambda r: r["interventions"][0].update(harmful_degenerate_rate=1.5), "is not a rate"),
 ])
 def test_schema_errors(change, message):
     with pytest.raises(ValueError, match=message):
@@ -203,7 +228,7 @@ def test_update_readme_replaces_the_marked_section_and_copies_a_small_plot(workd
     text = readme.read_text()
     assert text.startswith("# Title\n\nBefore.\n\n" + render.README_START + "\n")
     assert text.endswith(render.README_END + "\n\nAfter.\n") and "old results" not in text
-    assert "| `dim_ablation` | 0.10 (2/20) | 0.10 (1/10) | 0.0200 |" in text
+    assert "| `dim_ablation` | 0.10 (2/20) | 0.10 (1/10) | 0.85 (17/20) |" in text
     assert ("| reflection lands in the opposite (harmless) cluster | does not hold | mean "
             "centroid-axis position 0.30 (expected >= 0.75) |") in text
     assert fixture_results()["notes"][0] in text  # the explanation travels with the verdict
@@ -278,8 +303,7 @@ def test_a_departure_of_nullspace_from_ablation_is_explained_from_the_results(wo
     parsed = schema.validate_results(results)
     (note,) = render.departure_notes(parsed, FINDINGS)
     assert note == ("Nullspace projection vs DiM ablation: 2/20 vs 2/20 harmful prompts still "
-                    "refused, a difference of +0.00 against a standard error of 0.09 at this "
-                    "sample size.")
+                    "refused.")
     # Both methods at one (position, layer): how much of r the INLP subspace removes.
     results["selections"][1].update(position=-1, layer=5)
     (note,) = render.departure_notes(schema.validate_results(results), FINDINGS)
@@ -309,3 +333,13 @@ def test_rendering_takes_its_findings_from_the_caller(tmp_path):
     text = report_path.read_text()
     assert "Toy expectations." in text and "- toy refused as often" in text
     assert "What to expect" not in text
+
+
+def test_version_1_results_still_read():
+    """Schema 2 only added optional fields, so a version 1 results.json reads unchanged."""
+    results = fixture_results()
+    results["schema_version"] = 1
+    for intervention in results["interventions"]:
+        for key in ("intervals", "harmful_on_topic_compliance_rate", "harmful_degenerate_rate"):
+            intervention.pop(key, None)
+    assert schema.validate_results(results).schema_version == 1

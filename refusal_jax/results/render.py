@@ -32,9 +32,10 @@ class Finding:
     """A published finding, checked on the rows named by ``rows`` (intervention names).
 
     ``judge`` gets those rows (`InterventionResult`s, in that order) and returns (holds,
-    evidence), or a string saying why the run cannot judge it. ``explain``, when given, gets
-    the results and the same rows of a run where the finding does not hold and returns a note
-    on why, from the run's own numbers (or None).
+    evidence), with holds None when the run's sample cannot resolve the finding, or a string
+    saying why the run cannot judge it. ``explain``, when given, gets the results and the same
+    rows of a run where the finding does not hold or is not resolved and returns a note on why,
+    from the run's own numbers (or None).
     """
 
     claim: str
@@ -56,10 +57,29 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _rate(value: float | None, n: int | None = None) -> str:
+def _rate(value: float | None, n: int | None = None,
+          interval: list[float] | None = None) -> str:
+    """``0.25``, ``0.25 (4/16)``, or with an interval ``0.25 (4/16; 0.10–0.49)``."""
     if value is None:
         return "–"
-    return f"{value:.2f}" if n is None else f"{value:.2f} ({round(value * n)}/{n})"
+    inside = [] if n is None else [f"{round(value * n)}/{n}"]
+    inside += [] if interval is None else [f"{interval[0]:.2f}–{interval[1]:.2f}"]
+    return f"{value:.2f} ({'; '.join(inside)})" if inside else f"{value:.2f}"
+
+
+def _mean(value: float | None, digits: int, interval: list[float] | None) -> str:
+    if value is None or interval is None:
+        return _number(value, digits)
+    return f"{value:.{digits}f} ({interval[0]:.{digits}f}–{interval[1]:.{digits}f})"
+
+
+# Optional rate columns: (field, header, which count it is a rate of), shown when any row has it.
+_JUDGE_COLUMNS = (
+    ("harmful_on_topic_compliance_rate", "harmful on-topic compliance", "n_harmful"),
+    ("harmful_degenerate_rate", "harmful off-topic / degenerate", "n_harmful"),
+    ("harmless_on_topic_compliance_rate", "harmless on-topic compliance", "n_harmless"),
+    ("harmless_degenerate_rate", "harmless off-topic / degenerate", "n_harmless"),
+)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -73,18 +93,28 @@ def _interventions_table(results: StudyResults) -> str:
                      key=lambda corpus: (corpus != "builtin", corpus))  # built-in text first
     benchmarks = sorted({b for row in results.interventions for b in row.multiple_choice})
     has_judge = any(row.judge_unsafe_rate is not None for row in results.interventions)
-    header = ["intervention", "harmful refusal rate", "harmless induced-refusal rate",
-              "KL (harmless)"]
+    judged = [column for column in _JUDGE_COLUMNS
+              if any(getattr(row, column[0]) is not None for row in results.interventions)]
+    header = ["intervention", "harmful refusal rate", "harmless induced-refusal rate"]
+    header += [title for _, title, _ in judged]
+    header += ["KL (harmless)"]
     header += [f"CE {corpus} (nats)" for corpus in corpora]
     header += ["judge unsafe rate"] if has_judge else []
     header += [f"{benchmark} acc." for benchmark in benchmarks]
     header += ["centroid axis: harmful", "centroid axis: harmless"]
     rows = []
     for row in results.interventions:
-        cells = [f"`{row.name}`", _rate(row.harmful_refusal_rate, row.n_harmful),
-                 _rate(row.harmless_refusal_rate, row.n_harmless), _number(row.kl, 4)]
+        cells = [f"`{row.name}`",
+                 _rate(row.harmful_refusal_rate, row.n_harmful,
+                       row.intervals.get("harmful_refusal_rate")),
+                 _rate(row.harmless_refusal_rate, row.n_harmless,
+                       row.intervals.get("harmless_refusal_rate"))]
+        cells += [_rate(getattr(row, field), getattr(row, n), row.intervals.get(field))
+                  for field, _, n in judged]
+        cells += [_mean(row.kl, 4, row.intervals.get("kl"))]
         cells += [_number(row.cross_entropy.get(corpus)) for corpus in corpora]
-        cells += [_rate(row.judge_unsafe_rate)] if has_judge else []
+        cells += ([_rate(row.judge_unsafe_rate, row.n_harmful,
+                         row.intervals.get("judge_unsafe_rate"))] if has_judge else [])
         cells += [_rate(row.multiple_choice.get(benchmark)) for benchmark in benchmarks]
         cells += [_number(row.centroid_axis_position, 2),
                   _number(row.centroid_axis_position_harmless, 2)]
@@ -95,8 +125,12 @@ def _interventions_table(results: StudyResults) -> str:
 
 _COLUMN_LEGEND = """\
 Columns: *harmful refusal rate* is the fraction of completions on harmful prompts that contain a
-refusal phrase (substring matching, docs/method.md section 6; its complement is the jailbreak
-success rate); *harmless induced-refusal rate* is the same on harmless prompts; *KL* is the mean
+refusal phrase (substring matching, docs/method.md section 6); *harmless induced-refusal rate* is
+the same on harmless prompts; the *on-topic compliance* and *off-topic / degenerate* columns are
+the offline judge's labels of the completions that are not refusals (docs/judge_guideline.md):
+harmful on-topic compliance is the jailbreak measure, since a refusal replaced by gibberish is no
+jailbreak. Rates read `rate (count/n; 95% Wilson interval)`, KL `mean (95% bootstrap interval
+over prompts)`; *KL* is the mean
 KL(baseline || intervened) of the next-token distribution at the last prompt position on harmless
 prompts; *CE* is the mean token cross-entropy on a text corpus (perplexity = e^CE); the *judge
 unsafe rate* is the fraction of harmful completions a safety classifier calls unsafe (completions
@@ -127,23 +161,26 @@ def _verdicts(results: StudyResults, expectations: Expectations
             verdicts.append((finding, "not measured", outcome))
         else:
             holds, evidence = outcome
-            verdicts.append((finding, "holds" if holds else "does not hold", evidence))
+            verdict = {True: "holds", False: "does not hold", None: "not resolved"}[holds]
+            verdicts.append((finding, verdict, evidence))
     return verdicts
 
 
 def expectation_checks(results: StudyResults, expectations: Expectations
                        ) -> list[tuple[str, str, str]]:
-    """Each finding as (claim, "holds" | "does not hold" | "not measured", evidence)."""
+    """Each finding as (claim, "holds" | "does not hold" | "not resolved" | "not measured",
+    evidence); "not resolved" means the run's sample cannot tell (see the finding's judge)."""
     return [(finding.claim, verdict, evidence)
             for finding, verdict, evidence in _verdicts(results, expectations)]
 
 
 def departure_notes(results: StudyResults, expectations: Expectations) -> list[str]:
-    """The explanations, computed from the results, of the findings that do not hold."""
+    """The explanations, computed from the results, of the findings that do not hold or are not
+    resolved."""
     rows = {row.name: row for row in results.interventions}
     notes = [finding.explain(results, *(rows[name] for name in finding.rows))
              for finding, verdict, _ in _verdicts(results, expectations)
-             if verdict == "does not hold" and finding.explain is not None]
+             if verdict in ("does not hold", "not resolved") and finding.explain is not None]
     return [note for note in notes if note]
 
 

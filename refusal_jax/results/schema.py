@@ -22,6 +22,17 @@ Schema (version `SCHEMA_VERSION`). `results.json` is `StudyResults` serialised b
                                   activations on the harmful(0)-to-harmless(1) centroid axis
         centroid_axis_position_harmless   float | null, the same for harmless activations
         multiple_choice           {benchmark: accuracy in [0, 1]}, e.g. {"mmlu": 0.41}
+        harmful_on_topic_compliance_rate, harmful_degenerate_rate,
+        harmless_on_topic_compliance_rate, harmless_degenerate_rate
+                                  float in [0, 1] | null, the offline judge's three-way labels
+                                  (refusal / on-topic compliance / off-topic or degenerate,
+                                  refusal_jax.evaluation.completion_labels): the fraction of
+                                  completions labelled on-topic compliance (on harmful prompts:
+                                  the jailbreak measure) and off-topic or degenerate (null
+                                  where the judge did not run)
+        intervals                 {metric: [low, high]}, the 95% interval of a metric above:
+                                  Wilson for rates, percentile bootstrap over prompts for KL
+        other_metrics             {name: value}, metrics registered beyond these fields
     selections       list of SelectedComponent: the (position, layer) chosen per method
         method, position (EOI position, negative), layer, bypass_score, steering_score,
         kl_score (floats | null), n_directions (int | null, INLP), first_direction_accuracy
@@ -68,7 +79,9 @@ from refusal_jax.evaluation.geometry import GeometrySummary
 from refusal_jax.evaluation.k_curve import KCurve, check_k_curve
 from refusal_jax.runtime.files import write_text_atomically
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 2 added the judge's rates and `intervals`, all optional: version 1 files still read.
+READABLE_VERSIONS = (1, 2)
 RESULTS_FILENAME = "results.json"
 
 @dataclasses.dataclass
@@ -85,8 +98,16 @@ class InterventionResult:
     centroid_axis_position: float | None = None
     centroid_axis_position_harmless: float | None = None
     multiple_choice: dict[str, float] = dataclasses.field(default_factory=dict)
+    harmful_on_topic_compliance_rate: float | None = None
+    harmful_degenerate_rate: float | None = None
+    harmless_on_topic_compliance_rate: float | None = None
+    harmless_degenerate_rate: float | None = None
+    intervals: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     # Metrics registered beyond the fields above (``refusal_jax.study.metrics``), by name.
     other_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_INTERVENTION_FIELDS = {field.name for field in dataclasses.fields(InterventionResult)}
 
 
 @dataclasses.dataclass
@@ -214,6 +235,31 @@ def _check_rate(value: float | None, where: str) -> None:
         raise ValueError(f"{where} = {value} is not a rate in [0, 1]")
 
 
+RATE_FIELDS = ("harmful_refusal_rate", "harmless_refusal_rate", "judge_unsafe_rate",
+               "harmful_on_topic_compliance_rate", "harmful_degenerate_rate",
+               "harmless_on_topic_compliance_rate", "harmless_degenerate_rate")
+_ROUNDING = 1e-9  # a bootstrap interval's quantiles may sit a rounding error off the mean
+
+
+def _check_intervals(row: InterventionResult, where: str) -> None:
+    """Each interval names a metric the row reports and holds its value: low <= value <= high,
+    inside [0, 1] for rates."""
+    for name, interval in row.intervals.items():
+        value = getattr(row, name, None) if name in _INTERVENTION_FIELDS else None
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"{where}.intervals.{name}: the row has no number {name!r} for "
+                             "this interval to belong to")
+        if len(interval) != 2:
+            raise ValueError(f"{where}.intervals.{name} must be [low, high], got {interval}")
+        low, high = interval
+        if not low - _ROUNDING <= value <= high + _ROUNDING:
+            raise ValueError(f"{where}.intervals.{name} = [{low}, {high}] does not hold its "
+                             f"value {value}")
+        if name in RATE_FIELDS:
+            _check_rate(low, f"{where}.intervals.{name}[0]")
+            _check_rate(high, f"{where}.intervals.{name}[1]")
+
+
 def validate_k_curve(curve: KCurve | Mapping[str, Any]) -> KCurve:
     """Checks a k-curve (a `KCurve` or a dict) and returns it as a fresh `KCurve`."""
     parsed = _convert(curve, KCurve, "k_curve")
@@ -230,9 +276,9 @@ def validate_results(results: StudyResults | Mapping[str, Any]) -> StudyResults:
     if dataclasses.is_dataclass(results) and not isinstance(results, type):
         results = dataclasses.asdict(results)
     parsed = _from_mapping(StudyResults, results, "results")
-    if parsed.schema_version != SCHEMA_VERSION:
+    if parsed.schema_version not in READABLE_VERSIONS:
         raise ValueError(f"results.schema_version is {parsed.schema_version}; this version of "
-                         f"refusal_jax reads schema {SCHEMA_VERSION}")
+                         f"refusal_jax reads schemas {READABLE_VERSIONS}")
     if not parsed.interventions:
         raise ValueError("results.interventions is empty; a report needs at least one row")
     names = [row.name for row in parsed.interventions]
@@ -241,7 +287,7 @@ def validate_results(results: StudyResults | Mapping[str, Any]) -> StudyResults:
         raise ValueError(f"results.interventions has duplicate names {duplicates}")
     for i, row in enumerate(parsed.interventions):
         where = f"results.interventions[{i}] ({row.name})"
-        for rate in ("harmful_refusal_rate", "harmless_refusal_rate", "judge_unsafe_rate"):
+        for rate in RATE_FIELDS:
             _check_rate(getattr(row, rate), f"{where}.{rate}")
         for benchmark, accuracy in row.multiple_choice.items():
             _check_rate(accuracy, f"{where}.multiple_choice.{benchmark}")
@@ -250,6 +296,7 @@ def validate_results(results: StudyResults | Mapping[str, Any]) -> StudyResults:
                              f"{row.n_harmful} and {row.n_harmless}")
         if row.kl is not None and row.kl < 0:
             raise ValueError(f"{where}.kl = {row.kl} is negative; KL divergences are >= 0")
+        _check_intervals(row, where)
     if parsed.k_curve is not None:
         check_k_curve(parsed.k_curve, "results.k_curve")
     return parsed
@@ -306,6 +353,6 @@ def _schema_of(annotation: Any) -> dict[str, Any]:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of results.json."""
     schema = _schema_of(StudyResults)
-    schema["properties"]["schema_version"] = {"const": SCHEMA_VERSION}
+    schema["properties"]["schema_version"] = {"enum": list(READABLE_VERSIONS)}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "$id": f"refusal_jax/results/v{SCHEMA_VERSION}", **schema}

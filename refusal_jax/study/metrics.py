@@ -9,6 +9,9 @@ that reads what it needs from the run::
 
 The stage reports every registered metric of every variant in ``metrics.json``, in registration
 order; a function returning None leaves its metric out for that run (e.g. no judge configured).
+A function returning an `Estimate` (``refusal_jax.evaluation.intervals``: `rate_estimate` for a
+fraction of completions, `mean_estimate` for a mean over prompts) reports its value under its name
+and its 95% interval under ``intervals[name]``.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import numpy as np
 
 from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.evaluation import multiple_choice as mc
+from refusal_jax.evaluation.intervals import Estimate, mean_estimate, rate_estimate
 from refusal_jax.evaluation.judge import SafetyJudge
-from refusal_jax.evaluation.kl import mean_kl
-from refusal_jax.evaluation.refusal import refusal_rate
+from refusal_jax.evaluation.kl import kl_divergence
+from refusal_jax.evaluation.refusal import is_refusal
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import Params
 from refusal_jax.study.variants import Variant
@@ -72,9 +76,16 @@ def metric(name: str) -> Callable[[Metric], Metric]:
 
 
 def variant_metrics(run: VariantRun) -> dict[str, Any]:
-    """Every registered metric of ``run`` that has a value, in registration order."""
-    values = {name: function(run) for name, function in METRICS.items()}
-    return {name: value for name, value in values.items() if value is not None}
+    """Every registered metric of ``run`` that has a value, in registration order, and under
+    ``intervals`` the [low, high] of each metric that returned an `Estimate`."""
+    values, intervals = {}, {}
+    for name, function in METRICS.items():
+        value = function(run)
+        if isinstance(value, Estimate):
+            value, intervals[name] = value.value, value.interval
+        if value is not None:
+            values[name] = value
+    return {**values, "intervals": intervals}
 
 
 @metric("description")
@@ -83,13 +94,13 @@ def _description(run: VariantRun) -> str:
 
 
 @metric("harmful_refusal_rate")
-def _harmful_refusal_rate(run: VariantRun) -> float:
-    return refusal_rate(run.texts("harmful"))
+def _harmful_refusal_rate(run: VariantRun) -> Estimate:
+    return rate_estimate([is_refusal(text) for text in run.texts("harmful")])
 
 
 @metric("harmless_refusal_rate")
-def _harmless_refusal_rate(run: VariantRun) -> float:
-    return refusal_rate(run.texts("harmless"))
+def _harmless_refusal_rate(run: VariantRun) -> Estimate:
+    return rate_estimate([is_refusal(text) for text in run.texts("harmless")])
 
 
 @metric("n_harmful")
@@ -103,10 +114,11 @@ def _n_harmless(run: VariantRun) -> int:
 
 
 @metric("kl")
-def _kl(run: VariantRun) -> float:
+def _kl(run: VariantRun) -> Estimate:
     """Mean KL(baseline || variant) of the harmless eval prompts' next-token distributions."""
-    return float(mean_kl(jnp.asarray(run.base_harmless_logits),
-                         jnp.asarray(run.harmless_logits)))
+    per_prompt = kl_divergence(jnp.asarray(run.base_harmless_logits),
+                               jnp.asarray(run.harmless_logits))
+    return mean_estimate(np.asarray(per_prompt, np.float64))
 
 
 @metric("cross_entropy")
@@ -133,9 +145,10 @@ def _multiple_choice(run: VariantRun) -> dict[str, float]:
 
 
 @metric("judge_unsafe_rate")
-def _judge_unsafe_rate(run: VariantRun) -> float | None:
+def _judge_unsafe_rate(run: VariantRun) -> Estimate | None:
     """The safety judge's unsafe rate on the harmful completions (None without a judge)."""
     if run.judge is None:
         return None
     instructions = [row["instruction"] for row in run.completions["harmful"]]
-    return run.judge.judge(instructions, run.texts("harmful")).unsafe_rate
+    verdicts = run.judge.judge(instructions, run.texts("harmful"))
+    return rate_estimate(list(verdicts.unsafe))
