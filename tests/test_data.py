@@ -24,10 +24,10 @@ BENCHMARK_DIR = Path(__file__).parents[2] / "shared" / "data" / "refusal_prompts
 EXPECTED_SIZES = {
     "harmful_train": 64,
     "harmful_val": 32,
-    "harmful_eval": 48,
+    "harmful_eval": 64,
     "harmless_train": 64,
     "harmless_val": 32,
-    "harmless_eval": 48,
+    "harmless_eval": 64,
     "benign_style_matched_train": 593,
     "benign_style_matched_val": 66,
     "benign_style_matched_eval": 60,
