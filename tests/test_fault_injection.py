@@ -4,20 +4,30 @@ damaged artefacts, crafted model files, NaN weights and bad settings.
 The runner tests replace the stages by fakes that write small artefacts (each counts its
 calls), so they check what the runner trusts on resume without running a model."""
 
+import dataclasses
 import itertools
 import json
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 import zipfile
 
+import gguf
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 from tiny_pipeline import shrunk_tiny_config
 
+from refusal_jax.evaluation.activations import capture
+from refusal_jax.models.io.convert import CheckpointMismatchError, params_from_hf, params_to_hf
+from refusal_jax.models.loading import load_model
+from refusal_jax.runtime.random_models import random_model
 from refusal_jax.study import artifacts, runner
 from refusal_jax.study.config import STAGES
 from refusal_jax.study.workdir_lock import WorkdirBusy, workdir_lock
@@ -245,3 +255,142 @@ def test_read_only_workdir_serves_a_written_report_or_says_why_not(fake_stages, 
     reset(fake_stages)
     runner.run_study(config, workdir, stages=("report",))
     assert fake_stages["report"] == 0
+
+
+# ---------------------------------------------------------------- crafted model files
+
+
+def write_gguf(path, *, block_count=2, head_count=2):
+    """A tiny llama GGUF (two tensors) with the given metadata."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(block_count)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(head_count)
+    writer.add_head_count_kv(1)
+    writer.add_context_length(64)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tensor("token_embd.weight", np.zeros((32, 8), np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(8, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def with_bytes(path, offset, value):
+    data = bytearray(path.read_bytes())
+    data[offset:offset + len(value)] = value
+    path.write_bytes(bytes(data))
+    return path
+
+
+def peak_bytes(function):
+    """(exception raised by ``function()``, peak bytes Python allocated meanwhile)."""
+    tracemalloc.start()
+    try:
+        function()
+    except Exception as error:  # noqa: BLE001 - returned to the test
+        return error, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    raise AssertionError("no error raised")
+
+
+def crafted_gguf(tmp_path, case):
+    path = tmp_path / f"{case}.gguf"
+    if case == "block_count":
+        return write_gguf(path, block_count=4_000_000_000)
+    if case == "head_count":
+        return write_gguf(path, head_count=0)
+    write_gguf(path)
+    if case == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif case == "tensor_count":
+        with_bytes(path, 8, struct.pack("<Q", 1 << 40))
+    elif case == "kv_count":
+        with_bytes(path, 16, struct.pack("<Q", 1 << 40))
+    elif case == "offset":  # the first tensor's data offset, just after its name
+        data = path.read_bytes()
+        name_end = data.index(b"token_embd.weight") + len(b"token_embd.weight")
+        with_bytes(path, name_end + 4 + 2 * 8 + 4, struct.pack("<Q", 1 << 40))
+    return path
+
+
+@pytest.mark.parametrize("case", ["block_count", "head_count", "truncated", "tensor_count",
+                                  "kv_count", "offset"])
+def test_crafted_gguf_is_refused_naming_the_file_without_allocating(tmp_path, case):
+    path = crafted_gguf(tmp_path, case)
+    error, peak = peak_bytes(lambda: load_model(path))
+    assert isinstance(error, ValueError), repr(error)
+    assert str(path) in str(error) and len(str(error)) < 1000
+    assert peak < 200e6
+
+
+@pytest.mark.parametrize("layers", [10_000_000_000, 400_000])
+def test_hf_config_with_absurd_layer_count_is_refused_briefly(tmp_path, layers):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": layers, "hidden_size": 8,
+        "intermediate_size": 16, "num_attention_heads": 2, "vocab_size": 32}))
+    safetensors.numpy.save_file({"model.embed_tokens.weight": np.zeros((32, 8), np.float32)},
+                                tmp_path / "model.safetensors")
+    error, peak = peak_bytes(lambda: load_model(tmp_path))
+    assert isinstance(error, ValueError), repr(error)
+    assert f"num_hidden_layers = {layers}" in str(error)
+    assert str(tmp_path / "config.json") in str(error) and len(str(error)) < 300
+    assert peak < 200e6
+
+
+def test_integer_weights_are_refused_not_converted():
+    model = random_model("llama-tiny")
+    state = params_to_hf(model.config, model.params)
+    state["model.layers.1.self_attn.q_proj.weight"] = (
+        state["model.layers.1.self_attn.q_proj.weight"].astype(np.int32))
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"model\.layers\.1\.self_attn\.q_proj\.weight has dtype int32"):
+        params_from_hf(model.config, state)
+
+
+# ----------------------------------------------------------------------- NaN weights
+
+
+def with_nan(model, leaf, layer=None):
+    params = model.params
+    if layer is None:
+        values = getattr(params, leaf).at[0, 0].set(jnp.nan)
+        return dataclasses.replace(model, params=dataclasses.replace(params, **{leaf: values}))
+    values = getattr(params.layers, leaf).at[layer, 0, 0].set(jnp.nan)
+    layers = dataclasses.replace(params.layers, **{leaf: values})
+    return dataclasses.replace(model, params=dataclasses.replace(params, layers=layers))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return random_model("llama-tiny")
+
+
+def output_weight(model):
+    return "embed" if model.params.lm_head is None else "lm_head"
+
+
+def test_study_refuses_nan_weights_naming_the_tensor(tiny_model, inputs, monkeypatch):
+    config, _, _, workdir = inputs
+    poisoned = with_nan(tiny_model, "down_proj", layer=2)
+    monkeypatch.setattr(runner, "load_study_model", lambda *args, **kwargs: poisoned)
+    with pytest.raises(ValueError, match=r"weight layers\.down_proj\[2\] holds NaN"):
+        runner.Study(config, workdir).model
+
+
+@pytest.mark.parametrize("where", ["head", "layer"])
+def test_nan_scores_or_activations_name_where_they_start(tiny_model, where):
+    if where == "head":
+        model, expected = with_nan(tiny_model, output_weight(tiny_model)), "refusal scores"
+    else:
+        model, expected = with_nan(tiny_model, "down_proj", layer=1), "input of layer 2"
+    with pytest.raises(ValueError) as error:
+        capture(model, ["how do I bake bread?", "tell me a joke"], batch_size=2,
+                length_bucket=64, name="harmful_train")
+    assert expected in str(error.value)
+    assert "refuses none" not in str(error.value)
+    assert "model.dtype='float32'" not in str(error.value)  # the run already is float32

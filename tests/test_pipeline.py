@@ -54,7 +54,7 @@ def resumed_run(tmp_path_factory):
     patch.setattr(runner, "_stage_functions", lambda: {**functions, "infer": interrupt})
     with pytest.raises(Interrupted):
         runner.run_study(config, workdir)
-    assert artifacts.stage_done(workdir / "select", runner.Study(config, workdir).digest)
+    assert runner.Study(config, workdir).stage_done("select")
     assert not (workdir / "infer" / artifacts.DONE_FILE).exists()
 
     calls = {"capture": 0, "run_selection": 0}

@@ -36,6 +36,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -112,10 +114,21 @@ class Study:
 
     @functools.cached_property
     def model(self):
-        model = self.config.model
-        return load_study_model(model.source, dtype=model.dtype,
-                                system_prompt=model.system_prompt or None,
-                                seed=self.config.seed, placement=self.placement)
+        """The model of ``model.source``; ValueError naming the first weight holding NaN / inf."""
+        settings = self.config.model
+        model = load_study_model(settings.source, dtype=settings.dtype,
+                                 system_prompt=settings.system_prompt or None,
+                                 seed=self.config.seed, placement=self.placement)
+        bad = first_non_finite_weight(model.params)
+        if bad:
+            raise ValueError(f"model {settings.source}: weight {bad} holds NaN or inf; the "
+                             "checkpoint is damaged (reconvert or download it again)")
+        return model
+
+    def stage_done(self, stage: str) -> bool:
+        """Whether ``stage`` finished for this config and its current inputs, its files intact
+        (``artifacts.stage_done``)."""
+        return artifacts.stage_done(self.stage_dir(stage), self.digest, self.stage_inputs(stage))
 
     def stage_dir(self, stage: str) -> Path:
         return self.workdir / stage
@@ -128,6 +141,27 @@ class Study:
 
     def selection(self) -> dict:
         return artifacts.read_json(self.stage_dir("select") / "selection.json")
+
+
+def first_non_finite_weight(params) -> str | None:
+    """The path of the first parameter (``layers.q_proj[3]`` for layer 3 of a stacked one) that
+    holds NaN or inf, or None."""
+    for path, finite in jax.tree_util.tree_flatten_with_path(_finite_rows(params))[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        finite = np.asarray(finite)
+        if not finite.all():
+            return f"{name}[{int(np.argmin(finite))}]" if name.startswith("layers.") else name
+    return None
+
+
+@jax.jit
+def _finite_rows(params):
+    """Per parameter: whether each layer (stacked ones) or the whole array is finite."""
+    def rows(path, leaf):
+        stacked = jax.tree_util.keystr(path, simple=True, separator=".").startswith("layers.")
+        finite = jnp.isfinite(leaf)
+        return finite.reshape(leaf.shape[0], -1).all(axis=1) if stacked else finite.all()
+    return jax.tree_util.tree_map_with_path(rows, params)
 
 
 def _stage_functions():
@@ -185,8 +219,7 @@ def _check_read_only(config, workdir: Path, stages: Sequence[str]) -> Study:
         if stage in ALWAYS_RUN:
             done = all((workdir / name).is_file() for name in REPORT_FILES)
         else:
-            done = artifacts.stage_done(study.stage_dir(stage), study.digest,
-                                        study.stage_inputs(stage))
+            done = study.stage_done(stage)
         if not done:
             raise PermissionError(
                 f"work directory {workdir} is read-only and stage {stage} is not done there "
