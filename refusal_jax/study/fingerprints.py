@@ -81,7 +81,10 @@ def source_files(source: str) -> list[Path]:
     and ``random:`` presets have no local files: their name (and the seed) identify them.
     """
     if source in (DEFAULT_MODEL, ORGANISM, BASE_MODEL):
-        files = [default_gguf_path()]
+        try:
+            files = [default_gguf_path()]
+        except FileNotFoundError:  # loading the model then says how to install it
+            files = []
         if source != BASE_MODEL:
             files += [ORGANISM_ADAPTER, ORGANISM_ADAPTER.with_suffix(".json")]
         return [path for path in files if path.is_file()]
