@@ -88,13 +88,14 @@ def test_unchanged_inputs_skip_every_stage_but_the_report(fake_stages, inputs):
 
 def test_new_weights_at_the_same_path_rerun_every_stage(fake_stages, inputs, caplog):
     config, model, _, workdir = inputs
-    runner.run_study(config, workdir)
+    old_key = runner.run_study(config, workdir).inputs_digest("infer")
     reset(fake_stages)
     (model / "model.safetensors").write_bytes(b"weights-2" * 1000)  # same size, new bytes
     with caplog.at_level(logging.WARNING):
-        runner.run_study(config, workdir)
+        study = runner.run_study(config, workdir)
     assert fake_stages == dict.fromkeys(STAGES, 1)
     assert "model.safetensors" in caplog.text
+    assert study.inputs_digest("infer") != old_key  # the key of infer's saved completions
 
 
 def test_edited_prompt_file_reruns_extract_and_every_later_stage(fake_stages, inputs, caplog):

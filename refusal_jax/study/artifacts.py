@@ -107,6 +107,18 @@ def read_json(path: str | os.PathLike) -> Any:
                               "stage") from None
 
 
+def read_json_if_intact(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``, or None when the file is missing or damaged (with a
+    warning naming it): for partial results that are recomputed when unreadable."""
+    if not Path(path).exists():
+        return None
+    try:
+        return read_json(path)
+    except DamagedArtifact as error:
+        logging.warning("%s; it is computed again", error)
+        return None
+
+
 def write_arrays(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
     """Writes named arrays to one ``.npz`` file, atomically, once (process 0)."""
     distributed.write_once(f"write {path}", _write_npz, Path(path), arrays)

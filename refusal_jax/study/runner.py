@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -124,6 +126,12 @@ class Study:
             raise ValueError(f"model {settings.source}: weight {bad} holds NaN or inf; the "
                              "checkpoint is damaged (reconvert or download it again)")
         return model
+
+    def inputs_digest(self, stage: str) -> str:
+        """A digest of the config hash and ``stage``'s current inputs: what a stage keys the
+        partial results it resumes from (the infer stage's completions of each variant)."""
+        text = json.dumps([self.digest, self.stage_inputs(stage)], sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def stage_done(self, stage: str) -> bool:
         """Whether ``stage`` finished for this config and its current inputs, its files intact
