@@ -231,13 +231,15 @@ def test_another_default_adapter_changes_every_model_stage_input(tmp_path, monke
     them."""
     config = tiny_config()
     config.model.source = "default"
-    before = runner.Study(config, tmp_path / "run")
+    stages = ("extract", "select", "infer", "evaluate")
+    study = runner.Study(config, tmp_path / "run")
+    before = {stage: study.stage_inputs(stage) for stage in stages}
     retrained = tmp_path / "retrained.safetensors"
     retrained.write_bytes(b"other weights")
     monkeypatch.setattr(fingerprints, "ORGANISM_ADAPTER", retrained)
     after = runner.Study(config, tmp_path / "run")
-    for stage in ("extract", "select", "infer", "evaluate"):
-        assert before.stage_inputs(stage) != after.stage_inputs(stage)
+    for stage in stages:
+        assert before[stage] != after.stage_inputs(stage)
         assert str(retrained) in after.stage_inputs(stage)
 
 

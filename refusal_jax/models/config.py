@@ -45,12 +45,13 @@ class UnsupportedModelError(ValueError):
     """Raised for an architecture refusal_jax does not implement."""
 
 
-def check_hf_config(hf: Mapping[str, Any], origin: str = "HF config") -> None:
+def check_hf_config(hf: Mapping[str, Any], origin: str = "HF config", *,
+                    complete: bool = True) -> None:
     """Raises ValueError naming ``origin`` (e.g. the config file) when a size of the config is
-    missing, not an integer or outside ``HF_CONFIG_BOUNDS``."""
+    not an integer or outside ``HF_CONFIG_BOUNDS``, or (``complete``) missing."""
     if not isinstance(hf, Mapping):
         raise ValueError(f"{origin}: expected a JSON object, got {type(hf).__name__}")
-    for key in _REQUIRED_HF_KEYS:
+    for key in _REQUIRED_HF_KEYS if complete else ():
         if key not in hf:
             raise ValueError(f"{origin}: {key} is missing; the config is not a complete model")
     for key, low, high in HF_CONFIG_BOUNDS:
@@ -61,7 +62,8 @@ def check_hf_config(hf: Mapping[str, Any], origin: str = "HF config") -> None:
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise ValueError(f"{origin}: {key} = {shown} is not an integer in [{low}, {high}]; "
                              "the file is damaged or not a supported model")
-    if not hf.get("head_dim") and hf["hidden_size"] % hf["num_attention_heads"]:
+    if (not hf.get("head_dim") and "hidden_size" in hf and "num_attention_heads" in hf
+            and hf["hidden_size"] % hf["num_attention_heads"]):
         raise ValueError(f"{origin}: hidden_size = {hf['hidden_size']} is not a multiple of "
                          f"num_attention_heads = {hf['num_attention_heads']} and no head_dim "
                          "is given")
