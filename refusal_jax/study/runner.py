@@ -38,8 +38,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -49,6 +47,7 @@ from refusal_jax.runtime.placement import Placement
 from refusal_jax.study import artifacts, fingerprints
 from refusal_jax.study.config import STAGES, check_config
 from refusal_jax.study.data import CLASSES, SPLITS
+from refusal_jax.study.finite_weights import first_non_finite_weight
 from refusal_jax.study.stages import evaluate, extract, infer, report, select
 from refusal_jax.study.workdir_lock import workdir_lock
 
@@ -149,27 +148,6 @@ class Study:
 
     def selection(self) -> dict:
         return artifacts.read_json(self.stage_dir("select") / "selection.json")
-
-
-def first_non_finite_weight(params) -> str | None:
-    """The path of the first parameter (``layers.q_proj[3]`` for layer 3 of a stacked one) that
-    holds NaN or inf, or None."""
-    for path, finite in jax.tree_util.tree_flatten_with_path(_finite_rows(params))[0]:
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        finite = np.asarray(finite)
-        if not finite.all():
-            return f"{name}[{int(np.argmin(finite))}]" if name.startswith("layers.") else name
-    return None
-
-
-@jax.jit
-def _finite_rows(params):
-    """Per parameter: whether each layer (stacked ones) or the whole array is finite."""
-    def rows(path, leaf):
-        stacked = jax.tree_util.keystr(path, simple=True, separator=".").startswith("layers.")
-        finite = jnp.isfinite(leaf)
-        return finite.reshape(leaf.shape[0], -1).all(axis=1) if stacked else finite.all()
-    return jax.tree_util.tree_map_with_path(rows, params)
 
 
 def _stage_functions():
