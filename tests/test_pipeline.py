@@ -16,9 +16,8 @@ from tiny_pipeline import shrunk_tiny_config
 from refusal_jax.evaluation import activations
 from refusal_jax.models.generate import generate_each
 from refusal_jax.results import schema as report
-from refusal_jax.runtime import loading as models
 from refusal_jax.runtime.loading import load_study_model
-from refusal_jax.study import artifacts, runner
+from refusal_jax.study import artifacts, fingerprints, runner
 from refusal_jax.study.config import base_config, check_config
 from refusal_jax.study.data import sample_sets
 from refusal_jax.study.stages import extract, select
@@ -54,7 +53,7 @@ def resumed_run(tmp_path_factory):
     patch.setattr(runner, "_stage_functions", lambda: {**functions, "infer": interrupt})
     with pytest.raises(Interrupted):
         runner.run_study(config, workdir)
-    assert artifacts.stage_done(workdir / "select", runner.Study(config, workdir).digest)
+    assert runner.Study(config, workdir).stage_done("select")
     assert not (workdir / "infer" / artifacts.DONE_FILE).exists()
 
     calls = {"capture": 0, "run_selection": 0}
@@ -215,7 +214,8 @@ def test_unknown_config_key():
 
 
 def test_workdir_of_a_different_config(tmp_path):
-    runner.Study(tiny_config(), tmp_path)
+    study = runner.Study(tiny_config(), tmp_path)
+    artifacts.mark_done(study.stage_dir("extract"), study.digest, [])
     other = tiny_config()
     other.data.n_train = 9
     with pytest.raises(artifacts.WorkdirConfigMismatch, match=r"data.n_train: 8 -> 9"):
@@ -225,17 +225,22 @@ def test_workdir_of_a_different_config(tmp_path):
     runner.Study(faster, tmp_path)
 
 
-def test_workdir_of_another_default_adapter(tmp_path, monkeypatch):
-    """Retraining the default model's adapter changes its weights under the same name: a run
-    directory of the old adapter is not resumed with the new one."""
+def test_another_default_adapter_changes_every_model_stage_input(tmp_path, monkeypatch):
+    """Retraining the default model's adapter changes its weights under the same name: the
+    stages that run the model see new inputs, so a run directory of the old adapter reruns
+    them."""
     config = tiny_config()
     config.model.source = "default"
-    runner.Study(config, tmp_path / "run")
+    stages = ("extract", "select", "infer", "evaluate")
+    study = runner.Study(config, tmp_path / "run")
+    before = {stage: study.stage_inputs(stage) for stage in stages}
     retrained = tmp_path / "retrained.safetensors"
     retrained.write_bytes(b"other weights")
-    monkeypatch.setattr(models, "ORGANISM_ADAPTER", retrained)
-    with pytest.raises(artifacts.WorkdirConfigMismatch, match=r"weights.adapter_sha256"):
-        runner.Study(config, tmp_path / "run")
+    monkeypatch.setattr(fingerprints, "ORGANISM_ADAPTER", retrained)
+    after = runner.Study(config, tmp_path / "run")
+    for stage in stages:
+        assert before[stage] != after.stage_inputs(stage)
+        assert str(retrained) in after.stage_inputs(stage)
 
 
 def test_model_that_refuses_nothing(tmp_path):
@@ -249,7 +254,8 @@ def test_nan_activations():
     model = load_study_model("random:llama-tiny")
     poisoned = dataclasses.replace(model.params, embed=model.params.embed.at[:, 0].set(jnp.nan))
     model = dataclasses.replace(model, params=poisoned)
-    with pytest.raises(ValueError, match="contain NaN or inf .* model.dtype='float32'"):
+    with pytest.raises(ValueError, match="give NaN or inf at the input of layer 0 .* check the "
+                                         "checkpoint"):
         activations.capture(model, ["Say hi."], batch_size=2, length_bucket=64,
                             name="harmful_train")
 

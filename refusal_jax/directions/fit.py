@@ -23,6 +23,31 @@ from refusal_jax.runtime import distributed
 from refusal_jax.runtime.placement import Placement
 
 
+# Activation RMS outside which INLP's regularised logistic regression is likely to see nothing:
+# tiny activations leave the penalty dominant, huge ones overflow its float32 logits.
+INLP_RMS_RANGE = (1e-3, 1e4)
+
+
+def warn_if_scale_hides_directions(examples: np.ndarray, n_directions: np.ndarray,
+                                   inverse_regularization: float) -> str | None:
+    """Logs (and returns) a warning when INLP found no direction at some (position, layer)
+    whose activations ``[n, P, L, D]`` have an RMS outside ``INLP_RMS_RANGE``: its fit is not
+    scale invariant, so such data may hide directions that a rescaled copy shows."""
+    rms = np.sqrt(np.mean(np.square(examples, dtype=np.float64), axis=(0, 3)))  # [P, L]
+    low, high = INLP_RMS_RANGE
+    suspect = (np.asarray(n_directions).reshape(rms.shape) == 0) & ((rms < low) | (rms > high))
+    if not suspect.any():
+        return None
+    position, layer = np.argwhere(suspect)[0]
+    message = (f"INLP found no direction at {int(suspect.sum())} (position, layer) pairs whose "
+               f"activations have an RMS outside [{low:g}, {high:g}] (e.g. position "
+               f"{position - rms.shape[0]}, layer {layer}: RMS {rms[position, layer]:.3g}); its "
+               f"logistic regression (inverse_regularization={inverse_regularization}) depends "
+               "on the scale: rescale the activations or the regularisation")
+    logging.warning(message)
+    return message
+
+
 def fit_directions(harmful: np.ndarray, harmless: np.ndarray, directions_config, *,
                    seed: int, placement: Placement | None = None) -> dict[str, np.ndarray]:
     """DiM, class means, INLP and LEACE for every (position, layer) from ``[n, P, L, D]``.
@@ -55,6 +80,8 @@ def fit_directions(harmful: np.ndarray, harmless: np.ndarray, directions_config,
     logging.info("INLP: done in %.1fs; directions per pair: median %d, max %d",
                  time.perf_counter() - start, int(np.median(inlp.n_directions)),
                  int(np.max(inlp.n_directions)))
+    warn_if_scale_hides_directions(examples, np.asarray(inlp.n_directions),
+                                   directions_config.inlp_inverse_regularization)
     leace = per_pair(fit_leace(features, labels))
     return {
         "dim": dim,

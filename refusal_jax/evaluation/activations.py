@@ -35,7 +35,7 @@ def capture(model: Model, instructions: Sequence[str], *, batch_size: int, lengt
     """EOI activations ``[n, P, L, D]`` and baseline refusal scores ``[n]`` of the prompts
     (gathered to every process).
 
-    Raises ValueError when the activations hold NaN or inf.
+    Raises ValueError when the activations or scores hold NaN or inf (`_check_finite`).
     """
     refusal_ids = jnp.asarray(refusal_token_ids(model.tokenizer), jnp.int32)
     n, cfg = len(instructions), model.config
@@ -49,11 +49,25 @@ def capture(model: Model, instructions: Sequence[str], *, batch_size: int, lengt
             config=cfg))
         activations[rows] = acts[:len(rows)]
         scores[rows] = batch_scores[:len(rows)]
-    bad = ~np.isfinite(activations).all(axis=(1, 2, 3))
-    if bad.any():
-        shown = "; ".join(repr(instructions[i][:60]) for i in np.flatnonzero(bad)[:3])
-        raise ValueError(
-            f"activations of {int(bad.sum())} of {n} {name} prompts contain NaN or inf (e.g. "
-            f"{shown}); the model overflows in {np.dtype(model.params.embed.dtype).name}: run "
-            "with model.dtype='float32', or check the checkpoint")
+    _check_finite(activations, scores, instructions, name, np.dtype(model.params.embed.dtype))
     return activations, scores
+
+
+def _check_finite(activations: np.ndarray, scores: np.ndarray, instructions: Sequence[str],
+                  name: str, dtype: np.dtype) -> None:
+    """ValueError naming the first layer whose input holds NaN / inf (or, with finite
+    activations, the refusal scores: the final norm or LM head), and the likely cause."""
+    finite = np.isfinite(activations)
+    bad_layers = np.flatnonzero(~finite.all(axis=(0, 1, 3)))
+    bad_prompts = np.flatnonzero(~finite.all(axis=(1, 2, 3)) | ~np.isfinite(scores))
+    if not bad_prompts.size:
+        return
+    shown = "; ".join(repr(instructions[i][:60]) for i in bad_prompts[:3])
+    where = (f"the input of layer {bad_layers[0]} (first of {bad_layers.size} layers)"
+             if bad_layers.size else "the refusal scores (the final norm or LM head)")
+    cause = ("in float32 this means NaN / inf weights before that point or a true overflow: "
+             "check the checkpoint" if dtype == np.float32 else
+             f"the model overflows in {dtype.name}: run with model.dtype='float32', or check the "
+             "checkpoint")
+    raise ValueError(f"{name}: {bad_prompts.size} of {len(instructions)} prompts give NaN or "
+                     f"inf at {where} (e.g. {shown}); {cause}")

@@ -24,8 +24,49 @@ FAMILIES = {
 }
 
 
+# Sane bounds of an HF config's sizes, checked before anything is built from them (a crafted
+# config of 1e10 layers must not allocate per-layer tables): (key, low, high).
+HF_CONFIG_BOUNDS = (
+    ("num_hidden_layers", 1, 1024),
+    ("hidden_size", 1, 1 << 17),
+    ("intermediate_size", 1, 1 << 20),
+    ("num_attention_heads", 1, 4096),
+    ("num_key_value_heads", 1, 4096),
+    ("head_dim", 1, 4096),
+    ("vocab_size", 1, 1 << 22),
+    ("max_position_embeddings", 1, 1 << 24),
+    ("sliding_window", 0, 1 << 24),
+)
+_REQUIRED_HF_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size",
+                     "num_attention_heads", "vocab_size")
+
+
 class UnsupportedModelError(ValueError):
     """Raised for an architecture refusal_jax does not implement."""
+
+
+def check_hf_config(hf: Mapping[str, Any], origin: str = "HF config", *,
+                    complete: bool = True) -> None:
+    """Raises ValueError naming ``origin`` (e.g. the config file) when a size of the config is
+    not an integer or outside ``HF_CONFIG_BOUNDS``, or (``complete``) missing."""
+    if not isinstance(hf, Mapping):
+        raise ValueError(f"{origin}: expected a JSON object, got {type(hf).__name__}")
+    for key in _REQUIRED_HF_KEYS if complete else ():
+        if key not in hf:
+            raise ValueError(f"{origin}: {key} is missing; the config is not a complete model")
+    for key, low, high in HF_CONFIG_BOUNDS:
+        value = hf.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"{origin}: {key} = {shown} is not an integer in [{low}, {high}]; "
+                             "the file is damaged or not a supported model")
+    if (not hf.get("head_dim") and "hidden_size" in hf and "num_attention_heads" in hf
+            and hf["hidden_size"] % hf["num_attention_heads"]):
+        raise ValueError(f"{origin}: hidden_size = {hf['hidden_size']} is not a multiple of "
+                         f"num_attention_heads = {hf['num_attention_heads']} and no head_dim "
+                         "is given")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +146,9 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "ModelConfig":
-        """Builds the config from a Hugging Face `config.json` dict."""
+        """Builds the config from a Hugging Face `config.json` dict (checked by
+        `check_hf_config` first)."""
+        check_hf_config(hf)
         model_type = hf.get("model_type")
         if model_type not in FAMILIES:
             raise UnsupportedModelError(

@@ -32,7 +32,9 @@ def placed_batches(model: Model, instructions: Sequence[str], batch_size: int,
     Each process encodes only the rows its devices hold (``placement.rows``), left padded to
     the longest bucket of the whole batch.
 
-    Raises ValueError when ``batch_size`` does not split evenly over the batch's devices.
+    Raises ValueError when ``batch_size`` does not split evenly over the batch's devices, and
+    naming the first prompt (its index in ``instructions`` and length) longer than the model's
+    context.
     """
     placement = placement or Placement()
     if batch_size % placement.multiple("batch"):
@@ -43,6 +45,13 @@ def placed_batches(model: Model, instructions: Sequence[str], batch_size: int,
     pad_id = pad_token_id(model.tokenizer)
     lengths = [len(ids) for ids in model.tokenizer(
         model.chat.prompts(list(instructions)), add_special_tokens=False)["input_ids"]]
+    too_long = [row for row, length in enumerate(lengths) if length > model.config.max_context]
+    if too_long:
+        row = too_long[0]
+        raise ValueError(f"{len(too_long)} of {len(lengths)} prompts exceed the model's context "
+                         f"of {model.config.max_context} tokens; the first is prompt {row} "
+                         f"({lengths[row]} tokens: {instructions[row][:60]!r}); shorten or drop "
+                         "it")
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]

@@ -1,6 +1,7 @@
 """Atomic file writes: a file is written under a temporary name in its own directory and moved
 onto its path with ``os.replace``, so a reader (or a crash) sees the old file or the new one,
-never a torn one. NFS renames are atomic; a gcsfuse bucket renames by copy and delete."""
+never a torn one. NFS renames are atomic; a gcsfuse bucket renames by copy and delete. Files get
+the mode an ordinary ``open`` would give them (0666 less the umask)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.fchmod(handle, 0o666 & ~_umask())  # mkstemp creates files readable by their owner only
     os.close(handle)
     try:
         yield Path(temporary)
@@ -26,6 +28,12 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:

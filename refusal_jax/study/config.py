@@ -65,6 +65,7 @@ _POSITIVE_INTS = (
     "data.n_train", "data.n_val", "data.n_eval", "directions.inlp_max_directions",
     "infer.max_new_tokens", "runtime.batch_size", "runtime.generation_batch_size",
     "runtime.generation_variants", "runtime.candidate_chunk", "runtime.length_bucket",
+    "evaluate.cross_entropy_max_tokens",
 )
 
 
@@ -179,6 +180,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         section, name = key.split(".")
         return config[section][name]
 
+    need(isinstance(config.seed, int) and 0 <= config.seed < 2**32,
+         f"seed must be an int in [0, 2**32) (numpy's seed range), got {config.seed!r}")
     for key in _POSITIVE_INTS:
         need(isinstance(value(key), int) and value(key) >= 1,
              f"{key} must be a positive int, got {value(key)!r}")

@@ -12,6 +12,11 @@ Conventions (fixed here once):
 - A `Batch` is left padded: `tokens` [B, T] int32 and `valid` [B, T] bool (False at padding),
   numpy arrays. Every row ends with the EOI tokens, so EOI position p = -n_eoi .. -1 is column
   T + p of every row.
+- Control tokens typed inside an instruction (ChatML `<|im_start|>system`, Llama-3
+  `<|eot_id|>`) are not escaped: the rendered text is tokenized whole, as transformers'
+  `apply_chat_template` and the reference pipeline do, so such text becomes the control tokens
+  and can forge a turn. This keeps the token ids of every prompt those of the reference;
+  `ChatFormat.prompts` logs a warning naming each instruction that contains one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Literal
 
 import jinja2
 import numpy as np
+from absl import logging
 
 # Instructions used to locate the template text after the user's turn. Their endings differ
 # (letter, '.', '?', '!', digit) so that an instruction-dependent tokenization of the boundary
@@ -209,8 +215,21 @@ class ChatFormat:
         return suffixes[_SENTINEL_INSTRUCTIONS[0]]
 
     def prompts(self, instructions: Sequence[str]) -> list[str]:
-        """Each instruction as a user turn, followed by the generation prompt."""
-        return [self._render(text) for text in _check_strings("instructions", instructions)]
+        """Each instruction as a user turn, followed by the generation prompt (control tokens
+        in an instruction stay control tokens; see the module docstring)."""
+        instructions = _check_strings("instructions", instructions)
+        self._warn_control_tokens(instructions)
+        return [self._render(text) for text in instructions]
+
+    def _warn_control_tokens(self, instructions: list[str]) -> None:
+        special = [token.content for token in self.tokenizer.added_tokens_decoder.values()
+                   if token.special]
+        for row, text in enumerate(instructions):
+            found = [token for token in special if token in text]
+            if found:
+                logging.warning("instruction %d contains the control token(s) %s, which are "
+                                "tokenized as control tokens (not escaped): %s", row, found,
+                                _preview(text))
 
     def encode(self, instructions: Sequence[str], *, max_length: int | None = None,
                context_length: int, length_bucket: LengthBucket = 16) -> Batch:

@@ -28,7 +28,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import gguf
 import huggingface_hub
 import ml_dtypes
 import numpy as np
@@ -37,7 +36,8 @@ from numpy.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from refusal_jax.models.io.gguf import iter_gguf_tensors, read_gguf_config
+from refusal_jax.models.config import check_hf_config
+from refusal_jax.models.io.gguf import iter_gguf_tensors, open_gguf, read_gguf_config
 
 CONFIG_FILE = "config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -113,7 +113,7 @@ def load_hf_config(source: Source, *, gguf_file: str | None = None) -> dict[str,
     """The HF config dict of a checkpoint, without reading its tensors."""
     local = locate_source(source, gguf_file=gguf_file)
     if local.gguf_path is not None:
-        return read_gguf_config(gguf.GGUFReader(local.gguf_path))
+        return read_gguf_config(open_gguf(local.gguf_path))
     return _read_config(local.directory)
 
 
@@ -202,7 +202,7 @@ def _open(
 ) -> tuple[dict[str, Any], Iterator[tuple[str, np.ndarray]]]:
     local = locate_source(source, gguf_file=gguf_file)
     if local.gguf_path is not None:
-        reader = gguf.GGUFReader(local.gguf_path)
+        reader = open_gguf(local.gguf_path)
         config = read_gguf_config(reader)
         return config, iter_gguf_tensors(reader, config, dtype)
     config = _read_config(local.directory)
@@ -236,7 +236,13 @@ def _read_config(directory: Path) -> dict[str, Any]:
         ggufs = sorted(p.name for p in directory.glob("*.gguf"))
         hint = f"; it holds GGUF file(s) {ggufs}: pass gguf_file=<name>" if ggufs else ""
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}{hint}.")
-    return json.loads((directory / CONFIG_FILE).read_text())
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}).") from None
+    check_hf_config(config, str(path), complete=False)  # completeness: convert.py
+    return config
 
 
 def _iter_safetensors(

@@ -3,7 +3,8 @@
 `weight_map(config)` is the single table: one `WeightRule` per parameter leaf, naming the HF key
 (with `{i}` for the layer index) and whether the matrix is transposed. Loading and export both
 read it, so a new family is a new table entry, not new code. Loading collects every missing,
-unexpected and mis-shaped tensor and reports them together in one error.
+unexpected, mis-shaped and non-float (e.g. int32) tensor and reports them together in one
+error (the first `MAX_LISTED_PROBLEMS` of them, and the count).
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray],
                 continue
             used.add(key)
             tensor = np.asarray(state_dict[key])
+            if not _is_float(tensor.dtype):
+                problems.append(f"tensor {key} has dtype {tensor.dtype}, not floating point (a "
+                                "quantised or damaged checkpoint; dequantise it to float first)")
+                continue
             tensor = tensor.T if rule.transpose else tensor
             if tensor.shape != expected:
                 problems.append(f"tensor {key} has shape {hf_shape(tensor.shape, rule)}, "
@@ -114,11 +119,22 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, np.ndarray],
                         if not k.endswith(NON_PARAMETER_SUFFIXES))
     problems += [f"unexpected tensor {key}" for key in unexpected]
     if problems:
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
         raise CheckpointMismatchError(
             f"checkpoint does not match the {config.family} config "
             f"({config.n_layers} layers, d_model={config.d_model}); {len(problems)} problem(s):\n  "
-            + "\n  ".join(problems))
+            + "\n  ".join(shown))
     return _unflatten(flat)
+
+
+# Problems listed in a CheckpointMismatchError (the count says how many there are).
+MAX_LISTED_PROBLEMS = 40
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 # Buffers that older checkpoints carry but that are not parameters.

@@ -19,6 +19,10 @@ per-frequency divisors of the rotary inverse frequencies), not as metadata. It i
 the HF `rope_scaling` dict that produces the same frequencies (`_llama3_rope_scaling`), so the
 config stays one transformers can load; files whose divisors follow no llama3 curve are refused.
 
+Every error names the file. A file is checked before the reader allocates anything for it:
+its header's tensor and metadata counts must fit in the file's size, and the sizes it declares
+(layers, heads, widths) must lie in `models.config.HF_CONFIG_BOUNDS`.
+
 GGUF stores float metadata as float32; the config dict holds the shortest decimal that rounds to
 that float32 (rms_norm_eps 1e-05 rather than 9.999999747378752e-06), i.e. the value the HF
 config had.
@@ -27,15 +31,18 @@ config had.
 from __future__ import annotations
 
 import math
+import os
 import re
+import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 from numpy.typing import DTypeLike
 
-from refusal_jax.models.config import llama3_inverse_frequencies
+from refusal_jax.models.config import check_hf_config, llama3_inverse_frequencies
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma", "gemma2")
 _SUPPORTED_DESCRIPTION = "llama (incl. SmolLM2, Mistral, Yi), qwen2, gemma, gemma2"
@@ -87,8 +94,61 @@ _ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, read into the config (
 _LLAMA3_ORIGINAL_CONTEXT = 8192
 
 
+# The fewest bytes a tensor description (name length, dimension count, one dimension, type,
+# offset) and a metadata entry (key length, type, a one-byte value) take in a GGUF header.
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+_MIN_KV_BYTES = 8 + 4 + 1
+_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, metadata count
+_READER_ERRORS = (ValueError, IndexError, KeyError, OverflowError, struct.error, OSError,
+                  UnicodeDecodeError)
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be read as a supported model; the message names the file."""
+
+
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A reader of the GGUF file at ``path``, after checking that its header's counts fit in
+    the file (a crafted count must not make the reader allocate); GGUFError naming the file
+    when the file is not a readable GGUF."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as stream:
+        head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:4] != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file (no GGUF header); it is truncated or "
+                        "another format")
+    _, version, n_tensors, n_kv = _HEADER.unpack(head)
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    needed = _HEADER.size + n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES
+    if needed > size:
+        raise GGUFError(f"{path}: the header declares {n_tensors} tensors and {n_kv} metadata "
+                        f"entries, which need at least {needed} bytes, but the file has {size}; "
+                        "it is truncated or damaged")
+    try:
+        return gguf.GGUFReader(path)
+    except _READER_ERRORS as error:
+        raise GGUFError(f"{path} cannot be read as GGUF ({type(error).__name__}: {error}); it "
+                        "is truncated or damaged") from None
+
+
 def read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """The HF config dict (as in a hub config.json) described by a GGUF file's metadata."""
+    """The HF config dict (as in a hub config.json) described by a GGUF file's metadata;
+    GGUFError naming the file when a value is missing, unsupported or out of bounds."""
+    try:
+        return _read_gguf_config(reader)
+    except GGUFError:
+        raise
+    except _READER_ERRORS as error:
+        raise GGUFError(f"{_file_name(reader)}: {error}") from None
+
+
+def _file_name(reader: gguf.GGUFReader) -> str:
+    return str(getattr(reader.data, "filename", None) or "GGUF file")
+
+
+def _read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
     arch = _metadata(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -110,9 +170,11 @@ def read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
     num_kv_heads = arch_value("attention.head_count_kv", default=num_heads)
     if not isinstance(num_kv_heads, int):
         raise ValueError(f"per-layer attention.head_count_kv {num_kv_heads} is not supported.")
+    valid_heads = isinstance(num_heads, int) and num_heads > 0  # else refused below
     head_dim = arch_value(
         "attention.key_length",
-        default=arch_value("rope.dimension_count", default=hidden_size // num_heads),
+        default=arch_value("rope.dimension_count",
+                           default=hidden_size // num_heads if valid_heads else None),
     )
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     if "token_embd.weight" not in tensors:
@@ -134,6 +196,7 @@ def read_gguf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
         "rope_theta": _shortest_float32(arch_value("rope.freq_base", default=_DEFAULT_ROPE_THETA)),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
+    check_hf_config(config, f"{_file_name(reader)} (GGUF metadata, HF names)")
     for gguf_key, hf_key in (
         ("bos", "bos_token_id"),
         ("eos", "eos_token_id"),
@@ -191,7 +254,8 @@ def iter_gguf_tensors(
                 if tensor.name != _ROPE_FREQS}  # read into config["rope_scaling"]
     unknown = sorted(name for name, hf_name in hf_names.items() if hf_name is None)
     if unknown:
-        raise ValueError(f"GGUF tensors with no Hugging Face {arch} equivalent: {unknown}.")
+        raise GGUFError(f"{_file_name(reader)}: tensors with no Hugging Face {arch} "
+                        f"equivalent: {unknown[:20]}{' ...' if len(unknown) > 20 else ''}.")
     return _dequantised_tensors(
         reader, hf_names, config, np.dtype(np.float32 if dtype is None else dtype)
     )
@@ -207,7 +271,11 @@ def _dequantised_tensors(
     for tensor in reader.tensors:
         if tensor.name not in hf_names:
             continue
-        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        try:
+            weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except _READER_ERRORS + (NotImplementedError,) as error:
+            raise GGUFError(f"{_file_name(reader)}: tensor {tensor.name} cannot be read "
+                            f"({type(error).__name__}: {error})") from None
         if arch == "llama" and ".attn_q." in tensor.name:
             weights = _undo_rotary_permutation(weights, config["num_attention_heads"])
         elif arch == "llama" and ".attn_k." in tensor.name:

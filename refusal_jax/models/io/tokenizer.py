@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
 from refusal_jax.models.io.checkpoints import TOKENIZER_PATTERNS, Source, locate_source
+from refusal_jax.models.io.gguf import open_gguf
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # tokenizer attribute -> the GGUF key holding its token id (transformers' get_gguf_tokenizer).
@@ -90,7 +90,7 @@ def _gguf_tokenizer(gguf_path: Path) -> PreTrainedTokenizerFast:
 
 def _tokenizer_metadata(gguf_path: Path) -> dict[str, Any]:
     """`general.architecture` and every `tokenizer.*` value of the file, as Python values."""
-    reader = gguf.GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)
     metadata = {}
     for name, field in reader.fields.items():
         if name == "general.architecture" or name.startswith("tokenizer."):

@@ -28,6 +28,7 @@ def run(study: Study) -> list[str]:
     config, model, out = study.config, study.model, study.stage_dir("infer")
     prompts, directions = study.prompts(), study.directions()
     variants = build_variants(model, directions, study.selection(), config)
+    key = study.inputs_digest("infer")  # completions of other weights or inputs are redone
     files, pending = [], []
     for variant in variants:
         if variant.name == "dim_folded":
@@ -36,14 +37,15 @@ def run(study: Study) -> list[str]:
         relative = _completions_file(variant)
         path = out / relative
         files.append(relative)
-        if path.exists() and artifacts.read_json(path).get("config_hash") == study.digest:
+        saved = artifacts.read_json_if_intact(path)
+        if isinstance(saved, dict) and saved.get("config_hash") == key:
             logging.info("completions of %s exist; skipped", variant.name)
         else:
             pending.append(variant)
     for variant, completions in complete_variants(model, pending, prompts, config.infer,
                                                   config.runtime, placement=study.placement):
         artifacts.write_json(out / _completions_file(variant),
-                             {"config_hash": study.digest, "name": variant.name,
+                             {"config_hash": key, "name": variant.name,
                               "description": variant.description, **completions})
     return files
 
