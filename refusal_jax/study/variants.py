@@ -60,6 +60,10 @@ class _Components:
         self.global_mode = config.select.mode == "global"
         self.dim_parts = selection["dim"]["components"]
         self.inlp_parts = selection["inlp"]["components"]
+        # ActAdd's components and the best DiM component differ from the erasures' ones only
+        # under reference.unfiltered_components (select stage).
+        self.dim_actadd_parts = selection["dim"].get("actadd_components", self.dim_parts)
+        self.inlp_actadd_parts = selection["inlp"].get("actadd_components", self.inlp_parts)
         basis, _ = inlp_basis(directions, config.directions)
         # As many basis rows as the chosen components use: other pairs may keep more
         # directions, and every row of the common form costs each variant's forward passes.
@@ -70,7 +74,7 @@ class _Components:
         self.basis = basis
         self.ranks = {"reflection": k_max, "clamp": k_max,
                       "eraser": directions["leace_read"].shape[-2]}
-        self.best = self.dim_parts[0]
+        self.best = selection["dim"].get("best", self.dim_parts[0])
         self.best_norm = float(np.linalg.norm(self.dim[self._pl(self.best)]))
         self.text = {  # the fields of the descriptions
             "mode": "all layers" if self.global_mode else "the source layer",
@@ -82,7 +86,9 @@ class _Components:
 
     @staticmethod
     def _pl(c: dict) -> tuple[int, int]:
-        return c["position_index"], c["layer"]
+        """The (position, layer) whose direction the component uses: its own, or its
+        ``direction_source``."""
+        return tuple(c.get("direction_source", (c["position_index"], c["layer"])))
 
     def _layers(self, c: dict) -> list[int]:
         return list(range(self.n_layers)) if self.global_mode else [c["layer"]]
@@ -103,7 +109,7 @@ class _Components:
         return self.form([iv.Part("actadd", [c["layer"]], ("resid_pre",),
                                   dict(direction=_unit(self.dim[self._pl(c)]),
                                        coeff=sign * np.linalg.norm(self.dim[self._pl(c)])))
-                          for c in self.dim_parts])
+                          for c in self.dim_actadd_parts])
 
     def inlp_map(self, kind: str, alpha: float | None = None) -> iv.Compose:
         """``kind`` "reflection" (with ``alpha``) or "clamp" (to the harmless mean)."""
@@ -120,7 +126,7 @@ class _Components:
         return self.form([iv.Part("actadd", [c["layer"]], ("resid_pre",),
                                   dict(direction=self.directions["inlp_first_direction"][
                                       self._pl(c)], coeff=sign * self.best_norm))
-                          for c in self.inlp_parts])
+                          for c in self.inlp_actadd_parts])
 
     def leace(self) -> iv.Compose:
         return self.form([iv.Part("eraser", self._layers(c), iv.ABLATION_SITES,

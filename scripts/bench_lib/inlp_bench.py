@@ -67,7 +67,7 @@ def run(acts: Activations, *, max_directions: int, pairs: int, baseline_pairs: i
         args = (jnp.asarray(features[chosen][:, split.train_index]), jnp.asarray(train_y),
                 jnp.asarray(features[chosen][:, split.dev_index]), jnp.asarray(dev_y))
         fit = jax.jit(functools.partial(fit_inlp_split, max_directions=max_directions,
-                                        reference=reference))
+                                        absolute_stop=reference, keep_failing=reference))
         compiled, compile_s = compile_timed(fit, *args)
 
         def baseline_loop(indices=measured, baseline=baseline, split=split, train_y=train_y,

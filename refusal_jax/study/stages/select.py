@@ -15,16 +15,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from refusal_jax.interventions import ABLATION_SITES
 from refusal_jax.models.loading import Model
 from refusal_jax.runtime.placement import Placement
 from refusal_jax.selection.components import describe_component, dim_candidates, inlp_basis
-from refusal_jax.selection.ranking import lowest_bypass_fallback, n_components, rank, spearman
+from refusal_jax.selection.ranking import (
+    lowest_bypass_fallback,
+    n_components,
+    rank,
+    spearman,
+    unfiltered_order,
+)
 from refusal_jax.selection.scoring import SELECTION_LENGTH_BUCKET, cache_baseline, score_candidates
 from refusal_jax.study import artifacts
 from refusal_jax.text.chat import refusal_token_ids
 
 if TYPE_CHECKING:
     from refusal_jax.study.runner import Study
+
+# The eps the published code adds inside the logarithms of its KL (``reference.kl_eps``).
+REFERENCE_KL_EPS = 1e-6
 
 
 def run(study: Study) -> list[str]:
@@ -63,13 +73,16 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
         dim_degenerate = dim_degenerate | ~scored[:, None]
     basis, keep = inlp_basis(directions, config.directions)
     first_accuracy = directions["inlp_dev_accuracies"][..., 0]
+    reference = config.reference
     common = dict(multipliers=tuple(select_config.multipliers), chunk=runtime.candidate_chunk,
-                  placement=placement)
+                  kl_eps=REFERENCE_KL_EPS if reference.kl_eps else 0.0, placement=placement)
     methods = {
         "dim": dict(ablation_basis=dim_unit[..., None, :], actadd_direction=dim_unit,
                     actadd_norm=norms, degenerate=dim_degenerate),
         "inlp": dict(ablation_basis=basis, actadd_direction=directions["inlp_first_direction"],
-                     actadd_norm=norms, degenerate=dim_degenerate | (keep == 0)),
+                     actadd_norm=norms, degenerate=dim_degenerate | (keep == 0),
+                     ablation_sites=(("resid_pre",) if reference.inlp_block_input_only
+                                     else ABLATION_SITES)),
     }
     summary = {"mode": select_config.mode, "n_layers": n_layers,
                "n_positions": int(dim.shape[0]),
@@ -79,9 +92,13 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
     modes = [select_config.mode]
     if select_config.compare_global:
         modes = sorted(set(modes) | {"local", "global"}, key=["local", "global"].index)
+    chosen_scores, rankings = {}, {}
     for name, method in methods.items():
         accuracy = first_accuracy if name == "inlp" else None
         rank_args = dict(select_config=select_config, accuracy=accuracy)
+        if name == "inlp" and reference.inlp_steering_best_dim_norm:
+            best_dim = rankings["dim"][0]
+            method = {**method, "actadd_norm": np.full_like(norms, norms[best_dim])}
         by_mode = {}
         for mode in modes:
             # The mode compared with the chosen one needs only its bypass scores (Spearman).
@@ -106,11 +123,8 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
             ranking, fallback = lowest_bypass_fallback(scores, discarded,
                                                        select_config=select_config)
             logging.warning("%s: %s", name, fallback)
-        chosen = ranking[:n_components(len(ranking), select_config)]
+        chosen_scores[name], rankings[name] = scores, ranking
         summary[name] = {
-            "components": [describe_component(p, l, n_positions, scores,
-                                              keep if name == "inlp" else None, accuracy)
-                           for p, l in chosen],
             "ranking": [[p - n_positions, l] for p, l in ranking],
             "discarded": discarded,
             "filters_scored": int(scores.filtered.sum()),
@@ -119,8 +133,45 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
         if len(by_mode) == 2:
             summary[name]["spearman_local_global_bypass"] = spearman(
                 by_mode["local"].bypass.ravel(), by_mode["global"].bypass.ravel())
+    for name in methods:
+        scores, ranking = chosen_scores[name], rankings[name]
+        inlp = name == "inlp"
+
+        def describe(p, l, inlp=inlp, scores=scores):
+            return describe_component(p, l, n_positions, scores, keep if inlp else None,
+                                      first_accuracy if inlp else None)
+
+        if reference.unfiltered_components:
+            chosen = _unfiltered_components(describe, ranking[0], chosen_scores, first_accuracy,
+                                            inlp, select_config)
+        else:
+            chosen = {"components": [describe(p, l) for p, l in
+                                     ranking[:n_components(len(ranking), select_config)]]}
+        summary[name] = {**chosen, **summary[name]}
         best = summary[name]["components"][0]
         logging.info("%s: chose (position %d, layer %d), bypass %.3f, steering %.3f, KL %.4f",
                      name, best["position"], best["layer"], best["bypass"], best["steering"],
                      best["kl"])
     return summary, arrays
+
+
+def _unfiltered_components(describe, best: tuple[int, int], scores: dict, accuracy: np.ndarray,
+                           inlp: bool, select_config) -> dict:
+    """The published code's components (``reference.unfiltered_components``): the ablation or
+    nullspace projection of the best filtered pair ``best`` acts at the layers of the top
+    ``n_components(pool)`` pairs of the unfiltered ranking, ``pool`` the smaller of the two
+    methods' unfiltered pools; ActAdd acts at ``best`` alone."""
+    orders = {name: unfiltered_order(method.bypass, accuracy=accuracy if name == "inlp" else None)
+              for name, method in scores.items()}
+    pool = min(len(order) for order in orders.values())
+    order = orders["inlp" if inlp else "dim"]
+    best_entry = describe(*best)
+    components = []
+    for p, l in order[:n_components(pool, select_config)]:
+        entry = describe(p, l)
+        entry["direction_source"] = [best_entry["position_index"], best_entry["layer"]]
+        if inlp:
+            entry["k"] = best_entry["k"]
+        components.append(entry)
+    return {"components": components, "actadd_components": [best_entry], "best": best_entry,
+            "unfiltered_pool": pool}
