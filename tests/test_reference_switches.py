@@ -1,6 +1,6 @@
 """The `reference.*` switches reproduce the published code's rules (docs/method.md section 7):
 its INLP split index for index, its KL, and, in the select stage, the sites of INLP candidates,
-the INLP steering scale and the unfiltered component pool."""
+the INLP steering scale and the unfiltered component pool, which the variants then follow."""
 
 import types
 
@@ -16,6 +16,7 @@ from refusal_jax.selection.candidates import Candidate, stack_candidates
 from refusal_jax.selection.ranking import CandidateScores
 from refusal_jax.study.config import REFERENCE_SWITCHES, base_config, check_config
 from refusal_jax.study.stages import select
+from refusal_jax.study.variants import FORM_KINDS, build_variants
 
 
 def test_reference_split_follows_the_published_index_rule():
@@ -165,3 +166,39 @@ def test_a_switch_left_unset_is_rejected():
     config.reference.kl_eps = None
     with pytest.raises(ValueError, match="reference.kl_eps"):
         check_config(config)
+
+
+def test_variants_use_the_direction_source_and_the_actadd_components(model):
+    # Components as the select stage writes them under reference.unfiltered_components: the
+    # erasures act at layer 3 with the best pair (0, 1)'s direction, ActAdd at (0, 1) itself.
+    n_layers, width = model.config.n_layers, model.config.d_model
+    rng = np.random.default_rng(2)
+    basis = rng.normal(size=(2, n_layers, 2, width)).astype(np.float32)
+    directions = {"dim": rng.normal(size=(2, n_layers, width)).astype(np.float32),
+                  "harmless_mean": np.zeros((2, n_layers, width), np.float32),
+                  "inlp_basis": basis, "inlp_n_directions": np.ones((2, n_layers), np.int32),
+                  "inlp_dev_accuracies": np.ones((2, n_layers, 2), np.float32),
+                  "inlp_majority_rate": np.full((2, n_layers), 0.5, np.float32),
+                  "inlp_first_direction": basis[:, :, 0],
+                  "inlp_converged": np.ones((2, n_layers, 2), bool),
+                  "inlp_solver_steps": np.ones((2, n_layers, 2), np.int32),
+                  "leace_read": np.zeros((2, n_layers, 1, width), np.float32),
+                  "leace_write": np.zeros((2, n_layers, 1, width), np.float32),
+                  "leace_mean": np.zeros((2, n_layers, width), np.float32)}
+    best = {"position": -2, "position_index": 0, "layer": 1, "k": 1}
+    component = {"position": -1, "position_index": 1, "layer": 3, "k": 1,
+                 "direction_source": [0, 1]}
+    selection = {method: {"components": [component], "actadd_components": [best], "best": best}
+                 for method in ("dim", "inlp")}
+    ablation, actadd, nullspace = build_variants(
+        model, directions, selection, base_config(),
+        names=["dim_ablation", "dim_actadd", "inlp_nullspace"])
+    erase = ablation.harmful.interventions[FORM_KINDS.index("ablation")]
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(erase.site_mask).any(-1)), [3])
+    unit = directions["dim"][0, 1] / np.linalg.norm(directions["dim"][0, 1])
+    np.testing.assert_allclose(np.asarray(erase.direction[3]), unit, rtol=1e-6)
+    add = actadd.harmful.interventions[FORM_KINDS.index("actadd")]
+    np.testing.assert_array_equal(np.argwhere(np.asarray(add.site_mask)),
+                                  [[1, SITE_INDEX["resid_pre"]]])
+    project = nullspace.harmful.interventions[FORM_KINDS.index("reflection")]
+    np.testing.assert_allclose(np.asarray(project.basis[3, 0]), basis[0, 1, 0], rtol=1e-6)

@@ -149,7 +149,7 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
                                      ranking[:n_components(len(ranking), select_config)]]}
         summary[name] = {**chosen, **summary[name]}
         best = summary[name]["components"][0]
-        logging.info("%s: chose (position %d, layer %d), bypass %.3f, steering %.3f, KL %.4f",
+        logging.info("%s: chose (position %d, layer %d), bypass %s, steering %s, KL %s",
                      name, best["position"], best["layer"], best["bypass"], best["steering"],
                      best["kl"])
     return summary, arrays
