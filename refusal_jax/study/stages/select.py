@@ -4,7 +4,8 @@ section 4).
 Library calls: ``selection.scoring`` (baseline caches, candidate scores), ``selection.ranking``
 (filters, ranking, Spearman statistic) and ``selection.components`` (candidate directions and
 their description). Writes ``selection.json`` (chosen components, rankings, filter counts) and
-``scores.npz``.
+``scores.npz``. The config's ``reference`` switches (docs/method.md section 7) choose the
+published code's INLP sites, INLP steering scale, KL and component pool instead.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
     modes = [select_config.mode]
     if select_config.compare_global:
         modes = sorted(set(modes) | {"local", "global"}, key=["local", "global"].index)
-    chosen_scores, rankings = {}, {}
+    scores_by_method, rankings = {}, {}
     for name, method in methods.items():
         accuracy = first_accuracy if name == "inlp" else None
         rank_args = dict(select_config=select_config, accuracy=accuracy)
@@ -123,7 +124,7 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
             ranking, fallback = lowest_bypass_fallback(scores, discarded,
                                                        select_config=select_config)
             logging.warning("%s: %s", name, fallback)
-        chosen_scores[name], rankings[name] = scores, ranking
+        scores_by_method[name], rankings[name] = scores, ranking
         summary[name] = {
             "ranking": [[p - n_positions, l] for p, l in ranking],
             "discarded": discarded,
@@ -134,20 +135,8 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
             summary[name]["spearman_local_global_bypass"] = spearman(
                 by_mode["local"].bypass.ravel(), by_mode["global"].bypass.ravel())
     for name in methods:
-        scores, ranking = chosen_scores[name], rankings[name]
-        inlp = name == "inlp"
-
-        def describe(p, l, inlp=inlp, scores=scores):
-            return describe_component(p, l, n_positions, scores, keep if inlp else None,
-                                      first_accuracy if inlp else None)
-
-        if reference.unfiltered_components:
-            chosen = _unfiltered_components(describe, ranking[0], chosen_scores, first_accuracy,
-                                            inlp, select_config)
-        else:
-            chosen = {"components": [describe(p, l) for p, l in
-                                     ranking[:n_components(len(ranking), select_config)]]}
-        summary[name] = {**chosen, **summary[name]}
+        summary[name] = {**_components(name, scores_by_method, rankings[name], keep, first_accuracy,
+                                       n_positions, config), **summary[name]}
         best = summary[name]["components"][0]
         logging.info("%s: chose (position %d, layer %d), bypass %s, steering %s, KL %s",
                      name, best["position"], best["layer"], best["bypass"], best["steering"],
@@ -155,23 +144,33 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
     return summary, arrays
 
 
-def _unfiltered_components(describe, best: tuple[int, int], scores: dict, accuracy: np.ndarray,
-                           inlp: bool, select_config) -> dict:
-    """The published code's components (``reference.unfiltered_components``): the ablation or
-    nullspace projection of the best filtered pair ``best`` acts at the layers of the top
-    ``n_components(pool)`` pairs of the unfiltered ranking, ``pool`` the smaller of the two
-    methods' unfiltered pools; ActAdd acts at ``best`` alone."""
-    orders = {name: unfiltered_order(method.bypass, accuracy=accuracy if name == "inlp" else None)
-              for name, method in scores.items()}
+def _components(name: str, scores: dict, ranking: list[tuple[int, int]], keep: np.ndarray,
+                first_accuracy: np.ndarray, n_positions: int, config) -> dict:
+    """The components of method ``name`` as ``selection.json`` records them: the top of its
+    filtered ``ranking``; or, under ``reference.unfiltered_components``, the published code's:
+    the ablation or nullspace projection of the best filtered pair (``direction_source``) acts
+    at the layers of the top ``n_components(pool)`` pairs of the unfiltered ranking, ``pool``
+    the smaller of the two methods' unfiltered pools, and ActAdd at the best pair alone
+    (``actadd_components``)."""
+    inlp = name == "inlp"
+
+    def describe(p: int, l: int) -> dict:
+        return describe_component(p, l, n_positions, scores[name], keep if inlp else None,
+                                  first_accuracy if inlp else None)
+
+    if not config.reference.unfiltered_components:
+        return {"components": [describe(p, l) for p, l in
+                               ranking[:n_components(len(ranking), config.select)]]}
+    orders = {method: unfiltered_order(method_scores.bypass,
+                                       accuracy=first_accuracy if method == "inlp" else None)
+              for method, method_scores in scores.items()}
     pool = min(len(order) for order in orders.values())
-    order = orders["inlp" if inlp else "dim"]
-    best_entry = describe(*best)
+    best = describe(*ranking[0])
     components = []
-    for p, l in order[:n_components(pool, select_config)]:
-        entry = describe(p, l)
-        entry["direction_source"] = [best_entry["position_index"], best_entry["layer"]]
+    for p, l in orders[name][:n_components(pool, config.select)]:
+        entry = {**describe(p, l), "direction_source": [best["position_index"], best["layer"]]}
         if inlp:
-            entry["k"] = best_entry["k"]
+            entry["k"] = best["k"]  # the basis used is the best pair's
         components.append(entry)
-    return {"components": components, "actadd_components": [best_entry], "best": best_entry,
+    return {"components": components, "actadd_components": [best], "best": best,
             "unfiltered_pool": pool}
