@@ -202,3 +202,5 @@ def test_variants_use_the_direction_source_and_the_actadd_components(model):
                                   [[1, SITE_INDEX["resid_pre"]]])
     project = nullspace.harmful.interventions[FORM_KINDS.index("reflection")]
     np.testing.assert_allclose(np.asarray(project.basis[3, 0]), basis[0, 1, 0], rtol=1e-6)
+    assert "layer 3; direction of pos -2, layer 1" in ablation.description
+    assert "(pos -2, layer 1)" in actadd.description

@@ -79,6 +79,8 @@ class _Components:
         self.text = {  # the fields of the descriptions
             "mode": "all layers" if self.global_mode else "the source layer",
             "dim_where": _where(self.dim_parts), "inlp_where": _where(self.inlp_parts),
+            "dim_actadd_where": _where(self.dim_actadd_parts),
+            "inlp_actadd_where": _where(self.inlp_actadd_parts),
             "best_where": _where([self.best]),
             "k_text": ", ".join(f"k={c['k']}" for c in self.inlp_parts),
             "best_norm": self.best_norm,
@@ -174,7 +176,7 @@ VARIANTS: dict[str, VariantSpec] = {
         "global DiM ablation of {best_where} folded into the weights (no hooks)",
         weights=lambda c: c.folded_dim_ablation()),
     "dim_actadd": VariantSpec(
-        "DiM ActAdd at resid_pre of {dim_where}, coefficient ||r||: subtracted on harmful, "
+        "DiM ActAdd at resid_pre of {dim_actadd_where}, coefficient ||r||: subtracted on harmful, "
         "added on harmless prompts",
         harmful=lambda c: c.dim_actadd(-1.0), harmless=lambda c: c.dim_actadd(1.0)),
     "inlp_nullspace": VariantSpec(
@@ -192,9 +194,9 @@ VARIANTS: dict[str, VariantSpec] = {
         "{inlp_where}, {k_text}",
         harmful=lambda c: c.inlp_map("clamp"), source="inlp", k_curve=True),
     "inlp_actadd": VariantSpec(
-        "ActAdd along the first INLP direction at resid_pre of {inlp_where}, coefficient ||r|| "
-        "of the best DiM direction ({best_norm:.3g}): subtracted on harmful, added on harmless "
-        "prompts",
+        "ActAdd along the first INLP direction at resid_pre of {inlp_actadd_where}, coefficient "
+        "||r|| of the best DiM direction ({best_norm:.3g}): subtracted on harmful, added on "
+        "harmless prompts",
         harmful=lambda c: c.inlp_actadd(-1.0), harmless=lambda c: c.inlp_actadd(1.0),
         source="inlp"),
     "leace": VariantSpec("LEACE erasure at {mode}, fitted at {dim_where}",
@@ -226,7 +228,14 @@ def _build(name: str, spec: VariantSpec, components: _Components) -> Variant:
 
 
 def _where(parts: list[dict]) -> str:
-    return ", ".join(f"(pos {c['position']}, layer {c['layer']})" for c in parts)
+    def one(c: dict) -> str:
+        if "direction_source" not in c:
+            return f"(pos {c['position']}, layer {c['layer']})"
+        p, l = c["direction_source"]
+        p += c["position"] - c["position_index"]
+        return f"(pos {c['position']}, layer {c['layer']}; direction of pos {p}, layer {l})"
+
+    return ", ".join(one(c) for c in parts)
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:
