@@ -270,12 +270,13 @@ flags.DEFINE_integer("baseline_threads", 0, "torch and BLAS threads of the basel
 
 def _ours(activations, labels, *, reference: bool):
     features = pair_major(activations)
+    rules = dict(stratified=not reference, absolute_stop=reference, keep_failing=reference)
     start = time.perf_counter()
-    result = jax.block_until_ready(fit_inlp(features, labels, reference=reference,
+    result = jax.block_until_ready(fit_inlp(features, labels, **rules,
                                             max_directions=FLAGS.max_directions, seed=FLAGS.seed))
     first_call = time.perf_counter() - start  # compile + run
     start = time.perf_counter()
-    result = jax.block_until_ready(fit_inlp(features, labels, reference=reference,
+    result = jax.block_until_ready(fit_inlp(features, labels, **rules,
                                             max_directions=FLAGS.max_directions, seed=FLAGS.seed))
     return result, first_call, time.perf_counter() - start
 

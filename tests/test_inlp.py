@@ -158,7 +158,8 @@ def test_reference_mode_keeps_the_failing_classifier():
     assert float(default.dev_accuracies[0]) <= 0.55
     assert not np.any(np.asarray(default.basis))
 
-    reference = fit_inlp(noise, LABELS, max_directions=SLOTS, reference=True)
+    reference = fit_inlp(noise, LABELS, max_directions=SLOTS, stratified=False,
+                         absolute_stop=True, keep_failing=True)
     n = int(reference.n_directions)
     accuracies = np.asarray(reference.dev_accuracies)
     assert n >= 1  # the failing classifier is kept
@@ -185,7 +186,7 @@ def test_default_rule_compares_with_the_majority_rate():
     assert int(default.n_directions[0]) == 0
 
     reference = fit_inlp_split(train, train_labels, dev, dev_labels, max_directions=SLOTS,
-                               reference=True)
+                               absolute_stop=True, keep_failing=True)
     assert int(reference.n_directions[0]) == SLOTS
     assert np.all(np.asarray(reference.dev_accuracies[0]) > 0.6)
 

@@ -49,12 +49,15 @@ def warn_if_scale_hides_directions(examples: np.ndarray, n_directions: np.ndarra
 
 
 def fit_directions(harmful: np.ndarray, harmless: np.ndarray, directions_config, *,
-                   seed: int, placement: Placement | None = None) -> dict[str, np.ndarray]:
+                   seed: int, reference_split: bool = False, absolute_stop: bool = False,
+                   keep_failing: bool = False, placement: Placement | None = None
+                   ) -> dict[str, np.ndarray]:
     """DiM, class means, INLP and LEACE for every (position, layer) from ``[n, P, L, D]``.
 
-    ``directions_config`` holds ``inlp_max_directions``, ``inlp_reference`` and
-    ``inlp_inverse_regularization`` (a study config's ``directions`` section); ``seed`` seeds
-    INLP's train/dev split.
+    ``directions_config`` holds ``inlp_max_directions`` and ``inlp_inverse_regularization`` (a
+    study config's ``directions`` section); ``seed`` seeds INLP's train/dev split;
+    ``reference_split`` (the published, non-stratified split), ``absolute_stop`` and
+    ``keep_failing`` choose INLP's rules (:func:`refusal_jax.directions.inlp.fit_inlp`).
     """
     placement = placement or Placement()
     dim = np.asarray(mean_difference(harmful, harmless))
@@ -75,7 +78,7 @@ def fit_directions(harmful: np.ndarray, harmless: np.ndarray, directions_config,
     start = time.perf_counter()
     inlp = per_pair(fit_inlp(
         features, labels, max_directions=directions_config.inlp_max_directions,
-        reference=directions_config.inlp_reference,
+        stratified=not reference_split, absolute_stop=absolute_stop, keep_failing=keep_failing,
         inverse_regularization=directions_config.inlp_inverse_regularization, seed=seed))
     logging.info("INLP: done in %.1fs; directions per pair: median %d, max %d",
                  time.perf_counter() - start, int(np.median(inlp.n_directions)),

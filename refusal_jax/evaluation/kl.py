@@ -6,6 +6,9 @@ with p the baseline's and q the intervened model's next-token distribution at th
 position. It is computed from logits in float32 log space (log_softmax of each side), so no
 probability is divided or logged after underflowing; tokens with p_v = 0 contribute exactly 0,
 even where q_v = 0 too (logits of -inf), and a token with p_v > 0 but q_v = 0 gives +inf.
+
+The published code adds ``eps`` inside both logarithms, sum_v p_v (log(p_v + eps) - log(q_v +
+eps)); :func:`kl_from_log_probs` computes either form from log-probabilities.
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def _kl(baseline_logits: jax.Array, intervened_logits: jax.Array) -> jax.Array:
     p = jnp.exp(log_p)
     terms = jnp.where(p > 0, p * (log_p - log_q), 0.0)
     return jnp.sum(terms, axis=-1)
+
+
+def kl_from_log_probs(log_p: jax.Array, log_q: jax.Array, *, eps: float = 0.0) -> jax.Array:
+    """KL(p || q) over the last axis from log-probabilities [..., V] (float32): the exact
+    sum_v p_v (log p_v - log q_v) when ``eps`` is 0, else the published code's
+    sum_v p_v (log(p_v + eps) - log(q_v + eps))."""
+    p = jnp.exp(log_p)
+    if eps == 0.0:
+        return jnp.sum(p * (log_p - log_q), axis=-1)
+    return jnp.sum(p * (jnp.log(p + eps) - jnp.log(jnp.exp(log_q) + eps)), axis=-1)
 
 
 def kl_divergence(baseline_logits: jax.Array, intervened_logits: jax.Array) -> jax.Array:

@@ -256,6 +256,20 @@ def _config_section(results: StudyResults) -> str:
     return "```json\n" + json.dumps(results.config, indent=2, sort_keys=True) + "\n```"
 
 
+def _reference_section(results: StudyResults) -> str | None:
+    """The published-code switches (config section ``reference``) in force, or None when the
+    config has none."""
+    switches = (results.config or {}).get("reference")
+    if not switches:
+        return None
+    on = [name for name, value in sorted(switches.items()) if value]
+    off = [name for name, value in sorted(switches.items()) if not value]
+    return ("Switches to the published code's behaviour (`reference.*`; each is a row of the "
+            "departures table in docs/method.md section 7).\n\n"
+            f"- on: {', '.join(f'`{name}`' for name in on) or 'none'}\n"
+            f"- off: {', '.join(f'`{name}`' for name in off) or 'none'}")
+
+
 def render_report(results: StudyResults, workdir: str | os.PathLike,
                   expectations: Expectations) -> str:
     """The Markdown report of validated `results` compared with `expectations`; plot paths are
@@ -282,6 +296,9 @@ def render_report(results: StudyResults, workdir: str | os.PathLike,
     if results.timings_s:
         parts += ["## Wall time", _table(["stage", "seconds"], [
             [stage, f"{seconds:.1f}"] for stage, seconds in results.timings_s.items()])]
+    reference = _reference_section(results)
+    if reference is not None:
+        parts += ["## Published-code switches", reference]
     parts += ["## Configuration", _config_section(results),
               f"Results schema version {results.schema_version} (`{RESULTS_FILENAME}`)."]
     return "\n\n".join(parts) + "\n"

@@ -44,12 +44,14 @@ def stack_parts(parts: Sequence[Part], *, kinds: Sequence[str], n_layers: int, w
 
 def stack_candidates(candidates: Sequence[Candidate], *, n_layers: int, global_ablation: bool,
                       ablation_basis: np.ndarray, actadd_direction: np.ndarray,
-                      actadd_norm: np.ndarray) -> Compose:
+                      actadd_norm: np.ndarray,
+                      ablation_sites: Sequence[str] = ABLATION_SITES) -> Compose:
     """Compose(ablation, ActAdd) pytree with a leading candidate axis.
 
     ablation_basis: [P, L, k, D] (DiM: k = 1 unit direction, a directional ablation; INLP: V
     with zero rows unused, a nullspace projection); actadd_direction: [P, L, D] unit;
-    actadd_norm: [P, L] the coefficient scale ||r||.
+    actadd_norm: [P, L] the coefficient scale ||r||; ablation_sites: the sites of each layer the
+    ablation acts at.
     """
     k = ablation_basis.shape[-2]
     erasure = "ablation" if k == 1 else "nullspace"
@@ -60,7 +62,7 @@ def stack_candidates(candidates: Sequence[Candidate], *, n_layers: int, global_a
             layers = range(n_layers) if global_ablation else [l]
             basis = ablation_basis[p, l]
             values = {"direction": basis[0]} if k == 1 else {"basis": basis}
-            return Part(erasure, layers, ABLATION_SITES, values)
+            return Part(erasure, layers, tuple(ablation_sites), values)
         return Part("actadd", [l], ("resid_pre",),
                     {"direction": actadd_direction[p, l],
                      "coeff": cand.multiplier * actadd_norm[p, l]})

@@ -41,11 +41,15 @@ def dim_candidates(dim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 def describe_component(p: int, l: int, n_positions: int, scores: CandidateScores,
                        keep: np.ndarray | None, accuracy: np.ndarray | None) -> dict:
     """The selection record of the candidate (p, l): its EOI position (negative) and index,
-    layer and scores, and for INLP (`keep`, `accuracy` given) its k and first dev accuracy."""
+    layer and scores (None where not scored), and for INLP (`keep`, `accuracy` given) its k and
+    first dev accuracy."""
+    def score(value) -> float | None:
+        return float(value) if np.isfinite(value) else None
+
     entry = {"position": p - n_positions, "position_index": p, "layer": l,
-             "bypass": float(scores.bypass[p, l]),
-             "steering": float(np.max(scores.steering[p, l])),
-             "kl": float(scores.kl[p, l])}
+             "bypass": score(scores.bypass[p, l]),
+             "steering": score(np.max(scores.steering[p, l])),
+             "kl": score(scores.kl[p, l])}
     if keep is not None:
         entry["k"] = int(keep[p, l])
         entry["first_dev_accuracy"] = float(accuracy[p, l])

@@ -44,6 +44,14 @@ def rank_order(bypass: np.ndarray, *, select_config,
     return sorted(pairs, key=_sort_key(bypass, accuracy))
 
 
+def unfiltered_order(bypass: np.ndarray, *, accuracy: np.ndarray | None = None
+                     ) -> list[tuple[int, int]]:
+    """Every pair with a finite bypass score (late layers included), in the order :func:`rank`
+    ranks survivors: the published code's unfiltered pool."""
+    pairs = [tuple(int(i) for i in pair) for pair in np.argwhere(np.isfinite(bypass))]
+    return sorted(pairs, key=_sort_key(bypass, accuracy))
+
+
 def rank(scores: CandidateScores, *, select_config,
          accuracy: np.ndarray | None = None) -> tuple[list[tuple[int, int]], dict[str, int]]:
     """Surviving (p, l) pairs, best first, and how many pairs each filter discarded.
@@ -89,10 +97,12 @@ def lowest_bypass_fallback(scores: CandidateScores, discarded: dict[str, int], *
         "the lowest bypass score outside the late layers is used")
 
 
-def n_components(n_survivors: int, select_config) -> int:
+def n_components(pool: int, select_config) -> int:
+    """How many components are kept from a ranking of ``pool`` pairs: 1 with ``just_one``,
+    else ``ceil(top_percentage * pool)`` (at least 1)."""
     if select_config.just_one:
         return 1
-    return max(1, math.ceil(select_config.top_percentage * n_survivors))
+    return max(1, math.ceil(select_config.top_percentage * pool))
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

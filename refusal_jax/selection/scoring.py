@@ -56,7 +56,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refusal_jax.evaluation.kl import kl_from_log_probs
 from refusal_jax.evaluation.refusal import refusal_score
+from refusal_jax.interventions import ABLATION_SITES
 from refusal_jax.models.batching import forward_shared_prefix, shared_prefix_batches
 from refusal_jax.models.core import forward
 from refusal_jax.models.loading import Model
@@ -81,10 +83,11 @@ def _baseline(params, tokens, valid, refusal_ids, *, config, n_prefix):
             jax.nn.log_softmax(out.logits, axis=-1), refusal_score(out.logits, refusal_ids))
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@functools.partial(jax.jit, static_argnames=("config", "kl_eps"))
 def _score_chunk(params, prefix, cache, valid, row_weights, start_layer, interventions,
-                 refusal_ids, baseline_logprobs, *, config):
-    """Per-candidate sums over the batch's real rows of (refusal score, KL)."""
+                 refusal_ids, baseline_logprobs, *, config, kl_eps):
+    """Per-candidate sums over the batch's real rows of (refusal score, KL with ``kl_eps``
+    inside its logarithms, see :func:`refusal_jax.evaluation.kl.kl_from_log_probs`)."""
     def at_start(stream):
         return jax.lax.dynamic_index_in_dim(stream, start_layer, axis=-2, keepdims=False)
 
@@ -96,7 +99,7 @@ def _score_chunk(params, prefix, cache, valid, row_weights, start_layer, interve
                                        logits="last").logits
         scores = refusal_score(logits, refusal_ids)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
-        kl = jnp.sum(jnp.exp(baseline_logprobs) * (baseline_logprobs - logprobs), axis=-1)
+        kl = kl_from_log_probs(baseline_logprobs, logprobs, eps=kl_eps)
         return jnp.sum(row_weights * scores), jnp.sum(row_weights * kl)
 
     return jax.vmap(one)(interventions)
@@ -137,7 +140,7 @@ def cache_baseline(model: Model, instructions: Sequence[str], refusal_ids: jax.A
 
 
 def _score(model: Model, cached: CachedSet, candidates: list[Candidate], refusal_ids, *,
-           chunk: int, what: str, placement: Placement | None, **stack_args
+           chunk: int, what: str, placement: Placement | None, kl_eps: float, **stack_args
            ) -> tuple[np.ndarray, np.ndarray]:
     """Mean refusal score and mean KL of each candidate on a cached set. With a placement,
     each chunk's candidate axis is split over its mesh (logical axis ``candidates``)."""
@@ -161,7 +164,7 @@ def _score(model: Model, cached: CachedSet, candidates: list[Candidate], refusal
         for cache, valid, weights, logprobs in cached.batches:
             score_sum, kl_sum = distributed.gather(_score_chunk(
                 model.params, cached.prefix, cache, valid, weights, jnp.asarray(start, jnp.int32),
-                stacked, refusal_ids, logprobs, config=model.config))
+                stacked, refusal_ids, logprobs, config=model.config, kl_eps=kl_eps))
             scores[indices] += np.asarray(score_sum, np.float64)[:len(indices)]
             kls[indices] += np.asarray(kl_sum, np.float64)[:len(indices)]
     return scores / cached.n, kls / cached.n
@@ -194,6 +197,7 @@ def score_candidates(model: Model, harmful: CachedSet, harmless: CachedSet, refu
                      actadd_norm: np.ndarray, degenerate: np.ndarray,
                      multipliers: Sequence[float], global_ablation: bool, chunk: int,
                      name: str, filters: str = "all", rank_args: dict | None = None,
+                     ablation_sites: Sequence[str] = ABLATION_SITES, kl_eps: float = 0.0,
                      placement: Placement | None = None) -> CandidateScores:
     """Bypass of every non-degenerate (p, l), and KL and steering of
 
@@ -204,13 +208,17 @@ def score_candidates(model: Model, harmful: CachedSet, harmless: CachedSet, refu
       at a time until one survives. That one is the best survivor :func:`rank` would return
       had every pair been scored (all pairs ranked before it were scored and failed), at a
       fraction of the cost; the pairs after it keep NaN KL and steering.
+
+    ``ablation_sites``: where a local ablation acts in its layer (every site of
+    :data:`refusal_jax.interventions.ABLATION_SITES` by default); ``kl_eps``: see
+    :func:`refusal_jax.evaluation.kl.kl_from_log_probs`.
     """
     if filters not in ("all", "none", "until_chosen"):
         raise ValueError(f"filters must be 'all', 'none' or 'until_chosen', got {filters!r}")
     n_positions, n_layers = degenerate.shape
     shape = (n_positions, n_layers)
     args = dict(chunk=chunk, global_ablation=global_ablation, placement=placement,
-                ablation_basis=ablation_basis,
+                kl_eps=kl_eps, ablation_sites=tuple(ablation_sites), ablation_basis=ablation_basis,
                 actadd_direction=actadd_direction, actadd_norm=actadd_norm)
     pairs = [(p, l) for p in range(n_positions) for l in range(n_layers) if not degenerate[p, l]]
     scores = CandidateScores(bypass=np.full(shape, np.nan),

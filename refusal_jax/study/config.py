@@ -14,6 +14,9 @@ data.*                prompt-set sources (built-in names, JSON paths, ``hf:`` id
                       sizes and the refusal-score filters (``study.data``)
 directions.*          INLP options (docs/method.md section 2) and the k policy
 select.*              candidate selection (docs/method.md section 4; ``refusal_jax.selection``)
+reference.*           switches to the published code's behaviour (all False by default;
+                      ``configs/paper.py`` sets them all). One per departure of docs/method.md
+                      section 7 (``REFERENCE_SWITCHES`` below documents each)
 infer.*               completions: which interventions, ``max_new_tokens``
 evaluate.*            evaluation options, passed to the evaluation modules
 runtime.*             batch sizes, chunking and the device mesh; left out of the config hash
@@ -51,6 +54,21 @@ K_CURVE_INTERVENTIONS = tuple(name for name, spec in VARIANTS.items() if spec.k_
 SELECT_MODES = ("local", "global")
 WHEN_NONE_PASS = ("error", "lowest_bypass")
 STAGES = ("extract", "select", "infer", "evaluate", "report")
+
+# The switches of the `reference` section: each turns one departure from the published code
+# (docs/method.md section 7, the row named) back into the published code's behaviour.
+REFERENCE_SWITCHES = {
+    "inlp_block_input_only": "row 1: INLP candidates in selection are projected at the block "
+                             "input (resid_pre) of their layer only",
+    "inlp_steering_best_dim_norm": "row 2: the INLP steering score scales the first INLP "
+                                   "direction by the best DiM direction's norm",
+    "unfiltered_components": "row 3: ablation and nullspace projection act at the top of the "
+                             "unfiltered ranking with the best filtered direction",
+    "inlp_split": "row 4: INLP's train/dev split is the published index rule",
+    "kl_eps": "row 5: selection's KL adds eps = 1e-6 inside its logarithms",
+    "inlp_keep_failing": "row 6: the INLP classifier that fails the stop rule is kept",
+    "inlp_absolute_stop": "row 7: INLP stops when dev accuracy falls below 0.55",
+}
 
 # Keys whose value must be one of a list.
 _CHOICES = {
@@ -94,7 +112,6 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.directions = ml_collections.ConfigDict()
     config.directions.inlp_max_directions = 100
-    config.directions.inlp_reference = False
     config.directions.inlp_inverse_regularization = 0.1
     config.directions.k_policy = "none"
     config.directions.k = 1  # used by k_policy="fixed"
@@ -115,6 +132,9 @@ def base_config() -> ml_collections.ConfigDict:
     # "lowest_bypass" takes the candidate with the lowest bypass score and records that in
     # selection.json ("fallback"), as the PyTorch twin of the benchmark does.
     config.select.when_none_pass = "error"
+
+    config.reference = ml_collections.ConfigDict(
+        {name: False for name in REFERENCE_SWITCHES})
 
     config.infer = ml_collections.ConfigDict()
     config.infer.max_new_tokens = 512
@@ -187,6 +207,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              f"{key} must be a positive int, got {value(key)!r}")
     for key, choices in _CHOICES.items():
         need(value(key) in choices, f"{key} must be one of {choices}, got {value(key)!r}")
+    for name, value in config.reference.items():
+        need(name in REFERENCE_SWITCHES and isinstance(value, bool),
+             f"reference.{name} must be one of the switches {tuple(REFERENCE_SWITCHES)} set to "
+             f"True or False, got {value!r}")
     select = config.select
     need(len(select.multipliers) >= 1 and all(m > 0 for m in select.multipliers),
          f"select.multipliers must be positive numbers, got {tuple(select.multipliers)}")

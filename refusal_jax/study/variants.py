@@ -60,6 +60,10 @@ class _Components:
         self.global_mode = config.select.mode == "global"
         self.dim_parts = selection["dim"]["components"]
         self.inlp_parts = selection["inlp"]["components"]
+        # ActAdd's components and the best DiM component differ from the erasures' ones only
+        # under reference.unfiltered_components (select stage).
+        self.dim_actadd_parts = selection["dim"].get("actadd_components", self.dim_parts)
+        self.inlp_actadd_parts = selection["inlp"].get("actadd_components", self.inlp_parts)
         basis, _ = inlp_basis(directions, config.directions)
         # As many basis rows as the chosen components use: other pairs may keep more
         # directions, and every row of the common form costs each variant's forward passes.
@@ -70,11 +74,13 @@ class _Components:
         self.basis = basis
         self.ranks = {"reflection": k_max, "clamp": k_max,
                       "eraser": directions["leace_read"].shape[-2]}
-        self.best = self.dim_parts[0]
+        self.best = selection["dim"].get("best", self.dim_parts[0])
         self.best_norm = float(np.linalg.norm(self.dim[self._pl(self.best)]))
         self.text = {  # the fields of the descriptions
             "mode": "all layers" if self.global_mode else "the source layer",
             "dim_where": _where(self.dim_parts), "inlp_where": _where(self.inlp_parts),
+            "dim_actadd_where": _where(self.dim_actadd_parts),
+            "inlp_actadd_where": _where(self.inlp_actadd_parts),
             "best_where": _where([self.best]),
             "k_text": ", ".join(f"k={c['k']}" for c in self.inlp_parts),
             "best_norm": self.best_norm,
@@ -82,7 +88,9 @@ class _Components:
 
     @staticmethod
     def _pl(c: dict) -> tuple[int, int]:
-        return c["position_index"], c["layer"]
+        """The (position, layer) whose direction the component uses: its own, or its
+        ``direction_source``."""
+        return tuple(c.get("direction_source", (c["position_index"], c["layer"])))
 
     def _layers(self, c: dict) -> list[int]:
         return list(range(self.n_layers)) if self.global_mode else [c["layer"]]
@@ -103,7 +111,7 @@ class _Components:
         return self.form([iv.Part("actadd", [c["layer"]], ("resid_pre",),
                                   dict(direction=_unit(self.dim[self._pl(c)]),
                                        coeff=sign * np.linalg.norm(self.dim[self._pl(c)])))
-                          for c in self.dim_parts])
+                          for c in self.dim_actadd_parts])
 
     def inlp_map(self, kind: str, alpha: float | None = None) -> iv.Compose:
         """``kind`` "reflection" (with ``alpha``) or "clamp" (to the harmless mean)."""
@@ -120,7 +128,7 @@ class _Components:
         return self.form([iv.Part("actadd", [c["layer"]], ("resid_pre",),
                                   dict(direction=self.directions["inlp_first_direction"][
                                       self._pl(c)], coeff=sign * self.best_norm))
-                          for c in self.inlp_parts])
+                          for c in self.inlp_actadd_parts])
 
     def leace(self) -> iv.Compose:
         return self.form([iv.Part("eraser", self._layers(c), iv.ABLATION_SITES,
@@ -168,7 +176,7 @@ VARIANTS: dict[str, VariantSpec] = {
         "global DiM ablation of {best_where} folded into the weights (no hooks)",
         weights=lambda c: c.folded_dim_ablation()),
     "dim_actadd": VariantSpec(
-        "DiM ActAdd at resid_pre of {dim_where}, coefficient ||r||: subtracted on harmful, "
+        "DiM ActAdd at resid_pre of {dim_actadd_where}, coefficient ||r||: subtracted on harmful, "
         "added on harmless prompts",
         harmful=lambda c: c.dim_actadd(-1.0), harmless=lambda c: c.dim_actadd(1.0)),
     "inlp_nullspace": VariantSpec(
@@ -186,9 +194,9 @@ VARIANTS: dict[str, VariantSpec] = {
         "{inlp_where}, {k_text}",
         harmful=lambda c: c.inlp_map("clamp"), source="inlp", k_curve=True),
     "inlp_actadd": VariantSpec(
-        "ActAdd along the first INLP direction at resid_pre of {inlp_where}, coefficient ||r|| "
-        "of the best DiM direction ({best_norm:.3g}): subtracted on harmful, added on harmless "
-        "prompts",
+        "ActAdd along the first INLP direction at resid_pre of {inlp_actadd_where}, coefficient "
+        "||r|| of the best DiM direction ({best_norm:.3g}): subtracted on harmful, added on "
+        "harmless prompts",
         harmful=lambda c: c.inlp_actadd(-1.0), harmless=lambda c: c.inlp_actadd(1.0),
         source="inlp"),
     "leace": VariantSpec("LEACE erasure at {mode}, fitted at {dim_where}",
@@ -220,7 +228,14 @@ def _build(name: str, spec: VariantSpec, components: _Components) -> Variant:
 
 
 def _where(parts: list[dict]) -> str:
-    return ", ".join(f"(pos {c['position']}, layer {c['layer']})" for c in parts)
+    def one(c: dict) -> str:
+        if "direction_source" not in c:
+            return f"(pos {c['position']}, layer {c['layer']})"
+        p, l = c["direction_source"]
+        p += c["position"] - c["position_index"]
+        return f"(pos {c['position']}, layer {c['layer']}; direction of pos {p}, layer {l})"
+
+    return ", ".join(one(c) for c in parts)
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

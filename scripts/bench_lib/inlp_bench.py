@@ -5,8 +5,8 @@ Each baseline is compared with ours under the same rules on the same train/dev s
 - scikit-learn loop (`sklearn_inlp_pair`): our default rules, stratified split;
 - torch L-BFGS loop (`torch_reference_inlp_pair`, the published code's loop): the reference
   rules (non-stratified split, stop below 0.55 after keeping the failing classifier), against
-  ours with `reference=True`. Its L-BFGS (lr 1, no line search) does not converge on real
-  activations, so its first classifiers are worse than ours and it stops early;
+  ours with `absolute_stop=True, keep_failing=True`. Its L-BFGS (lr 1, no line search) does
+  not converge on real activations, so its first classifiers are worse than ours and it stops early;
 - the same torch loop with torch's strong-Wolfe line search, which converges: the comparison
   at equal accuracy.
 Ours runs on `pairs` pairs spread over the positions and layers (0: all of them), compiled
@@ -67,7 +67,7 @@ def run(acts: Activations, *, max_directions: int, pairs: int, baseline_pairs: i
         args = (jnp.asarray(features[chosen][:, split.train_index]), jnp.asarray(train_y),
                 jnp.asarray(features[chosen][:, split.dev_index]), jnp.asarray(dev_y))
         fit = jax.jit(functools.partial(fit_inlp_split, max_directions=max_directions,
-                                        reference=reference))
+                                        absolute_stop=reference, keep_failing=reference))
         compiled, compile_s = compile_timed(fit, *args)
 
         def baseline_loop(indices=measured, baseline=baseline, split=split, train_y=train_y,

@@ -54,7 +54,7 @@ evaluate  per variant: substring refusal rates of its completions (`evaluation.r
 Not mirrored (recorded in `TwinResult.not_mirrored`): the report stage and the geometry
 analysis and plots (small; their inputs, the captures, are computed), the safety judge and
 multiple choice (`evaluate.judge_source`, `evaluate.mc_files`), INLP with the reference rules
-(`directions.inlp_reference`), meshes. Ours runs on a padded, length-sorted batch layout and
+(`reference.inlp_*`), meshes. Ours runs on a padded, length-sorted batch layout and
 resumes candidate forwards from cached layers; those are how it saves work, so the twin's
 counts are prompts, batches (forward passes), candidates and generated tokens, each recorded.
 """
@@ -299,9 +299,11 @@ class _Twin:
     def inlp(self, harmful: np.ndarray, harmless: np.ndarray) -> dict[str, np.ndarray]:
         """The scikit-learn per-pair loop at every (position, layer), with the basis it built."""
         settings = self.config.directions
-        if settings.inlp_reference:
+        reference = self.config.reference
+        if reference.inlp_split or reference.inlp_absolute_stop or reference.inlp_keep_failing:
             raise ValueError("the PyTorch twin mirrors INLP with the default rules only; run "
-                             "with directions.inlp_reference=False")
+                             "with reference.inlp_split, inlp_absolute_stop and "
+                             "inlp_keep_failing False")
         pair_fit, _ = inlp_bench.BASELINES[INLP_LOOP]
         examples = np.concatenate([harmful, harmless])
         labels = np.concatenate([np.ones(len(harmful), np.int32),

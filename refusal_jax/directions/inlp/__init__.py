@@ -16,8 +16,8 @@ Conventions (fixed here once):
 Modules: ``split`` (the train/dev split), ``logistic`` (the classifier fits; ``coordinates``,
 ``problem``, ``newton``, ``lbfgs`` and ``serial`` beneath it), ``pair`` (one pair's loop and its
 stop rule), ``loop`` (the pair queue and the entry points), ``k_policy`` (how many directions
-are used). Both stop rules balance the classes to the smaller one before splitting;
-``reference=True`` also makes the split non-stratified, as the published code does.
+are used). Both splits balance the classes to the smaller one; ``stratified=False``,
+``absolute_stop`` and ``keep_failing`` are the published code's rules.
 """
 
 from refusal_jax.directions.inlp.k_policy import K_POLICIES, leading_basis, select_k

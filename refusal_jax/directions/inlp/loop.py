@@ -37,7 +37,8 @@ class _Queue(NamedTuple):
 
 
 def _fit_pairs(train_features, train_labels, dev_features, dev_labels, options: Options, *,
-               max_directions, reference, solver, pairs_in_flight, serial=False) -> INLPResult:
+               max_directions, absolute_stop, keep_failing, solver, pairs_in_flight,
+               serial=False) -> INLPResult:
     """INLP for every pair of ``[pairs, n, D]`` features, ``pairs_in_flight`` at a time.
 
     Pairs need very different amounts of work (0 to 70-odd directions on real activations, 5 to
@@ -52,7 +53,8 @@ def _fit_pairs(train_features, train_labels, dev_features, dev_labels, options: 
     n_pairs = train_features.shape[0]
     lanes = min(pairs_in_flight, n_pairs)
     program = pair_program(train_labels, dev_labels, options, max_directions=max_directions,
-                           reference=reference, solver=solver, serial=serial)
+                           absolute_stop=absolute_stop, keep_failing=keep_failing,
+                           solver=solver, serial=serial)
     if serial:
         coordinates = jax.lax.map(lambda pair: row_space_coordinates(*pair),
                                   (train_features, dev_features))
@@ -87,12 +89,13 @@ def _fit_pairs(train_features, train_labels, dev_features, dev_labels, options: 
     return jax.vmap(program.result)(final.pairs, coordinates.axes)
 
 
-@functools.partial(jax.jit, static_argnames=("max_directions", "reference", "solver",
-                                             "pairs_in_flight", "mesh", "pair_axes"))
+@functools.partial(jax.jit, static_argnames=("max_directions", "absolute_stop", "keep_failing",
+                                             "solver", "pairs_in_flight", "mesh", "pair_axes"))
 def _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels, options, *,
-                    max_directions, reference, solver, pairs_in_flight, mesh,
+                    max_directions, absolute_stop, keep_failing, solver, pairs_in_flight, mesh,
                     pair_axes) -> INLPResult:
-    fit = functools.partial(_fit_pairs, max_directions=max_directions, reference=reference,
+    fit = functools.partial(_fit_pairs, max_directions=max_directions,
+                            absolute_stop=absolute_stop, keep_failing=keep_failing,
                             solver=solver, pairs_in_flight=pairs_in_flight)
     if mesh is not None:
         # Every device works through its own share of the pairs, with no communication. The
@@ -118,7 +121,8 @@ def _pair_sharding(features) -> tuple[jax.sharding.Mesh | None, Any]:
 
 
 def fit_inlp_split(train_features: ArrayLike, train_labels: ArrayLike, dev_features: ArrayLike,
-                   dev_labels: ArrayLike, *, max_directions: int = 100, reference: bool = False,
+                   dev_labels: ArrayLike, *, max_directions: int = 100,
+                   absolute_stop: bool = False, keep_failing: bool = False,
                    inverse_regularization: float = 0.1, accuracy_margin: float = 0.05,
                    reference_threshold: float = 0.55, max_solver_steps: int = 1000,
                    solver_tolerance: float = 1e-5, solver: str = "newton",
@@ -131,8 +135,9 @@ def fit_inlp_split(train_features: ArrayLike, train_labels: ArrayLike, dev_featu
       train_labels: ``[n_train]`` 0/1, shared by all pairs.
       dev_features: ``[pairs, n_dev, D]`` float32, split like ``train_features``.
       dev_labels: ``[n_dev]`` 0/1.
-      max_directions, reference, solver, pairs_in_flight: static (see :func:`fit_inlp`); the
-        other options are traced arguments, so changing them does not recompile.
+      max_directions, absolute_stop, keep_failing, solver, pairs_in_flight: static (see
+        :func:`fit_inlp`); the other options are traced arguments, so changing them does not
+        recompile.
 
     Returns:
       :class:`INLPResult` with leading axis ``[pairs]``.
@@ -143,13 +148,15 @@ def fit_inlp_split(train_features: ArrayLike, train_labels: ArrayLike, dev_featu
         (reference_threshold, jnp.float32), (max_solver_steps, jnp.int32),
         (solver_tolerance, jnp.float32))))
     return _fit_inlp_pairs(train_features, train_labels, dev_features, dev_labels, options,
-                           max_directions=int(max_directions), reference=bool(reference),
+                           max_directions=int(max_directions),
+                           absolute_stop=bool(absolute_stop), keep_failing=bool(keep_failing),
                            solver=solver, pairs_in_flight=int(pairs_in_flight), mesh=mesh,
                            pair_axes=pair_axes)
 
 
 def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 100,
-             reference: bool = False, inverse_regularization: float = 0.1,
+             stratified: bool = True, absolute_stop: bool = False, keep_failing: bool = False,
+             inverse_regularization: float = 0.1,
              accuracy_margin: float = 0.05, reference_threshold: float = 0.55,
              dev_fraction: float = 0.2, seed: int = 0, max_solver_steps: int = 1000,
              solver_tolerance: float = 1e-5, solver: str = "newton",
@@ -160,9 +167,12 @@ def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 10
       features: ``[*pairs, n, D]`` (any number of leading pair axes, including none).
       labels: ``[n]``, 1 = harmful, 0 = harmless.
       max_directions: N, the most classifiers fitted per pair.
-      reference: reproduce the published code (non-stratified split, stop when accuracy <
-        ``reference_threshold``, failing classifier kept) instead of the default rule (stratified
-        split, stop when accuracy <= majority rate + ``accuracy_margin``, failing one dropped).
+      stratified: the default split, or the published code's (False; see
+        :func:`train_dev_split`).
+      absolute_stop: stop when accuracy < ``reference_threshold`` (the published code) instead
+        of when accuracy <= the dev majority rate + ``accuracy_margin`` (default).
+      keep_failing: add the classifier that fails the stop rule before stopping (the published
+        code); by default it is dropped.
       inverse_regularization: C of the logistic regressions.
       dev_fraction, seed: the deterministic split, see :func:`train_dev_split`.
       max_solver_steps, solver_tolerance: the solver's iteration budget and gradient-norm
@@ -184,14 +194,15 @@ def fit_inlp(features: ArrayLike, labels: ArrayLike, *, max_directions: int = 10
         raise ValueError(f"pairs_in_flight must be a positive integer; got {pairs_in_flight!r}.")
     if accuracy_margin < 0:
         raise ValueError(f"accuracy_margin must be >= 0; got {accuracy_margin}.")
-    split = train_dev_split(labels, dev_fraction=dev_fraction, stratified=not reference, seed=seed)
+    split = train_dev_split(labels, dev_fraction=dev_fraction, stratified=stratified, seed=seed)
     pair_shape, (n, dim) = features.shape[:-2], features.shape[-2:]
     flat = features.reshape((-1, n, dim))
     result = fit_inlp_split(
         flat[:, split.train_index], jnp.asarray(labels[split.train_index]),
         flat[:, split.dev_index], jnp.asarray(labels[split.dev_index]),
-        max_directions=int(max_directions), reference=reference,
-        inverse_regularization=inverse_regularization, accuracy_margin=accuracy_margin,
+        max_directions=int(max_directions), absolute_stop=absolute_stop,
+        keep_failing=keep_failing, inverse_regularization=inverse_regularization,
+        accuracy_margin=accuracy_margin,
         reference_threshold=reference_threshold, max_solver_steps=max_solver_steps,
         solver_tolerance=solver_tolerance, solver=solver, pairs_in_flight=pairs_in_flight)
     return jax.tree.map(lambda leaf: leaf.reshape(pair_shape + leaf.shape[1:]), result)

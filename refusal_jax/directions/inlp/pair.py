@@ -8,9 +8,10 @@ finished classifier at a time, so that a queue of pairs can run in one loop
 
 Stop rule (default): stop at the first classifier whose dev accuracy is no better than the
 majority-class rate of the dev split plus ``accuracy_margin``; that classifier is not added.
-``reference=True`` reproduces the published code instead: the absolute rule "stop when
-accuracy < 0.55", and the failing classifier added before stopping. Both modes stop early when a
-classifier normal lies (numerically) inside the span of the earlier directions.
+The published code's rules, one switch each: ``absolute_stop`` stops when accuracy <
+``reference_threshold`` (0.55), and ``keep_failing`` adds the failing classifier before stopping.
+Every rule stops early when a classifier normal lies (numerically) inside the span of the
+earlier directions.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ class PairProgram(NamedTuple):
     result: Callable[[PairState, jax.Array], INLPResult]
 
 
-def pair_program(train_labels, dev_labels, options: Options, *, max_directions, reference,
-                 solver, serial) -> PairProgram:
+def pair_program(train_labels, dev_labels, options: Options, *, max_directions, absolute_stop,
+                 keep_failing, solver, serial) -> PairProgram:
     """The program of one pair with these dev/train labels, options and static settings
-    (``solver`` by name; ``serial``: see :func:`refusal_jax.directions.inlp.logistic.
-    solver_named`)."""
+    (``absolute_stop``, ``keep_failing``: the stop rule above; ``solver`` by name; ``serial``:
+    see :func:`refusal_jax.directions.inlp.logistic.solver_named`)."""
     solver = solver_named(solver, serial=serial)
     harmful_rate = jnp.mean(dev_labels.astype(jnp.float32))
     majority_rate = jnp.maximum(harmful_rate, 1.0 - harmful_rate)
@@ -122,7 +123,7 @@ def pair_program(train_labels, dev_labels, options: Options, *, max_directions, 
         fit = solver.fit(problem(state), state.solver, options.solver_tolerance)
         predictions = (state.dev @ fit.coefficients + fit.intercept > 0).astype(dev_labels.dtype)
         accuracy = jnp.mean((predictions == dev_labels).astype(jnp.float32))
-        if reference:
+        if absolute_stop:
             passed = accuracy >= options.reference_threshold
         else:
             passed = accuracy > majority_rate + options.accuracy_margin
@@ -137,7 +138,7 @@ def pair_program(train_labels, dev_labels, options: Options, *, max_directions, 
                                                                           norm, 1.0), 0.0)
         gap = _class_mean_gap(state.train @ unit, is_harmful)
         unit = jnp.where(gap < 0, -unit, unit)
-        accept = (passed | reference) & spans_new_direction
+        accept = (passed | keep_failing) & spans_new_direction
         accepted_unit = jnp.where(accept, unit, 0.0)  # projecting out zero changes nothing.
         train = _project_out(state.train, accepted_unit, metric)
         return PairState(

@@ -21,8 +21,8 @@ class INLPResult:
         zero rows from ``n_directions`` on.
       n_directions: ``[...]`` int32, number of accepted directions.
       dev_accuracies: ``[..., N]`` float32, dev accuracy of each classifier fitted: the accepted
-        ones and, at index ``n_directions`` (when ``< N``), the one that stopped the loop. In
-        reference mode the stopping classifier is accepted, so it is the last accepted one.
+        ones and, at index ``n_directions`` (when ``< N``), the one that stopped the loop. With
+        ``keep_failing`` the stopping classifier is accepted, so it is the last accepted one.
         NaN for classifiers never fitted.
       majority_rate: ``[...]`` float32, the majority-class rate of the dev split.
       first_direction: ``[..., D]`` float32, unit normal of the first classifier (fitted on the

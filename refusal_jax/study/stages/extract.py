@@ -36,8 +36,13 @@ def run(study: Study) -> list[str]:
         logging.info("filter %s: kept %d of %d prompts", name, keep.sum(), keep.size)
         sets[name] = [text for text, kept in zip(sets[name], keep) if kept]
         activations[name], scores[name] = activations[name][keep], scores[name][keep]
+    reference = config.reference
     directions = fit_directions(activations["harmful_train"], activations["harmless_train"],
-                                config.directions, seed=config.seed, placement=study.placement)
+                                config.directions, seed=config.seed,
+                                reference_split=reference.inlp_split,
+                                absolute_stop=reference.inlp_absolute_stop,
+                                keep_failing=reference.inlp_keep_failing,
+                                placement=study.placement)
     artifacts.write_json(out / "prompts.json", sets)
     artifacts.write_json(out / "baseline_scores.json",
                          {name: values.tolist() for name, values in scores.items()})

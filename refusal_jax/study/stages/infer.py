@@ -56,7 +56,8 @@ def _completions_file(variant: Variant) -> str:
 
 def _check_folding(study: Study, variant: Variant, directions, prompts) -> None:
     model, out = study.model, study.stage_dir("infer")
-    best = study.selection()["dim"]["components"][0]
+    selection = study.selection()["dim"]
+    best = selection.get("best", selection["components"][0])
     direction = directions["dim"][best["position_index"], best["layer"]]
     batch = model.chat.encode(prompts["harmless_eval"][:study.config.runtime.batch_size],
                               context_length=model.config.max_context,

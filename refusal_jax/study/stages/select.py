@@ -4,7 +4,8 @@ section 4).
 Library calls: ``selection.scoring`` (baseline caches, candidate scores), ``selection.ranking``
 (filters, ranking, Spearman statistic) and ``selection.components`` (candidate directions and
 their description). Writes ``selection.json`` (chosen components, rankings, filter counts) and
-``scores.npz``.
+``scores.npz``. The config's ``reference`` switches (docs/method.md section 7) choose the
+published code's INLP sites, INLP steering scale, KL and component pool instead.
 """
 
 from __future__ import annotations
@@ -15,16 +16,26 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from refusal_jax.interventions import ABLATION_SITES
 from refusal_jax.models.loading import Model
 from refusal_jax.runtime.placement import Placement
 from refusal_jax.selection.components import describe_component, dim_candidates, inlp_basis
-from refusal_jax.selection.ranking import lowest_bypass_fallback, n_components, rank, spearman
+from refusal_jax.selection.ranking import (
+    lowest_bypass_fallback,
+    n_components,
+    rank,
+    spearman,
+    unfiltered_order,
+)
 from refusal_jax.selection.scoring import SELECTION_LENGTH_BUCKET, cache_baseline, score_candidates
 from refusal_jax.study import artifacts
 from refusal_jax.text.chat import refusal_token_ids
 
 if TYPE_CHECKING:
     from refusal_jax.study.runner import Study
+
+# The eps the published code adds inside the logarithms of its KL (``reference.kl_eps``).
+REFERENCE_KL_EPS = 1e-6
 
 
 def run(study: Study) -> list[str]:
@@ -63,13 +74,16 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
         dim_degenerate = dim_degenerate | ~scored[:, None]
     basis, keep = inlp_basis(directions, config.directions)
     first_accuracy = directions["inlp_dev_accuracies"][..., 0]
+    reference = config.reference
     common = dict(multipliers=tuple(select_config.multipliers), chunk=runtime.candidate_chunk,
-                  placement=placement)
+                  kl_eps=REFERENCE_KL_EPS if reference.kl_eps else 0.0, placement=placement)
     methods = {
         "dim": dict(ablation_basis=dim_unit[..., None, :], actadd_direction=dim_unit,
                     actadd_norm=norms, degenerate=dim_degenerate),
         "inlp": dict(ablation_basis=basis, actadd_direction=directions["inlp_first_direction"],
-                     actadd_norm=norms, degenerate=dim_degenerate | (keep == 0)),
+                     actadd_norm=norms, degenerate=dim_degenerate | (keep == 0),
+                     ablation_sites=(("resid_pre",) if reference.inlp_block_input_only
+                                     else ABLATION_SITES)),
     }
     summary = {"mode": select_config.mode, "n_layers": n_layers,
                "n_positions": int(dim.shape[0]),
@@ -79,9 +93,13 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
     modes = [select_config.mode]
     if select_config.compare_global:
         modes = sorted(set(modes) | {"local", "global"}, key=["local", "global"].index)
+    scores_by_method, rankings = {}, {}
     for name, method in methods.items():
         accuracy = first_accuracy if name == "inlp" else None
         rank_args = dict(select_config=select_config, accuracy=accuracy)
+        if name == "inlp" and reference.inlp_steering_best_dim_norm:
+            best_dim = rankings["dim"][0]
+            method = {**method, "actadd_norm": np.full_like(norms, norms[best_dim])}
         by_mode = {}
         for mode in modes:
             # The mode compared with the chosen one needs only its bypass scores (Spearman).
@@ -106,11 +124,8 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
             ranking, fallback = lowest_bypass_fallback(scores, discarded,
                                                        select_config=select_config)
             logging.warning("%s: %s", name, fallback)
-        chosen = ranking[:n_components(len(ranking), select_config)]
+        scores_by_method[name], rankings[name] = scores, ranking
         summary[name] = {
-            "components": [describe_component(p, l, n_positions, scores,
-                                              keep if name == "inlp" else None, accuracy)
-                           for p, l in chosen],
             "ranking": [[p - n_positions, l] for p, l in ranking],
             "discarded": discarded,
             "filters_scored": int(scores.filtered.sum()),
@@ -119,8 +134,43 @@ def run_selection(model: Model, prompts, directions: dict[str, np.ndarray], conf
         if len(by_mode) == 2:
             summary[name]["spearman_local_global_bypass"] = spearman(
                 by_mode["local"].bypass.ravel(), by_mode["global"].bypass.ravel())
+    for name in methods:
+        summary[name] = {**_components(name, scores_by_method, rankings[name], keep, first_accuracy,
+                                       n_positions, config), **summary[name]}
         best = summary[name]["components"][0]
-        logging.info("%s: chose (position %d, layer %d), bypass %.3f, steering %.3f, KL %.4f",
+        logging.info("%s: chose (position %d, layer %d), bypass %s, steering %s, KL %s",
                      name, best["position"], best["layer"], best["bypass"], best["steering"],
                      best["kl"])
     return summary, arrays
+
+
+def _components(name: str, scores: dict, ranking: list[tuple[int, int]], keep: np.ndarray,
+                first_accuracy: np.ndarray, n_positions: int, config) -> dict:
+    """The components of method ``name`` as ``selection.json`` records them: the top of its
+    filtered ``ranking``; or, under ``reference.unfiltered_components``, the published code's:
+    the ablation or nullspace projection of the best filtered pair (``direction_source``) acts
+    at the layers of the top ``n_components(pool)`` pairs of the unfiltered ranking, ``pool``
+    the smaller of the two methods' unfiltered pools, and ActAdd at the best pair alone
+    (``actadd_components``)."""
+    inlp = name == "inlp"
+
+    def describe(p: int, l: int) -> dict:
+        return describe_component(p, l, n_positions, scores[name], keep if inlp else None,
+                                  first_accuracy if inlp else None)
+
+    if not config.reference.unfiltered_components:
+        return {"components": [describe(p, l) for p, l in
+                               ranking[:n_components(len(ranking), config.select)]]}
+    orders = {method: unfiltered_order(method_scores.bypass,
+                                       accuracy=first_accuracy if method == "inlp" else None)
+              for method, method_scores in scores.items()}
+    pool = min(len(order) for order in orders.values())
+    best = describe(*ranking[0])
+    components = []
+    for p, l in orders[name][:n_components(pool, config.select)]:
+        entry = {**describe(p, l), "direction_source": [best["position_index"], best["layer"]]}
+        if inlp:
+            entry["k"] = best["k"]  # the basis used is the best pair's
+        components.append(entry)
+    return {"components": components, "actadd_components": [best], "best": best,
+            "unfiltered_pool": pool}
