@@ -101,7 +101,7 @@ def load(key: str) -> tuple[dict, Params, Any] | None:
     if not (entry / _WEIGHTS_FILE).is_file():
         return None
     hf_config = json.loads((entry / _CONFIG_FILE).read_text())
-    with safe_open(entry / _WEIGHTS_FILE, framework="numpy") as stream:
+    with safe_open(str(entry / _WEIGHTS_FILE), framework="numpy") as stream:
         tensors = jax.device_put({name: stream.get_tensor(name) for name in stream.keys()})
     specs = param_specs(ModelConfig.from_hf_config(hf_config))
     params = jax.tree_util.tree_map_with_path(
