@@ -93,7 +93,8 @@ def _key_docs() -> dict[str, str]:
 def config_help() -> str:
     """Every config key with its default (``study.config.base_config``) and description."""
     docs = _key_docs()
-    lines = [f"a config file with get_config(), or a shipped config's name ({', '.join(config_names())}). "
+    names = ", ".join(config_names())
+    lines = [f"a config file with get_config(), or a shipped config's name ({names}). "
              "Each key below is set with --config.KEY=VALUE; the defaults are "
              "study.config.base_config's, which a config file changes in part:"]
     base = study_config.base_config()
