@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench_lib import inlp_bench, model_steps, pipeline, scaling, selection
+from bench_lib import inlp_bench, load_time, model_steps, pipeline, scaling, selection
 from bench_lib.activations import Activations, extract
 from bench_lib.measure import PeakRSS, Stats, machine_info
 from bench_lib.report import SCHEMA_VERSION, Row, machine_lines, markdown_table
@@ -71,6 +71,12 @@ class _Run:
     def section(self, name: str) -> dict[str, Any]:
         """Runs one section, appending its rows; returns what the JSON records about it."""
         return getattr(self, f"_{name}")(self.flags)
+
+    def _load(self, f) -> dict[str, Any]:
+        rows, info = load_time.run(f.load_source, dtype=f.dtype, platform=f.platform,
+                                   repeats=f.repeats)
+        self.rows += rows
+        return info
 
     def _capture(self, f) -> dict[str, Any]:
         w = self.workload
