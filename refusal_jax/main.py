@@ -1,4 +1,4 @@
-"""The study as one command.
+r"""The study as one command.
 
     python -m refusal_jax.main --config=default --workdir=runs/default \
         [--config.data.n_train=64 ...] [--stages=extract,select,infer,evaluate,report]
