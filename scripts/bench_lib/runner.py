@@ -184,6 +184,12 @@ def markdown(result: dict[str, Any]) -> str:
               "run; peak RSS per step with the step's own increment in brackets.", "",
               markdown_table(result["rows"])]
     sections = result["sections"]
+    if "load" in sections:
+        cpu = {row.step.split(") ")[1].split(":")[0]: row.details["load_cpu_s"]
+               for row in result["rows"] if row.section == load_time.SECTION}
+        load = sections["load"]
+        parts += ["", f"Load: CPU seconds of the loads {cpu}; the weights cache entry of "
+                  f"{load['source']!r} takes {load['cache_entry_bytes'] / 2**20:.0f} MiB."]
     if "inlp" in sections and sections["inlp"].get("accuracy_table"):
         parts += ["", "First-classifier dev accuracy, same pairs and split:", "",
                   sections["inlp"]["accuracy_table"]]
