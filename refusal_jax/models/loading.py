@@ -81,7 +81,7 @@ def load_model(source: Source = DEFAULT_MODEL, *, gguf_file: str | None = None,
     cached = weights_cache.load(key) if key is not None else None
     if cached is not None:
         hf_config, params, tokenizer = cached
-        logging.info("loading %s from the weights cache %s", source, weights_cache.entry_path(key))
+        logging.info("read %s from the weights cache %s", source, weights_cache.entry_path(key))
     else:
         logging.info("loading %s%s", source,
                      " (dequantising the GGUF; later loads read the weights cache)"
