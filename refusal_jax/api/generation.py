@@ -7,8 +7,9 @@ weights once for all of them: built-in kinds (``LayerKind``) of different kinds 
 common form (each a ``Compose`` of every kind in the call, the others inactive: a zero site mask
 leaves the stream exactly unchanged), and None is that form with every kind inactive. Other
 interventions (a ``Compose``, your own kinds) are generated together with those of the same
-structure and shapes. Changing an intervention's values (a direction, a coefficient) never
-recompiles.
+structure and shapes. The KV caches of a group are held at once, so split a long list of
+interventions over several calls when memory is short. Changing an intervention's values (a
+direction, a coefficient) never recompiles.
 """
 
 from __future__ import annotations
