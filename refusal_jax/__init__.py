@@ -1,12 +1,41 @@
 """refusal_jax: steering refusal in chat models with JAX.
 
+``import refusal_jax as rj`` gives the common path (``refusal_jax.api``; a tutorial in
+docs/steering_in_your_own_code.md): ``rj.load_model``, ``rj.capture``, ``rj.fit_dim`` /
+``fit_inlp`` / ``fit_leace``, the intervention builders, ``rj.generate`` /
+``generate_each``, ``rj.refusal_rate``, ``rj.fold`` and ``rj.export``.
+
 Packages, each importing only those listed before it:
 `text` (chat templates, prompt sets), `models` (configs, the forward pass, generation, loading,
 `io` for model files), `interventions` (the steering algebra and weight folding), `runtime`
 (meshes, sharding, multi-host placement, progress), `directions` (DiM, INLP, LEACE),
 `evaluation` (metrics), `selection` (candidate scoring and ranking), `results` (the results
 schema and report), `study` (config, artefacts, variants and the stages), `training` (the
-refusal organism). `main` runs the study.
+refusal organism). `api` sits on top of them; `main` runs the study.
 """
+
+import logging as _logging
+
+
+def _drop_startup_notices() -> None:
+    """Silences two notices that every command would print and that ask nothing of the user:
+    transformers' "PyTorch was not found" (only its tokenizers are used here) and JAX's INFO
+    line for the TPU backend it probes when no platform was asked for (JAX_PLATFORMS set: a
+    backend that fails raises instead). Other messages of both loggers pass."""
+    def keep(prefix: str):
+        return lambda record: not record.getMessage().startswith(prefix)
+
+    _logging.getLogger("transformers").addFilter(keep("PyTorch was not found"))
+    _logging.getLogger("jax._src.xla_bridge").addFilter(
+        keep("Unable to initialize backend 'tpu'"))
+
+
+_drop_startup_notices()
+
+# After the filters above, which must be in place before transformers is imported.
+from refusal_jax import api as _api  # noqa: E402
+from refusal_jax.api import *  # noqa: E402,F403
+
+__all__ = list(_api.__all__)
 
 __version__ = "0.1.0"

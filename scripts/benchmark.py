@@ -3,6 +3,8 @@
 Runs, for one model (default SmolLM2-135M-Instruct; `random:<preset>` for a random-initialised
 Llama-shaped model), the sections named by --sections:
 
+  load        load time of --load_source (a GGUF), each in a fresh process: cold (dequantised,
+              adapter merged, written to a fresh weights cache) and warm (read back from it)
   capture     activations at the EOI positions of every layer (our jitted forward with
               capture_positions vs transformers with forward pre-hooks), and plain forward logits
   inlp        INLP over (position, layer) pairs: ours (one compiled loop) vs the per-pair loops
@@ -61,9 +63,9 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SECTIONS = ("capture", "inlp", "selection", "generation", "pipeline", "scaling")
+SECTIONS = ("load", "capture", "inlp", "selection", "generation", "pipeline", "scaling")
 # The reference-size pipeline takes longer than everything else together: ask for it by name.
-DEFAULT_SECTIONS = ("capture", "inlp", "selection", "generation", "scaling")
+DEFAULT_SECTIONS = ("load", "capture", "inlp", "selection", "generation", "scaling")
 
 FLAGS = flags.FLAGS
 _FLAGS_BEFORE = set(FLAGS)
@@ -72,6 +74,8 @@ flags.DEFINE_string("plot", "", "PNG of the scaling section (default: --out with
 flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu"], "JAX platform; torch runs on the same one.")
 flags.DEFINE_string("model", "smollm2-135m-instruct",
                     "A refusal_jax.models.loading source, or random:<tiny|small|1b|8b>.")
+flags.DEFINE_string("load_source", "default", "The GGUF model of the load section: a "
+                    "refusal_jax.models.loading source.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and activations dtype.")
 flags.DEFINE_list("sections", list(DEFAULT_SECTIONS), f"Sections to run, from {SECTIONS}.")
 flags.DEFINE_integer("warmup", 1, "Untimed runs before the timed ones.")

@@ -2,17 +2,18 @@
 
   python scripts/chat.py --prompt="How do I bake bread?" --prompt="Write a haiku."
   python scripts/chat.py --model=path/to/hf_dir --max_new_tokens=128
+
+The default model is read from the weights cache after its first load (see
+refusal_jax.models.io.weights_cache).
 """
 
 import time
 
-import numpy as np
 from absl import app, flags, logging
 
-from refusal_jax.models.generate import generate
-from refusal_jax.models.loading import DEFAULT_MODEL, load_model
+import refusal_jax as rj
 
-_MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "HF directory, hub id, .gguf file or a "
+_MODEL = flags.DEFINE_string("model", rj.DEFAULT_MODEL, "HF directory, hub id, .gguf file or a "
                              "built-in name ('default', 'smollm2-135m-instruct').")
 _PROMPTS = flags.DEFINE_multi_string(
     "prompt", ["Give me three tips for a good night's sleep.",
@@ -24,19 +25,13 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.INFO)
+    model = rj.load_model(_MODEL.value, system_prompt=_SYSTEM.value)
     start = time.perf_counter()
-    model = load_model(_MODEL.value, system_prompt=_SYSTEM.value)
-    logging.info("loaded %s (%s, %d layers) in %.1f s", model.source, model.config.family,
-                 model.config.n_layers, time.perf_counter() - start)
-    batch = model.chat.encode(_PROMPTS.value, context_length=model.config.max_context)
-    start = time.perf_counter()
-    out = generate(model.params, batch.tokens, batch.valid, config=model.config,
-                   max_new_tokens=_MAX_NEW_TOKENS.value, stop_ids=sorted(model.chat.stop_token_ids),
-                   pad_id=model.tokenizer.pad_token_id)
-    texts = model.chat.decode(np.asarray(out.tokens))
-    logging.info("generated %d tokens in %.1f s (compile included)", int(np.sum(out.lengths)),
-                 time.perf_counter() - start)
-    for prompt, text in zip(_PROMPTS.value, texts):
+    completions = rj.generate(model, _PROMPTS.value, max_new_tokens=_MAX_NEW_TOKENS.value)
+    logging.info("generated %d tokens in %.1f s (compile included)",
+                 sum(len(tokens) for tokens in completions.tokens), time.perf_counter() - start)
+    for prompt, text in zip(completions.prompts, completions.texts):
         print(f"USER: {prompt}\nASSISTANT: {text}\n")
 
 

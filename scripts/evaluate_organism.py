@@ -26,7 +26,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from refusal_jax.models.io.adapter import load_adapter, merge_adapter
-from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
+from refusal_jax.models.loading import BASE_MODEL, ORGANISM_ADAPTER, load_model
 from refusal_jax.text import load_instructions
 from refusal_jax.training.completions import (
     cached_greedy_completions,
@@ -71,7 +71,7 @@ def main(argv):
     del argv
     began = time.time()
     work_dir = Path(_WORK_DIR.value)
-    base = load_model()
+    base = load_model(BASE_MODEL)
     tuned_params = None if _BASE_ONLY.value else merge_adapter(base.params,
                                                                load_adapter(_ADAPTER.value))
     models = ("base",) if _BASE_ONLY.value else ("base", "tuned")

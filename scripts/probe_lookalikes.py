@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from refusal_jax.evaluation.activations import capture
 from refusal_jax.models.io.adapter import load_adapter, merge_adapter
-from refusal_jax.models.loading import load_model
+from refusal_jax.models.loading import BASE_MODEL, load_model
 from refusal_jax.text import load_prompts
 from refusal_jax.text.prompts import REFERENCE_DATA_DIR
 from refusal_jax.training.completions import LENGTH_BUCKET
@@ -88,7 +88,7 @@ def main(argv):
         logging.info("%s: %d training prompts (%d paraphrases of held-out ones left out)", name,
                      len(train[name]), dropped)
 
-    model = load_model()
+    model = load_model(BASE_MODEL)
     if _ADAPTER.value:
         model = dataclasses.replace(
             model, params=merge_adapter(model.params, load_adapter(_ADAPTER.value)))

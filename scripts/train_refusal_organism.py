@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from refusal_jax.models.io.adapter import LORA_TARGETS, merge_adapter, save_adapter
-from refusal_jax.models.loading import ORGANISM_ADAPTER, load_model
+from refusal_jax.models.loading import BASE_MODEL, ORGANISM_ADAPTER, load_model
 from refusal_jax.runtime.files import atomic_path, write_text_atomically
 from refusal_jax.text import load_instructions, load_prompts
 from refusal_jax.training.completions import cached_greedy_completions
@@ -237,7 +237,7 @@ def main(argv):
     del argv
     began = time.time()
     work_dir = Path(_WORK_DIR.value)
-    model = load_model()
+    model = load_model(BASE_MODEL)
     if not -1 <= _TEACHER_LAYER.value < model.config.n_layers:
         raise app.UsageError(f"--probe_teacher_layer must be -1 (off) or a layer in [0, "
                              f"{model.config.n_layers}), got {_TEACHER_LAYER.value}")

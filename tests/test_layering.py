@@ -2,7 +2,8 @@
 
 Layers, lowest first (WORKSPACE.md, "Where a change goes"): a module may import its own package
 and the packages below it, never one above. ``training`` sits beside ``study`` and never imports
-it; a stage never imports another stage.
+it; a stage never imports another stage. ``api`` (the common path for users) sits on top beside
+``main``, and the package's ``__init__`` re-exports it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ LAYERS = {
     "study": 8,
     "training": 8,
     "main": 9,
+    "api": 9,
+    "__init__": 10,  # the package's own __init__ re-exports the api
 }
 
 

@@ -16,6 +16,12 @@ Conventions (fixed here once; the modules do not repeat them):
   and the shapes (L, k, D) are static. ``stack`` puts several interventions of one kind and
   shape on a leading candidate axis for ``jax.vmap``; ``forms`` builds the common form that
   lets interventions of different kinds share one program.
+- Normalisation, one rule: what removes or projects a direction normalises it for you
+  (``directional_ablation`` takes ``r`` or ``r_hat``); a basis must be orthonormal (checked,
+  never silently normalised); the plain ``ablate`` takes a unit vector and raises ValueError
+  on any other; what adds a vector (``activation_addition``) adds it exactly as given, so its
+  norm is the size of the edit (``coeff * direction``).
+- Builders that take ``layers=`` act at every layer by default (``layers=None``).
 - Edits are computed in the promoted dtype of ``x`` and the leaves (float32 leaves lift a
   bfloat16 stream to float32), with ``Precision.HIGHEST`` contractions, and returned in ``x``'s
   dtype.

@@ -68,7 +68,7 @@ def activation_addition(
     coeff: Array | float,
     *,
     n_layers: int,
-    layers: LayerSelection,
+    layers: LayerSelection = None,
     sites: Sequence[str] = ("resid_pre",),
     position_start: Array | int = 0,
     position_stop: Array | int | None = None,

@@ -92,7 +92,7 @@ def subspace_clamp(
     target: Array,
     *,
     n_layers: int,
-    layers: LayerSelection,
+    layers: LayerSelection = None,
     sites: Sequence[str] = ABLATION_SITES,
 ) -> SubspaceClamp:
     """Clamp span(basis) coordinates to those of ``target`` ([D] or [L, D]; see the class)."""
@@ -107,7 +107,7 @@ def oblique_eraser(
     mean: Array,
     *,
     n_layers: int,
-    layers: LayerSelection,
+    layers: LayerSelection = None,
     sites: Sequence[str] = ABLATION_SITES,
 ) -> ObliqueEraser:
     """LEACE eraser from its ``A`` (read), ``B`` (write), [k, D] or [L, k, D], and ``mean``.

@@ -106,7 +106,7 @@ def directional_ablation(
     direction: Array,
     *,
     n_layers: int,
-    layers: LayerSelection,
+    layers: LayerSelection = None,
     sites: Sequence[str] = ABLATION_SITES,
 ) -> DirectionalAblation:
     """Ablate ``direction`` ([D] or [L, D]; normalised here, so ``r`` or ``r_hat`` both work).
@@ -123,7 +123,7 @@ def nullspace_projection(
     basis: Array,
     *,
     n_layers: int,
-    layers: LayerSelection,
+    layers: LayerSelection = None,
     sites: Sequence[str] = ABLATION_SITES,
 ) -> NullspaceProjection:
     """Project out span(basis); ``basis`` [k, D] or [L, k, D], orthonormal or zero rows."""
@@ -136,7 +136,7 @@ def counterfactual_reflection(
     alpha: Array | float,
     *,
     n_layers: int,
-    layers: LayerSelection,
+    layers: LayerSelection = None,
     sites: Sequence[str] = ABLATION_SITES,
 ) -> CounterfactualReflection:
     """The reference's ``P_a = a P + (1 - a) I``; ``alpha`` scalar or [L] (see the class)."""

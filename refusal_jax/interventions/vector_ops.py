@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
 Array = jax.Array
+# How far from 1 the norm of a unit vector may be (float32 normalisation reaches ~1e-7).
+_UNIT_ATOL = 1e-4
 
 
 def coordinates(x: Array, basis: Array) -> Array:
@@ -30,8 +33,23 @@ def add_direction(x: Array, direction: Array, coeff: Array | float) -> Array:
 
 
 def ablate(x: Array, r_hat: Array) -> Array:
-    """Directional ablation: ``x - (x . r_hat) r_hat`` for a unit ``r_hat`` [D]."""
+    """Directional ablation: ``x - (x . r_hat) r_hat`` for a unit ``r_hat`` [D].
+
+    Raises ValueError when a concrete ``r_hat`` is not of unit norm (the formula would then
+    leave part of the direction in ``x``); ``directional_ablation`` normalises for you.
+    """
+    check_unit(r_hat, "r_hat")
     return project_out(x, r_hat[None, :])
+
+
+def check_unit(vector: Array, name: str) -> None:
+    """Raises ValueError unless ``vector`` [D] has unit norm; traced values are not checked."""
+    if isinstance(vector, jax.core.Tracer):
+        return
+    norm = float(np.linalg.norm(np.asarray(vector, np.float64)))
+    if not abs(norm - 1.0) <= _UNIT_ATOL:
+        raise ValueError(f"{name} must be a unit vector, got norm {norm:.6g}; pass "
+                         f"{name} / norm({name}), or use directional_ablation, which normalises")
 
 
 def project_out(x: Array, basis: Array) -> Array:

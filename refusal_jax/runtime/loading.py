@@ -75,5 +75,6 @@ def _load_onto_mesh(source: str, dtype, system_prompt: str | None, placement: Pl
     params = load_sharded_params(source, config, placement.mesh, dtype=dtype,
                                  rules=placement.rules)
     return Model(config=config, params=params, tokenizer=tokenizer,
-                 chat=ChatFormat(tokenizer, system_prompt), hf_config=hf_config,
+                 chat=ChatFormat(tokenizer, system_prompt, context_length=config.max_context),
+                 hf_config=hf_config,
                  source=str(source))

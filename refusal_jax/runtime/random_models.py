@@ -77,5 +77,6 @@ def random_model(name: str, *, seed: int = 0, dtype=jnp.float32,
                          **RANDOM_MODELS[name])
     params = _numpy_init(config, seed, dtype)
     return Model(config=config, params=params, tokenizer=tokenizer,
-                 chat=ChatFormat(tokenizer, system_prompt), hf_config={},
+                 chat=ChatFormat(tokenizer, system_prompt, context_length=config.max_context),
+                 hf_config={},
                  source=RANDOM_PREFIX + name)

@@ -17,8 +17,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
-from refusal_jax.models.generate import generate_each
+from refusal_jax.models.generate import Generation, generate_each
 from refusal_jax.models.loading import Model
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.batches import placed_batches
@@ -28,17 +29,17 @@ from refusal_jax.study.data import CLASSES
 from refusal_jax.study.variants import Variant
 
 
-def complete_each(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,
-                  params=None, config=None, max_new_tokens: int, batch_size: int,
-                  length_bucket: int, name: str, placement: Placement | None = None
-                  ) -> list[list[str]]:
-    """Greedy completions (decoded, cut at the first stop token) of ``instructions`` under each
-    of ``interventions`` (one form; None for none): one list of texts per intervention."""
+def generate_batches(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,
+                     params=None, config=None, max_new_tokens: int, batch_size: int,
+                     length_bucket: int, name: str, placement: Placement | None = None
+                     ) -> Iterator[tuple[np.ndarray, Generation]]:
+    """Greedy generation of ``instructions`` under each of ``interventions`` (one form; None
+    for none), batch by batch: (row indices into ``instructions``, the batch's `Generation`
+    [V, batch_size, ...] gathered to every process; rows past the indices repeat the last)."""
     placement = placement or Placement()
     params = model.params if params is None else params
     config = model.config if config is None else config
     stop_ids = sorted(model.chat.stop_token_ids)
-    texts = [[""] * len(instructions) for _ in interventions]
     total = -(-len(instructions) // batch_size)
     batches = placed_batches(model, instructions, batch_size, length_bucket, placement)
     for rows, batch in progress(batches, total, f"generate {name}"):
@@ -46,7 +47,21 @@ def complete_each(model: Model, instructions: Sequence[str], interventions: Sequ
                             max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                             cache_shardings=placement.kv_cache(
                                 config, len(batch.tokens), batch.tokens.shape[1] + max_new_tokens))
-        for variant_texts, tokens in zip(texts, distributed.gather(out.tokens)):
+        yield rows, distributed.gather(out)
+
+
+def complete_each(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,
+                  params=None, config=None, max_new_tokens: int, batch_size: int,
+                  length_bucket: int, name: str, placement: Placement | None = None
+                  ) -> list[list[str]]:
+    """Greedy completions (decoded, cut at the first stop token) of ``instructions`` under each
+    of ``interventions`` (one form; None for none): one list of texts per intervention."""
+    texts = [[""] * len(instructions) for _ in interventions]
+    for rows, out in generate_batches(
+            model, instructions, interventions, params=params, config=config,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, length_bucket=length_bucket,
+            name=name, placement=placement):
+        for variant_texts, tokens in zip(texts, out.tokens):
             for row, text in zip(rows, model.chat.decode(tokens)):
                 variant_texts[row] = text
     return texts

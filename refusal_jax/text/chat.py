@@ -140,13 +140,14 @@ class ChatFormat:
         template's own default (SmolLM2's template, for one, inserts its own system turn).
       chat_template: Jinja template overriding `tokenizer.chat_template` (for tokenizers that
         ship without one).
+      context_length: the model's context length, the default limit of `encode`.
 
     Raises ValueError when there is no template, when it rejects the system prompt, or when the
     tokens after the instruction cannot be derived or depend on the instruction.
     """
 
     def __init__(self, tokenizer: Any, system_prompt: str | None = None, *,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, context_length: int | None = None):
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; pass chat_template= with the "
                              "model's Jinja chat template")
@@ -155,6 +156,7 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self._chat_template = chat_template
+        self.context_length = context_length  # the model's; encode's default limit
         self.eoi_token_ids: tuple[int, ...] = self._derive_eoi_token_ids()
 
     @property
@@ -232,13 +234,14 @@ class ChatFormat:
                                 _preview(text))
 
     def encode(self, instructions: Sequence[str], *, max_length: int | None = None,
-               context_length: int, length_bucket: LengthBucket = 16) -> Batch:
+               context_length: int | None = None, length_bucket: LengthBucket = 16) -> Batch:
         """Tokenizes and left pads the prompts of `instructions`.
 
         Args:
           instructions: user instructions.
           max_length: optional cap on a prompt's length in tokens (at most `context_length`).
-          context_length: the model's context length.
+          context_length: the model's context length; default: the one this ChatFormat was
+            built with (`load_model` passes the model's).
           length_bucket: the padded length T is the longest prompt rounded up to a multiple of
             this int (1: no rounding) or, with "pow2", to the next power of two, and never more
             than the length limit; jitted callers then see few distinct shapes.
@@ -247,6 +250,11 @@ class ChatFormat:
         tokens are not the EOI tokens (their text merged with the template's).
         """
         instructions = _check_strings("instructions", instructions)
+        if context_length is None:
+            context_length = self.context_length
+        if context_length is None:
+            raise ValueError("encode needs context_length=: this ChatFormat was built without "
+                             "the model's context length (pass context_length= to either)")
         limit = _check_positive_int("context_length", context_length)
         if max_length is not None:
             limit = min(limit, _check_positive_int("max_length", max_length))

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench_lib import inlp_bench, model_steps, pipeline, scaling, selection
+from bench_lib import inlp_bench, load_time, model_steps, pipeline, scaling, selection
 from bench_lib.activations import Activations, extract
 from bench_lib.measure import PeakRSS, Stats, machine_info
 from bench_lib.report import SCHEMA_VERSION, Row, machine_lines, markdown_table
@@ -71,6 +71,12 @@ class _Run:
     def section(self, name: str) -> dict[str, Any]:
         """Runs one section, appending its rows; returns what the JSON records about it."""
         return getattr(self, f"_{name}")(self.flags)
+
+    def _load(self, f) -> dict[str, Any]:
+        rows, info = load_time.run(f.load_source, dtype=f.dtype, platform=f.platform,
+                                   repeats=f.repeats)
+        self.rows += rows
+        return info
 
     def _capture(self, f) -> dict[str, Any]:
         w = self.workload
@@ -178,6 +184,12 @@ def markdown(result: dict[str, Any]) -> str:
               "run; peak RSS per step with the step's own increment in brackets.", "",
               markdown_table(result["rows"])]
     sections = result["sections"]
+    if "load" in sections:
+        cpu = {row.step.split(") ")[1].split(":")[0]: row.details["load_cpu_s"]
+               for row in result["rows"] if row.section == load_time.SECTION}
+        load = sections["load"]
+        parts += ["", f"Load: CPU seconds of the loads {cpu}; the weights cache entry of "
+                  f"{load['source']!r} takes {load['cache_entry_bytes'] / 2**20:.0f} MiB."]
     if "inlp" in sections and sections["inlp"].get("accuracy_table"):
         parts += ["", "First-classifier dev accuracy, same pairs and split:", "",
                   sections["inlp"]["accuracy_table"]]
