@@ -15,7 +15,6 @@ models are built in memory first and then re-laid out.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.io.checkpoints import load_hf_config
@@ -24,7 +23,6 @@ from refusal_jax.models.loading import (
     BASE_MODEL,
     DEFAULT_MODEL,
     ORGANISM,
-    ORGANISM_ADAPTER,
     Model,
     load_model,
 )
@@ -33,19 +31,6 @@ from refusal_jax.runtime.precision import DtypePolicy
 from refusal_jax.runtime.random_models import RANDOM_PREFIX, random_model
 from refusal_jax.runtime.sharded_loading import load_sharded_params
 from refusal_jax.text.chat import ChatFormat
-
-
-def weights_identity(source: str) -> dict[str, str]:
-    """What identifies the weights of ``source`` beyond its name, for the run's config hash.
-
-    The named default model is a pinned GGUF plus the adapter committed in this repository,
-    which a retraining replaces under the same name: its SHA-256 makes the artefacts of a run
-    on an older adapter count as another config's, never to be resumed. Other sources are
-    identified by their name.
-    """
-    if source not in (DEFAULT_MODEL, ORGANISM) or not ORGANISM_ADAPTER.is_file():
-        return {}
-    return {"adapter_sha256": hashlib.sha256(ORGANISM_ADAPTER.read_bytes()).hexdigest()}
 
 
 def load_study_model(source: str, *, dtype: str = "float32", system_prompt: str | None = None,
