@@ -14,6 +14,7 @@ order; a function returning None leaves its metric out for that run (e.g. no jud
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +25,10 @@ from refusal_jax.evaluation import cross_entropy as ce
 from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.kl import mean_kl
+from refusal_jax.evaluation.outcomes import label_completions, measure_completions
 from refusal_jax.evaluation.refusal import refusal_rate
 from refusal_jax.models.config import ModelConfig
+from refusal_jax.models.encoder import SentenceEncoder
 from refusal_jax.models.params import Params
 from refusal_jax.study.variants import Variant
 
@@ -37,9 +40,10 @@ class VariantRun:
     completions: {"harmful" | "harmless": [{"instruction", "completion"}, ...]} of the eval
     prompts; harmless_logits / base_harmless_logits: [n, V] last-position logits of the harmless
     eval prompts under the variant / the baseline; params, config: the variant's weights and
-    model config (its own, or the study model's); corpora, judge, mc_sets: the cross-entropy
-    corpora, the safety judge (None when not configured) and the multiple-choice sets (name ->
-    (questions, shot pool, number of shots)), shared by every variant.
+    model config (its own, or the study model's); corpora, judge, mc_sets, encoder: the
+    cross-entropy corpora, the safety judge (None when not configured), the multiple-choice
+    sets (name -> (questions, shot pool, number of shots)) and the sentence encoder of the
+    three-way judge (``evaluation.outcomes``), shared by every variant.
     """
 
     study: Any
@@ -52,10 +56,37 @@ class VariantRun:
     corpora: dict[str, ce.ScoredTokens]
     judge: SafetyJudge | None
     mc_sets: dict[str, tuple[list, list, int]]
+    encoder: SentenceEncoder
 
     def texts(self, prompt_set: str) -> list[str]:
         """The completions of ``prompt_set`` ("harmful" or "harmless")."""
         return [row["completion"] for row in self.completions[prompt_set]]
+
+    @functools.cached_property
+    def judged(self) -> dict[str, list[dict]]:
+        """Per prompt set, each completion with its three-way label and measures
+        (``evaluation.outcomes``; fluency under the unsteered study model)."""
+        model, runtime = self.study.model, self.study.config.runtime
+        judged = {}
+        for prompt_set in ("harmful", "harmless"):
+            rows = self.completions[prompt_set]
+            measures = measure_completions(
+                [row["instruction"] for row in rows], self.texts(prompt_set),
+                encoder=self.encoder, params=model.params, chat=model.chat, config=model.config,
+                batch_size=runtime.batch_size, placement=self.study.placement)
+            labels = label_completions(measures)
+            judged[prompt_set] = [
+                {"instruction": row["instruction"], "completion": row["completion"],
+                 "label": labels[index],
+                 **{name: _json_value(values[index]) for name, values in measures.items()}}
+                for index, row in enumerate(rows)]
+        return judged
+
+
+def _json_value(value: np.generic) -> Any:
+    """A numpy scalar as a JSON value (None for NaN: an empty reply's NLL)."""
+    value = value.item()
+    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 Metric = Callable[[VariantRun], Any]
@@ -139,3 +170,28 @@ def _judge_unsafe_rate(run: VariantRun) -> float | None:
         return None
     instructions = [row["instruction"] for row in run.completions["harmful"]]
     return run.judge.judge(instructions, run.texts("harmful")).unsafe_rate
+
+
+def _outcome_metrics(prompt_set: str) -> None:
+    """Registers the three-way judge's metrics of ``prompt_set``: the counts and rates of
+    on-topic compliance and of off-topic-or-degenerate replies, the count of refusals (the
+    substring metric's), and the mean relevance and reply NLL."""
+    def labels(run: VariantRun) -> list[str]:
+        return [row["label"] for row in run.judged[prompt_set]]
+
+    def mean(run: VariantRun, measure: str) -> float | None:
+        values = np.asarray([row[measure] for row in run.judged[prompt_set]
+                             if row[measure] is not None], np.float64)  # an empty reply: no NLL
+        return float(values.mean()) if values.size else None
+
+    for label, name in (("on_topic", "on_topic_compliance"), ("degenerate", "degenerate")):
+        metric(f"{prompt_set}_{name}_rate")(
+            lambda run, label=label: labels(run).count(label) / len(labels(run)))
+        metric(f"{prompt_set}_{name}_count")(lambda run, label=label: labels(run).count(label))
+    metric(f"{prompt_set}_refusal_count")(lambda run: labels(run).count("refusal"))
+    metric(f"{prompt_set}_mean_relevance")(lambda run: mean(run, "relevance"))
+    metric(f"{prompt_set}_mean_reply_nll")(lambda run: mean(run, "reply_nll"))
+
+
+_outcome_metrics("harmful")
+_outcome_metrics("harmless")
