@@ -77,13 +77,14 @@ def sample_completions(workdir: Path, layers_dir: Path, out: Path, per_set: int,
                        per_set_layers: int, seed: int) -> None:
     """A stratified sample: `per_set` completions of each study variant and prompt set,
     `per_set_layers` of each layer variant and prompt set; of each variant's rows,
-    round(HELDOUT_FRACTION * n) drawn at random form the held-out split."""
-    rng = random.Random(seed)
+    round(HELDOUT_FRACTION * n) drawn at random form the held-out split (a random generator per
+    variant, seeded by `seed` and its name)."""
     rows = []
     sources = [(path, per_set) for path in sorted((workdir / "infer/completions").glob("*.json"))]
     sources += [(path, per_set_layers)
                 for path in sorted((layers_dir / "completions").glob("*.json"))]
     for path, n in sources:
+        rng = random.Random(f"{seed}/{path.stem}")
         data = json.loads(path.read_text())
         variant_rows = []
         for prompt_set in CLASSES:

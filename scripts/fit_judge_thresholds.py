@@ -42,7 +42,9 @@ def read_rows(path: Path = LABELLED_SET) -> list[dict]:
 
 
 def measures_of(rows: list[dict]) -> dict[str, np.ndarray]:
-    return {name: np.asarray([row[name] for row in rows], float) for name in outcomes.MEASURES}
+    """The stored measures as arrays (a missing NLL, of a refusal or an empty reply: NaN)."""
+    return {name: np.asarray([np.nan if row[name] is None else row[name] for row in rows],
+                             float) for name in outcomes.MEASURES}
 
 
 def accuracy(rows: list[dict], thresholds: outcomes.Thresholds) -> float:
@@ -78,15 +80,15 @@ def auc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 def compute_measures(rows: list[dict]) -> None:
     """Adds the measures to every row in place (loads the default and released models)."""
+    from refusal_jax.evaluation.relevance import TextEmbeddings
     from refusal_jax.models.generate import generate
     from refusal_jax.models.io.sentence_encoder import load_sentence_encoder
     from refusal_jax.models.loading import BASE_MODEL, DEFAULT_MODEL, load_model
-    from refusal_jax.models.encoder import embed_texts
 
-    encoder, model = load_sentence_encoder(), load_model(DEFAULT_MODEL)
+    embeddings, model = TextEmbeddings(load_sentence_encoder()), load_model(DEFAULT_MODEL)
     prompts = [row["prompt"] for row in rows]
     replies = [row["completion"] for row in rows]
-    measures = outcomes.measure_completions(prompts, replies, encoder=encoder,
+    measures = outcomes.measure_completions(prompts, replies, embeddings=embeddings,
                                             params=model.params, chat=model.chat,
                                             config=model.config)
     released = load_model(BASE_MODEL)
@@ -99,14 +101,13 @@ def compute_measures(rows: list[dict]) -> None:
                        max_new_tokens=48, stop_ids=sorted(released.chat.stop_token_ids))
         answers += released.chat.decode(np.asarray(out.tokens))
     answer_of = dict(zip(unique, answers))
-    reference = embed_texts(encoder, [answer_of[p] for p in prompts])
-    own = embed_texts(encoder, replies)
+    reference = embeddings([answer_of[p] for p in prompts])
+    own = embeddings(replies)
     for index, row in enumerate(rows):
         for name in outcomes.MEASURES:
-            value = measures[name][index]
-            row[name] = bool(value) if name == "refusal" else (
-                int(value) if name in ("longest_repeated_span", "n_words") else
-                round(float(value), 6))
+            value = measures[name][index].item()
+            row[name] = (None if isinstance(value, float) and not np.isfinite(value) else
+                         round(value, 6) if isinstance(value, float) else value)
         row["released_relevance"] = round(float(own[index] @ reference[index]), 6)
         row["released_answer"] = answer_of[row["prompt"]]
 

@@ -36,4 +36,4 @@ def test_a_registered_metric_runs_in_the_evaluate_stage(toy_metric, tmp_path):
         assert "judge_unsafe_rate" not in values  # None (no judge) leaves a metric out
     results = schema.read_results(tmp_path / "results.json")
     for row in results.interventions:
-        assert row.other_metrics == {TOY: reported[row.name][TOY]}
+        assert row.other_metrics[TOY] == reported[row.name][TOY]

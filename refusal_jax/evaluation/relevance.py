@@ -15,11 +15,28 @@ import numpy as np
 from refusal_jax.models.encoder import SentenceEncoder, embed_texts
 
 
-def relevance(encoder: SentenceEncoder, requests: Sequence[str], replies: Sequence[str], *,
-              batch_size: int = 64) -> np.ndarray:
+class TextEmbeddings:
+    """A sentence encoder that embeds each distinct text once (the requests are shared by every
+    variant of a study, and many replies, such as refusals, repeat)."""
+
+    def __init__(self, encoder: SentenceEncoder, *, batch_size: int = 64):
+        self.encoder, self.batch_size = encoder, batch_size
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings [N, D] of `texts`."""
+        new = list(dict.fromkeys(text for text in texts if text not in self._cache))
+        if new:
+            self._cache.update(zip(new, embed_texts(self.encoder, new,
+                                                    batch_size=self.batch_size)))
+        return np.stack([self._cache[text] for text in texts]) if len(texts) else np.zeros(
+            (0, self.encoder.config.d_model), np.float32)
+
+
+def relevance(embeddings: TextEmbeddings, requests: Sequence[str], replies: Sequence[str]
+              ) -> np.ndarray:
     """cosine(request, reply) [N] of each pair (the embeddings are unit norm)."""
     if len(requests) != len(replies):
         raise ValueError(f"{len(requests)} requests but {len(replies)} replies; pass one reply "
                          "per request")
-    both = embed_texts(encoder, [*requests, *replies], batch_size=batch_size)
-    return np.sum(both[:len(requests)] * both[len(requests):], axis=-1).astype(np.float64)
+    return np.sum(embeddings(requests) * embeddings(replies), axis=-1).astype(np.float64)

@@ -28,7 +28,7 @@ from refusal_jax.evaluation.kl import mean_kl
 from refusal_jax.evaluation.outcomes import label_completions, measure_completions
 from refusal_jax.evaluation.refusal import refusal_rate
 from refusal_jax.models.config import ModelConfig
-from refusal_jax.models.encoder import SentenceEncoder
+from refusal_jax.evaluation.relevance import TextEmbeddings
 from refusal_jax.models.params import Params
 from refusal_jax.study.variants import Variant
 
@@ -40,9 +40,9 @@ class VariantRun:
     completions: {"harmful" | "harmless": [{"instruction", "completion"}, ...]} of the eval
     prompts; harmless_logits / base_harmless_logits: [n, V] last-position logits of the harmless
     eval prompts under the variant / the baseline; params, config: the variant's weights and
-    model config (its own, or the study model's); corpora, judge, mc_sets, encoder: the
+    model config (its own, or the study model's); corpora, judge, mc_sets, embeddings: the
     cross-entropy corpora, the safety judge (None when not configured), the multiple-choice
-    sets (name -> (questions, shot pool, number of shots)) and the sentence encoder of the
+    sets (name -> (questions, shot pool, number of shots)) and the sentence embeddings of the
     three-way judge (``evaluation.outcomes``), shared by every variant.
     """
 
@@ -56,7 +56,7 @@ class VariantRun:
     corpora: dict[str, ce.ScoredTokens]
     judge: SafetyJudge | None
     mc_sets: dict[str, tuple[list, list, int]]
-    encoder: SentenceEncoder
+    embeddings: TextEmbeddings
 
     def texts(self, prompt_set: str) -> list[str]:
         """The completions of ``prompt_set`` ("harmful" or "harmless")."""
@@ -72,8 +72,9 @@ class VariantRun:
             rows = self.completions[prompt_set]
             measures = measure_completions(
                 [row["instruction"] for row in rows], self.texts(prompt_set),
-                encoder=self.encoder, params=model.params, chat=model.chat, config=model.config,
-                batch_size=runtime.batch_size, placement=self.study.placement)
+                embeddings=self.embeddings, params=model.params, chat=model.chat,
+                config=model.config, batch_size=runtime.batch_size,
+                placement=self.study.placement)
             labels = label_completions(measures)
             judged[prompt_set] = [
                 {"instruction": row["instruction"], "completion": row["completion"],

@@ -41,6 +41,7 @@ from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
 from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.k_curve import KCurve, KCurvePoint, k_values, plot_k_curve
+from refusal_jax.evaluation.relevance import TextEmbeddings
 from refusal_jax.models.batching import forward_after_prefix, shared_prefix_batches
 from refusal_jax.models.io.sentence_encoder import load_sentence_encoder
 from refusal_jax.runtime import distributed
@@ -129,7 +130,8 @@ def _judge(study):
 
 
 def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
-                     sources: list[tuple[int, int]], encoder, *, completions: dict | None = None,
+                     sources: list[tuple[int, int]], embeddings, *,
+                     completions: dict | None = None,
                      judge=None, mc_sets=None, geometry: bool = True,
                      judged_file: Path | None = None
                      ) -> tuple[dict, np.ndarray | None, np.ndarray]:
@@ -153,7 +155,7 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
         config=model.config if variant.config is None else variant.config,
         completions=completions, harmless_logits=harmless_logits,
         base_harmless_logits=base_harmless_logits, corpora=corpora, judge=judge,
-        mc_sets=mc_sets or {}, encoder=encoder)
+        mc_sets=mc_sets or {}, embeddings=embeddings)
     metrics = variant_metrics(run)
     if judged_file is not None:
         artifacts.write_json(judged_file, {"variant": variant.name, **run.judged})
@@ -161,7 +163,7 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
 
 
 def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseline_metrics,
-             evaluated: dict[str, dict], sources, encoder) -> dict | None:
+             evaluated: dict[str, dict], sources, embeddings) -> dict | None:
     """Refusal rates and cross-entropy of the k-curve variant keeping its first k directions.
 
     The last point keeps every direction: it is the variant itself, taken from ``evaluated``
@@ -184,7 +186,7 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
             metrics = reused[k]
         else:
             metrics, _, _ = _variant_metrics(study, variants[k], corpora, base_harmless_logits,
-                                             sources, encoder, completions=completions[k],
+                                             sources, embeddings, completions=completions[k],
                                              geometry=False)
         points.append({"k": k, "harmful_refusal_rate": metrics["harmful_refusal_rate"],
                        "harmless_refusal_rate": metrics["harmless_refusal_rate"],
@@ -247,11 +249,11 @@ def run(study) -> list[str]:
     base_harmless_logits, base_harmless = _forward_set(study, baseline, baseline.harmless,
                                                        prompts["harmless_eval"], capture_at)
     judge, mc_sets = _judge(study), _multiple_choice_sets(study)
-    encoder = load_sentence_encoder()
+    embeddings = TextEmbeddings(load_sentence_encoder())
     metrics, moved = {}, {}
     for variant in progress(variants, len(variants), "evaluate variants", every_seconds=0):
         metrics[variant.name], harmful_points, harmless_points = _variant_metrics(
-            study, variant, corpora, base_harmless_logits, capture_at, encoder, judge=judge,
+            study, variant, corpora, base_harmless_logits, capture_at, embeddings, judge=judge,
             mc_sets=mc_sets, judged_file=out / f"judged/{variant.name}.json")
         moved[variant.name] = (variant.source, harmful_points, harmless_points)
         logging.info("%s: harmful refusal %.2f, harmless refusal %.2f, KL %.4f",
@@ -264,9 +266,9 @@ def run(study) -> list[str]:
         metrics[name]["centroid_axis_position"] = harmful_position
         metrics[name]["centroid_axis_position_harmless"] = harmless_position
     baseline_metrics = metrics.get("baseline") or _variant_metrics(
-        study, baseline, corpora, base_harmless_logits, capture_at, encoder, geometry=False)[0]
+        study, baseline, corpora, base_harmless_logits, capture_at, embeddings, geometry=False)[0]
     k_curve = _k_curve(study, directions, selection, corpora, base_harmless_logits,
-                       baseline_metrics, metrics, capture_at, encoder)
+                       baseline_metrics, metrics, capture_at, embeddings)
     artifacts.write_json(out / "metrics.json", {
         "interventions": metrics, "geometry": geometry, "inlp_geometry": inlp_geometry,
         "k_curve": k_curve})
