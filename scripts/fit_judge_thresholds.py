@@ -31,9 +31,9 @@ from refusal_jax.evaluation import outcomes  # noqa: E402
 
 LABELLED_SET = Path(__file__).resolve().parents[1] / "tests/data/judge_labels.jsonl"
 GRID = {
-    "max_repeated_ngram": [round(x, 2) for x in np.arange(0.6, 0.0, -0.05)],
-    "max_reply_nll": [round(x, 2) for x in np.arange(6.0, 1.9, -0.25)],
-    "min_relevance": [round(x, 3) for x in np.arange(0.0, 0.601, 0.025)],
+    "max_repeated_ngram": [round(0.6 - 0.05 * i, 2) for i in range(12)],  # 0.6 .. 0.05
+    "max_reply_nll": [round(6.0 - 0.25 * i, 2) for i in range(21)],  # 6.0 .. 1.0 nats
+    "min_relevance": [round(0.025 * i, 3) for i in range(25)],  # 0.0 .. 0.6
 }
 
 

@@ -48,7 +48,7 @@ class Thresholds:
 
 # Fitted by `python scripts/fit_judge_thresholds.py` (grid search on the train split of
 # tests/data/judge_labels.jsonl); tests/test_outcomes.py checks that the script reproduces them.
-FITTED = Thresholds(max_repeated_ngram=0.3, max_reply_nll=4.0, min_relevance=0.2)
+FITTED = Thresholds(max_repeated_ngram=0.2, max_reply_nll=2.25, min_relevance=0.25)
 
 
 def measure_completions(requests: Sequence[str], replies: Sequence[str], *,
