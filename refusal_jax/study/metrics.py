@@ -176,13 +176,15 @@ def _judge_unsafe_rate(run: VariantRun) -> float | None:
 def _outcome_metrics(prompt_set: str) -> None:
     """Registers the three-way judge's metrics of ``prompt_set``: the counts and rates of
     on-topic compliance and of off-topic-or-degenerate replies, the count of refusals (the
-    substring metric's), and the mean relevance and reply NLL."""
+    substring metric's), and the mean relevance and reply NLL of the replies that are not
+    refusals (None when every reply is one)."""
     def labels(run: VariantRun) -> list[str]:
         return [row["label"] for row in run.judged[prompt_set]]
 
     def mean(run: VariantRun, measure: str) -> float | None:
         values = np.asarray([row[measure] for row in run.judged[prompt_set]
-                             if row[measure] is not None], np.float64)  # an empty reply: no NLL
+                             if not row["refusal"] and row[measure] is not None],
+                            np.float64)  # an empty reply has no NLL
         return float(values.mean()) if values.size else None
 
     for label, name in (("on_topic", "on_topic_compliance"), ("degenerate", "degenerate")):
