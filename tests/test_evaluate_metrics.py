@@ -34,6 +34,14 @@ def test_a_registered_metric_runs_in_the_evaluate_stage(toy_metric, tmp_path):
         built_in = [key for key in metrics.METRICS if key != TOY and key in values]
         assert list(values)[:len(built_in) + 1] == built_in + [TOY]
         assert "judge_unsafe_rate" not in values  # None (no judge) leaves a metric out
+        judged = artifacts.read_json(study.stage_dir("evaluate") / f"judged/{name}.json")
+        for prompt_set in ("harmful", "harmless"):
+            labels = [row["label"] for row in judged[prompt_set]]
+            assert [row["completion"] for row in judged[prompt_set]] == [
+                row["completion"] for row in completions[prompt_set]]
+            assert values[f"{prompt_set}_degenerate_count"] == labels.count("degenerate")
+            assert values[f"{prompt_set}_on_topic_compliance_rate"] == (
+                labels.count("on_topic") / len(labels))
     results = schema.read_results(tmp_path / "results.json")
     for row in results.interventions:
-        assert row.other_metrics == {TOY: reported[row.name][TOY]}
+        assert row.other_metrics[TOY] == reported[row.name][TOY]

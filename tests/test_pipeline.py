@@ -281,7 +281,10 @@ def test_sweep_expands_a_product_of_overrides(tmp_path):
 def test_judge_and_multiple_choice_reach_the_metrics(resumed_run, tmp_path):
     import types
 
+    from refusal_jax.evaluation.relevance import TextEmbeddings
+    from refusal_jax.models.io.sentence_encoder import load_sentence_encoder
     from refusal_jax.study.stages import evaluate
+    from refusal_jax.study.stages import report as report_stage
     from refusal_jax.study.variants import build_variants
 
     workdir, _ = resumed_run
@@ -310,13 +313,14 @@ def test_judge_and_multiple_choice_reach_the_metrics(resumed_run, tmp_path):
                    "harmless": [{"instruction": "Name a colour.", "completion": "Blue."}]}
     source = study.selection()["dim"]["components"][0]
     base_logits = np.zeros((2, study.model.config.vocab_size), np.float32)
+    embeddings = TextEmbeddings(load_sentence_encoder())
     metrics, _, _ = evaluate._variant_metrics(
         study, variant, {}, base_logits, [(source["position_index"], source["layer"])],
-        completions=completions, judge=judge, mc_sets=mc_sets)
+        embeddings, completions=completions, judge=judge, mc_sets=mc_sets)
     assert 0.0 <= metrics["judge_unsafe_rate"] <= 1.0
     assert set(metrics["multiple_choice"]) == {"sums"}
     assert metrics["multiple_choice"]["sums"] in (0.0, 1 / 3, 2 / 3, 1.0)
-    report.InterventionResult(name="dim_ablation", **metrics)  # fits the report schema
+    report_stage._intervention_result("dim_ablation", metrics)  # fits the report schema
 
 
 def test_variants_hold_as_many_inlp_rows_as_the_chosen_component_uses(resumed_run):

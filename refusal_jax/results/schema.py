@@ -30,8 +30,9 @@ Schema (version `SCHEMA_VERSION`). `results.json` is `StudyResults` serialised b
                                   completions labelled on-topic compliance (on harmful prompts:
                                   the jailbreak measure) and off-topic or degenerate (null
                                   where the judge did not run)
-        intervals                 {metric: [low, high]}, the 95% interval of a metric above:
-                                  Wilson for rates, percentile bootstrap over prompts for KL
+        intervals                 {metric: [low, high]}, the 95% interval of a metric above or
+                                  of other_metrics: Wilson for rates, percentile bootstrap over
+                                  prompts for means (KL, the judge's mean relevance and NLL)
         other_metrics             {name: value}, metrics registered beyond these fields
     selections       list of SelectedComponent: the (position, layer) chosen per method
         method, position (EOI position, negative), layer, bypass_score, steering_score,
@@ -242,10 +243,11 @@ _ROUNDING = 1e-9  # a bootstrap interval's quantiles may sit a rounding error of
 
 
 def _check_intervals(row: InterventionResult, where: str) -> None:
-    """Each interval names a metric the row reports and holds its value: low <= value <= high,
-    inside [0, 1] for rates."""
+    """Each interval names a number the row reports (a field or one of `other_metrics`) and
+    holds its value: low <= value <= high, inside [0, 1] for rates."""
     for name, interval in row.intervals.items():
-        value = getattr(row, name, None) if name in _INTERVENTION_FIELDS else None
+        value = (getattr(row, name) if name in _INTERVENTION_FIELDS
+                 else row.other_metrics.get(name))
         if not isinstance(value, (int, float)):
             raise ValueError(f"{where}.intervals.{name}: the row has no number {name!r} for "
                              "this interval to belong to")

@@ -17,7 +17,8 @@ and its 95% interval under ``intervals[name]``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -28,7 +29,9 @@ from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.intervals import Estimate, mean_estimate, rate_estimate
 from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.kl import kl_divergence
+from refusal_jax.evaluation.outcomes import label_completions, measure_completions
 from refusal_jax.evaluation.refusal import is_refusal
+from refusal_jax.evaluation.relevance import TextEmbeddings
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.params import Params
 from refusal_jax.study.variants import Variant
@@ -41,9 +44,10 @@ class VariantRun:
     completions: {"harmful" | "harmless": [{"instruction", "completion"}, ...]} of the eval
     prompts; harmless_logits / base_harmless_logits: [n, V] last-position logits of the harmless
     eval prompts under the variant / the baseline; params, config: the variant's weights and
-    model config (its own, or the study model's); corpora, judge, mc_sets: the cross-entropy
-    corpora, the safety judge (None when not configured) and the multiple-choice sets (name ->
-    (questions, shot pool, number of shots)), shared by every variant.
+    model config (its own, or the study model's); corpora, judge, mc_sets, embeddings: the
+    cross-entropy corpora, the safety judge (None when not configured), the multiple-choice
+    sets (name -> (questions, shot pool, number of shots)) and the sentence embeddings of the
+    three-way judge (``evaluation.outcomes``), shared by every variant.
     """
 
     study: Any
@@ -56,10 +60,38 @@ class VariantRun:
     corpora: dict[str, ce.ScoredTokens]
     judge: SafetyJudge | None
     mc_sets: dict[str, tuple[list, list, int]]
+    embeddings: TextEmbeddings
 
     def texts(self, prompt_set: str) -> list[str]:
         """The completions of ``prompt_set`` ("harmful" or "harmless")."""
         return [row["completion"] for row in self.completions[prompt_set]]
+
+    @functools.cached_property
+    def judged(self) -> dict[str, list[dict]]:
+        """Per prompt set, each completion with its three-way label and measures
+        (``evaluation.outcomes``; fluency under the unsteered study model)."""
+        model, runtime = self.study.model, self.study.config.runtime
+        judged = {}
+        for prompt_set in ("harmful", "harmless"):
+            rows = self.completions[prompt_set]
+            measures = measure_completions(
+                [row["instruction"] for row in rows], self.texts(prompt_set),
+                embeddings=self.embeddings, params=model.params, chat=model.chat,
+                config=model.config, batch_size=runtime.batch_size,
+                placement=self.study.placement)
+            labels = label_completions(measures)
+            judged[prompt_set] = [
+                {"instruction": row["instruction"], "completion": row["completion"],
+                 "label": labels[index],
+                 **{name: _json_value(values[index]) for name, values in measures.items()}}
+                for index, row in enumerate(rows)]
+        return judged
+
+
+def _json_value(value: np.generic) -> Any:
+    """A numpy scalar as a JSON value (None for NaN: an empty reply's NLL)."""
+    value = value.item()
+    return None if isinstance(value, float) and not np.isfinite(value) else value
 
 
 Metric = Callable[[VariantRun], Any]
@@ -75,11 +107,14 @@ def metric(name: str) -> Callable[[Metric], Metric]:
     return register
 
 
-def variant_metrics(run: VariantRun) -> dict[str, Any]:
-    """Every registered metric of ``run`` that has a value, in registration order, and under
-    ``intervals`` the [low, high] of each metric that returned an `Estimate`."""
+def variant_metrics(run: VariantRun, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every registered metric of ``run`` (or only those of ``names``) that has a value, in
+    registration order, and under ``intervals`` the [low, high] of each metric that returned an
+    `Estimate`."""
     values, intervals = {}, {}
     for name, function in METRICS.items():
+        if names is not None and name not in names:
+            continue
         value = function(run)
         if isinstance(value, Estimate):
             value, intervals[name] = value.value, value.interval
@@ -152,3 +187,26 @@ def _judge_unsafe_rate(run: VariantRun) -> Estimate | None:
     instructions = [row["instruction"] for row in run.completions["harmful"]]
     verdicts = run.judge.judge(instructions, run.texts("harmful"))
     return rate_estimate(list(verdicts.unsafe))
+
+
+def _outcome_metrics(prompt_set: str) -> None:
+    """Registers the three-way judge's metrics of ``prompt_set``: the rates of on-topic
+    compliance and of off-topic-or-degenerate replies, and the mean relevance and reply NLL of
+    the replies that are not refusals (None when every reply is one)."""
+    def labels(run: VariantRun) -> list[str]:
+        return [row["label"] for row in run.judged[prompt_set]]
+
+    def mean(run: VariantRun, measure: str) -> Estimate | None:
+        values = [row[measure] for row in run.judged[prompt_set]
+                  if not row["refusal"] and row[measure] is not None]  # an empty reply: no NLL
+        return mean_estimate(values) if values else None
+
+    for label, name in (("on_topic", "on_topic_compliance"), ("degenerate", "degenerate")):
+        metric(f"{prompt_set}_{name}_rate")(
+            lambda run, label=label: rate_estimate([row == label for row in labels(run)]))
+    metric(f"{prompt_set}_mean_relevance")(lambda run: mean(run, "relevance"))
+    metric(f"{prompt_set}_mean_reply_nll")(lambda run: mean(run, "reply_nll"))
+
+
+_outcome_metrics("harmful")
+_outcome_metrics("harmless")

@@ -14,6 +14,11 @@ on harmless ones), the metrics registered in ``refusal_jax.study.metrics`` and t
   of the baseline activations of the same prompts there. The geometry plots show each source
   with its variants (and the baseline); when both methods chose the same (position, layer),
   one set of plots shows all;
+- what the completions say (``evaluation.outcomes``): each completion of both sets labelled
+  refusal, on-topic compliance or off-topic-or-degenerate, from the substring metric, its
+  relevance to the request (all-MiniLM-L6-v2, loaded once per stage), its repetition and its
+  mean token NLL under the unsteered model; counts and rates of the labels per set, written
+  with every completion's label and measures to ``judged/<variant>.json``;
 - the safety judge's unsafe rate on the harmful completions (``evaluate.judge_source``) and
   multiple-choice accuracy (``evaluate.mc_files``, under the harmful-prompt intervention), when
   configured.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -36,7 +42,9 @@ from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
 from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.k_curve import KCurve, KCurvePoint, k_values, plot_k_curve
+from refusal_jax.evaluation.relevance import TextEmbeddings
 from refusal_jax.models.batching import forward_after_prefix, shared_prefix_batches
+from refusal_jax.models.io.sentence_encoder import load_sentence_encoder
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.runtime.progress import progress
@@ -123,12 +131,15 @@ def _judge(study):
 
 
 def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
-                     sources: list[tuple[int, int]], *, completions: dict | None = None,
-                     judge=None, mc_sets=None, geometry: bool = True
+                     sources: list[tuple[int, int]], embeddings, *,
+                     completions: dict | None = None,
+                     judge=None, mc_sets=None, geometry: bool = True,
+                     judged_file: Path | None = None, names: Sequence[str] | None = None
                      ) -> tuple[dict, np.ndarray | None, np.ndarray]:
-    """The registered metrics of one variant (``study.metrics``), and its intervened
-    activations (harmful, harmless) [S, n, D] at the ``sources``; the harmful ones only with
-    ``geometry`` (they cost a forward pass of the harmful set)."""
+    """The registered metrics of one variant (``study.metrics``; only ``names`` when given),
+    and its intervened activations (harmful, harmless) [S, n, D] at the ``sources``; the
+    harmful ones only with ``geometry`` (they cost a forward pass of the harmful set).
+    ``judged_file``: where to write every completion's three-way label and measures."""
     model, prompts = study.model, study.prompts()
     if completions is None:
         completions = artifacts.read_json(study.stage_dir("infer") /
@@ -145,12 +156,18 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
         config=model.config if variant.config is None else variant.config,
         completions=completions, harmless_logits=harmless_logits,
         base_harmless_logits=base_harmless_logits, corpora=corpora, judge=judge,
-        mc_sets=mc_sets or {})
-    return variant_metrics(run), harmful_points, harmless_points
+        mc_sets=mc_sets or {}, embeddings=embeddings)
+    metrics = variant_metrics(run, names)
+    if judged_file is not None:
+        artifacts.write_json(judged_file, {"variant": variant.name, **run.judged})
+    return metrics, harmful_points, harmless_points
+
+
+_K_CURVE_METRICS = ("harmful_refusal_rate", "harmless_refusal_rate", "cross_entropy", "kl")
 
 
 def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseline_metrics,
-             evaluated: dict[str, dict], sources) -> dict | None:
+             evaluated: dict[str, dict], sources, embeddings) -> dict | None:
     """Refusal rates and cross-entropy of the k-curve variant keeping its first k directions.
 
     The last point keeps every direction: it is the variant itself, taken from ``evaluated``
@@ -173,7 +190,8 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
             metrics = reused[k]
         else:
             metrics, _, _ = _variant_metrics(study, variants[k], corpora, base_harmless_logits,
-                                             sources, completions=completions[k], geometry=False)
+                                             sources, embeddings, completions=completions[k],
+                                             geometry=False, names=_K_CURVE_METRICS)
         points.append({"k": k, "harmful_refusal_rate": metrics["harmful_refusal_rate"],
                        "harmless_refusal_rate": metrics["harmless_refusal_rate"],
                        "cross_entropy": metrics["cross_entropy"]["builtin"],
@@ -235,11 +253,12 @@ def run(study) -> list[str]:
     base_harmless_logits, base_harmless = _forward_set(study, baseline, baseline.harmless,
                                                        prompts["harmless_eval"], capture_at)
     judge, mc_sets = _judge(study), _multiple_choice_sets(study)
+    embeddings = TextEmbeddings(load_sentence_encoder())
     metrics, moved = {}, {}
     for variant in progress(variants, len(variants), "evaluate variants", every_seconds=0):
         metrics[variant.name], harmful_points, harmless_points = _variant_metrics(
-            study, variant, corpora, base_harmless_logits, capture_at, judge=judge,
-            mc_sets=mc_sets)
+            study, variant, corpora, base_harmless_logits, capture_at, embeddings, judge=judge,
+            mc_sets=mc_sets, judged_file=out / f"judged/{variant.name}.json")
         moved[variant.name] = (variant.source, harmful_points, harmless_points)
         logging.info("%s: harmful refusal %.2f, harmless refusal %.2f, KL %.4f",
                      variant.name, metrics[variant.name]["harmful_refusal_rate"],
@@ -251,12 +270,13 @@ def run(study) -> list[str]:
         metrics[name]["centroid_axis_position"] = harmful_position
         metrics[name]["centroid_axis_position_harmless"] = harmless_position
     baseline_metrics = metrics.get("baseline") or _variant_metrics(
-        study, baseline, corpora, base_harmless_logits, capture_at, geometry=False)[0]
+        study, baseline, corpora, base_harmless_logits, capture_at, embeddings, geometry=False)[0]
     k_curve = _k_curve(study, directions, selection, corpora, base_harmless_logits,
-                       baseline_metrics, metrics, capture_at)
+                       baseline_metrics, metrics, capture_at, embeddings)
     artifacts.write_json(out / "metrics.json", {
         "interventions": metrics, "geometry": geometry, "inlp_geometry": inlp_geometry,
         "k_curve": k_curve})
     plots = [plot for view in (geometry, inlp_geometry) if view for plot in view["plots"]]
-    files = ["metrics.json"] + [os.path.relpath(study.workdir / plot, out) for plot in plots]
+    files = (["metrics.json"] + [f"judged/{name}.json" for name in metrics]
+             + [os.path.relpath(study.workdir / plot, out) for plot in plots])
     return files + (["k_curve.png"] if k_curve else [])
