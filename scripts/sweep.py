@@ -19,13 +19,21 @@ from pathlib import Path
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string("config", None, "config file with get_config()")
-_ROOT = flags.DEFINE_string("root", None, "directory holding one work directory per run")
-_SWEEP = flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: one axis of the product")
-_SET = flags.DEFINE_multi_string("set", [], "KEY=V: an override shared by every run")
-_STAGES = flags.DEFINE_string("stages", None, "comma-separated stages (default: all)")
-_PRINT_ONLY = flags.DEFINE_bool("print_only", False, "print the commands instead of running")
-flags.mark_flags_as_required(["config", "root"])
+
+def _define_flags() -> dict:
+    """The command line's flags (defined only when run as a script, so that importing
+    ``expand`` and ``commands`` leaves the global absl flags alone)."""
+    defined = {
+        "config": flags.DEFINE_string("config", None, "config file with get_config()"),
+        "root": flags.DEFINE_string("root", None, "directory holding one work directory per run"),
+        "sweep": flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: one axis of the product"),
+        "set": flags.DEFINE_multi_string("set", [], "KEY=V: an override shared by every run"),
+        "stages": flags.DEFINE_string("stages", None, "comma-separated stages (default: all)"),
+        "print_only": flags.DEFINE_bool("print_only", False,
+                                        "print the commands instead of running"),
+    }
+    flags.mark_flags_as_required(["config", "root"])
+    return defined
 
 
 def _split(assignment: str, flag: str) -> tuple[str, str]:
@@ -62,12 +70,13 @@ def commands(config: str, root: str, runs, shared, stages: str | None, *,
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    shared = [_split(assignment, "set") for assignment in _SET.value]
-    python = "python" if _PRINT_ONLY.value else sys.executable
-    runs = commands(_CONFIG.value, _ROOT.value, expand(_SWEEP.value), shared, _STAGES.value,
-                    python=python)
+    value = {name: holder.value for name, holder in _FLAGS.items()}
+    shared = [_split(assignment, "set") for assignment in value["set"]]
+    python = "python" if value["print_only"] else sys.executable
+    runs = commands(value["config"], value["root"], expand(value["sweep"]), shared,
+                    value["stages"], python=python)
     for index, command in enumerate(runs, start=1):
-        if _PRINT_ONLY.value:
+        if value["print_only"]:
             print(shlex.join(command))
             continue
         print(f"[{index}/{len(runs)}] {shlex.join(command)}", flush=True)
@@ -75,4 +84,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _FLAGS = _define_flags()
     app.run(main)

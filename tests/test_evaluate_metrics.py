@@ -4,6 +4,7 @@ evaluate stage for every variant, after the built-in ones, and reaches results.j
 import pytest
 from tiny_pipeline import shrunk_tiny_config
 
+from refusal_jax.evaluation.intervals import wilson_interval
 from refusal_jax.results import schema
 from refusal_jax.study import artifacts, metrics, runner
 
@@ -39,9 +40,13 @@ def test_a_registered_metric_runs_in_the_evaluate_stage(toy_metric, tmp_path):
             labels = [row["label"] for row in judged[prompt_set]]
             assert [row["completion"] for row in judged[prompt_set]] == [
                 row["completion"] for row in completions[prompt_set]]
-            assert values[f"{prompt_set}_degenerate_count"] == labels.count("degenerate")
+            assert values[f"{prompt_set}_degenerate_rate"] == (
+                labels.count("degenerate") / len(labels))
             assert values[f"{prompt_set}_on_topic_compliance_rate"] == (
                 labels.count("on_topic") / len(labels))
+            # each rate's Wilson interval reaches results.json beside it
+            assert values["intervals"][f"{prompt_set}_degenerate_rate"] == list(
+                wilson_interval(labels.count("degenerate"), len(labels)))
     results = schema.read_results(tmp_path / "results.json")
     for row in results.interventions:
         assert row.other_metrics[TOY] == reported[row.name][TOY]

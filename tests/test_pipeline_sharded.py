@@ -416,7 +416,11 @@ def test_completions_match_one_device(runs):
         sharded = artifacts.read_json(runs["sharded"] / f"infer/completions/{name}.json")
         one = artifacts.read_json(runs["one"] / f"infer/completions/{name}.json")
         assert sharded["harmful"] == one["harmful"] and sharded["harmless"] == one["harmless"]
-        assert sharded["config_hash"] == one["config_hash"]  # the mesh is not in the hash
+    # The mesh is not in the config hash (the completions' own key also digests the earlier
+    # stages' artefacts, whose last bits differ between meshes).
+    done = [artifacts.read_json(runs[run] / "infer" / artifacts.DONE_FILE)
+            for run in ("sharded", "one")]
+    assert len({record["config_hash"] for record in done}) == 1
 
 
 def _numbers(tree, path=""):

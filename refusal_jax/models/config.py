@@ -146,16 +146,16 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> "ModelConfig":
-        """Builds the config from a Hugging Face `config.json` dict (checked by
-        `check_hf_config` first)."""
-        check_hf_config(hf)
-        model_type = hf.get("model_type")
+        """Builds the config from a Hugging Face `config.json` dict (its architecture checked
+        first, then its sizes by `check_hf_config`)."""
+        model_type = hf.get("model_type") if isinstance(hf, Mapping) else None
         if model_type not in FAMILIES:
             raise UnsupportedModelError(
                 f"architecture {model_type!r} is not supported; supported model_type values: "
                 f"{sorted(FAMILIES)}. Add a family in refusal_jax/models/config.py "
                 "(see WORKSPACE.md)."
             )
+        check_hf_config(hf)
         family = FAMILIES[model_type]
         n_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads

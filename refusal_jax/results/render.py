@@ -88,7 +88,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _interventions_table(results: StudyResults) -> str:
+def _interventions_table(results: StudyResults, *, descriptions: bool = True) -> str:
+    """The table of every intervention's metrics, then (with ``descriptions``) a list of what
+    each row applied."""
     corpora = sorted({c for row in results.interventions for c in row.cross_entropy},
                      key=lambda corpus: (corpus != "builtin", corpus))  # built-in text first
     benchmarks = sorted({b for row in results.interventions for b in row.multiple_choice})
@@ -119,8 +121,10 @@ def _interventions_table(results: StudyResults) -> str:
         cells += [_number(row.centroid_axis_position, 2),
                   _number(row.centroid_axis_position_harmless, 2)]
         rows.append(cells)
-    descriptions = "\n".join(f"- `{row.name}`: {row.description}" for row in results.interventions)
-    return _table(header, rows) + "\n\n" + descriptions
+    if not descriptions:
+        return _table(header, rows)
+    listing = "\n".join(f"- `{row.name}`: {row.description}" for row in results.interventions)
+    return _table(header, rows) + "\n\n" + listing
 
 
 _COLUMN_LEGEND = """\
@@ -332,13 +336,14 @@ _README_PLOT_COLOURS = 64  # the plots are flat colours: a 64-colour palette kee
 
 def readme_section(results: StudyResults, expectations: Expectations, plot: str | None, *,
                    source: str) -> str:
-    """Markdown for a README: the intervention table, the check against ``expectations`` with
-    the run's notes, the selected components, ``plot`` (a path relative to the README) and the
-    wall time per stage. ``source`` names where the results come from."""
+    """Markdown for a README: the intervention table (without report.md's list of what each row
+    applied), the check against ``expectations`` with the run's notes, the selected components,
+    ``plot`` (a path relative to the README) and the wall time per stage. ``source`` names where
+    the results come from."""
     parts = [f"Results of the study on `{results.model}` (from `{source}`; "
              f"{results.interventions[0].n_harmful} harmful and "
              f"{results.interventions[0].n_harmless} harmless evaluation prompts):",
-             _interventions_table(results),
+             _interventions_table(results, descriptions=False),
              _table(["published finding", "here", "evidence"],
                     [list(check) for check in expectation_checks(results, expectations)])]
     notes = departure_notes(results, expectations) + results.notes
