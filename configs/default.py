@@ -2,13 +2,14 @@
 with settings that run the whole study (both methods, every intervention, geometry, the tunable-k
 curve) in minutes on a laptop CPU. Reference-size settings: configs/smollm2_reference.py.
 
-Smaller than the reference (docs/method.md): 32 train / 8 val / 50 eval prompts per class
+Smaller than the reference (docs/method.md): 32 train / 8 val / 32 eval prompts per class
 (128 / 32 / 100), candidates at the last two EOI positions only (all six), at most 4 INLP
 directions per (position, layer) (100), completions of 48 new tokens (512), cross-entropy on the
-first 1024 tokens of the built-in text. 50 eval prompts and 48 tokens are the least that give the
-offline judge replies long enough to read and rates with 95% intervals of about +-0.14; the
-variants are generated four at a time in one decode loop (`runtime.generation_variants`), which
-keeps the whole job within about ten minutes on a 2-core CPU (docs/benchmarks.md). `inlp_reflection_a1` is left out of the interventions:
+first 1024 tokens of the built-in text. 48 tokens give the offline judge replies long enough to
+read; 32 eval prompts per class (95% intervals of about +-0.17 on a rate near 0.5) are as many as
+keep the whole job within ten minutes on an idle 2-core CPU: at 50 per class it took 14 minutes,
+most of it generation and the judge's fluency pass (docs/benchmarks.md). The variants are
+generated four at a time in one decode loop (`runtime.generation_variants`). `inlp_reflection_a1` is left out of the interventions:
 P_a with a = 1 is the nullspace projection, so it would repeat the `inlp_nullspace` row.
 
 Different from the reference because the model is small: `select.kl_threshold = 0.5` (0.1).
@@ -27,7 +28,7 @@ def get_config():
     config.model.source = "default"
     config.data.n_train = 32
     config.data.n_val = 8
-    config.data.n_eval = 50
+    config.data.n_eval = 32
     config.directions.inlp_max_directions = 4
     config.select.positions = (-2, -1)
     config.select.kl_threshold = 0.5
@@ -36,6 +37,6 @@ def get_config():
                                        if name != "inlp_reflection_a1")
     config.evaluate.cross_entropy_max_tokens = 1024
     config.runtime.batch_size = 16
-    config.runtime.generation_batch_size = 50
+    config.runtime.generation_batch_size = 32
     config.runtime.generation_variants = 4
     return config

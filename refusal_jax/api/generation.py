@@ -38,7 +38,7 @@ class Completions:
 
 
 def generate(model: Model, prompts: Sequence[str], intervention: Any = None, *,
-             max_new_tokens: int = 48, batch_size: int = 50,
+             max_new_tokens: int = 48, batch_size: int = 32,
              length_bucket: int = 32) -> Completions:
     """Greedy completions of ``prompts`` (instructions, chat-formatted here) under
     ``intervention`` (None: the model as it is)."""
@@ -47,7 +47,7 @@ def generate(model: Model, prompts: Sequence[str], intervention: Any = None, *,
 
 
 def generate_each(model: Model, prompts: Sequence[str], interventions: Sequence[Any], *,
-                  max_new_tokens: int = 48, batch_size: int = 50,
+                  max_new_tokens: int = 48, batch_size: int = 32,
                   length_bucket: int = 32) -> list[Completions]:
     """:func:`generate` under each of ``interventions`` (None for none), in their order,
     generated together where their forms allow (see the module docstring)."""
