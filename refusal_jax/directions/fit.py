@@ -85,7 +85,10 @@ def fit_directions(harmful: np.ndarray, harmless: np.ndarray, directions_config,
                  int(np.max(inlp.n_directions)))
     warn_if_scale_hides_directions(examples, np.asarray(inlp.n_directions),
                                    directions_config.inlp_inverse_regularization)
+    logging.info("LEACE: fitting %d (position, layer) pairs", n_pairs)
+    start = time.perf_counter()
     leace = per_pair(fit_leace(features, labels))
+    logging.info("LEACE: done in %.1fs", time.perf_counter() - start)
     return {
         "dim": dim,
         "harmful_mean": harmful.mean(axis=0),

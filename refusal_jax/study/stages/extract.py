@@ -43,6 +43,7 @@ def run(study: Study) -> list[str]:
                                 absolute_stop=reference.inlp_absolute_stop,
                                 keep_failing=reference.inlp_keep_failing,
                                 placement=study.placement)
+    logging.info("extract: writing the prompts, activations and directions to %s", out)
     artifacts.write_json(out / "prompts.json", sets)
     artifacts.write_json(out / "baseline_scores.json",
                          {name: values.tolist() for name, values in scores.items()})
