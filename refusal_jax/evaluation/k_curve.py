@@ -58,15 +58,16 @@ def check_k_curve(curve: KCurve, where: str = "k_curve") -> None:
     ks = [point.k for point in curve.points]
     if not ks or ks != sorted(set(ks)) or ks[0] < 1:
         raise ValueError(f"{where}.points must have distinct increasing k >= 1, got {ks}")
-    _check_rate(curve.baseline_harmful_refusal_rate, f"{where}.baseline_harmful_refusal_rate")
+    check_rate(curve.baseline_harmful_refusal_rate, f"{where}.baseline_harmful_refusal_rate")
     _check_finite(curve.baseline_cross_entropy, f"{where}.baseline_cross_entropy")
     for j, point in enumerate(curve.points):
-        _check_rate(point.harmful_refusal_rate, f"{where}.points[{j}].harmful_refusal_rate")
-        _check_rate(point.harmless_refusal_rate, f"{where}.points[{j}].harmless_refusal_rate")
+        check_rate(point.harmful_refusal_rate, f"{where}.points[{j}].harmful_refusal_rate")
+        check_rate(point.harmless_refusal_rate, f"{where}.points[{j}].harmless_refusal_rate")
         _check_finite(point.cross_entropy, f"{where}.points[{j}].cross_entropy")
 
 
-def _check_rate(value: float | None, where: str) -> None:
+def check_rate(value: float | None, where: str) -> None:
+    """Raises ValueError naming ``where`` unless ``value`` is None or a rate in [0, 1]."""
     if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(f"{where} = {value} is not a rate in [0, 1]")
 

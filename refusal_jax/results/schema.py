@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from refusal_jax.evaluation.geometry import GeometrySummary
-from refusal_jax.evaluation.k_curve import KCurve, check_k_curve
+from refusal_jax.evaluation.k_curve import KCurve, check_k_curve, check_rate
 from refusal_jax.runtime.files import write_text_atomically
 
 SCHEMA_VERSION = 2
@@ -231,11 +231,6 @@ def _from_mapping(cls: type, value: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def _check_rate(value: float | None, where: str) -> None:
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{where} = {value} is not a rate in [0, 1]")
-
-
 RATE_FIELDS = ("harmful_refusal_rate", "harmless_refusal_rate", "judge_unsafe_rate",
                "harmful_on_topic_compliance_rate", "harmful_degenerate_rate",
                "harmless_on_topic_compliance_rate", "harmless_degenerate_rate")
@@ -258,8 +253,8 @@ def _check_intervals(row: InterventionResult, where: str) -> None:
             raise ValueError(f"{where}.intervals.{name} = [{low}, {high}] does not hold its "
                              f"value {value}")
         if name in RATE_FIELDS:
-            _check_rate(low, f"{where}.intervals.{name}[0]")
-            _check_rate(high, f"{where}.intervals.{name}[1]")
+            check_rate(low, f"{where}.intervals.{name}[0]")
+            check_rate(high, f"{where}.intervals.{name}[1]")
 
 
 def validate_k_curve(curve: KCurve | Mapping[str, Any]) -> KCurve:
@@ -290,9 +285,9 @@ def validate_results(results: StudyResults | Mapping[str, Any]) -> StudyResults:
     for i, row in enumerate(parsed.interventions):
         where = f"results.interventions[{i}] ({row.name})"
         for rate in RATE_FIELDS:
-            _check_rate(getattr(row, rate), f"{where}.{rate}")
+            check_rate(getattr(row, rate), f"{where}.{rate}")
         for benchmark, accuracy in row.multiple_choice.items():
-            _check_rate(accuracy, f"{where}.multiple_choice.{benchmark}")
+            check_rate(accuracy, f"{where}.multiple_choice.{benchmark}")
         if row.n_harmful < 1 or row.n_harmless < 1:
             raise ValueError(f"{where}: n_harmful and n_harmless must be positive, got "
                              f"{row.n_harmful} and {row.n_harmless}")
