@@ -32,10 +32,22 @@ def _drop_startup_notices() -> None:
 
 _drop_startup_notices()
 
-# After the filters above, which must be in place before transformers is imported.
-from refusal_jax import api as _api  # noqa: E402
-from refusal_jax.api import *  # noqa: E402,F403
 
-__all__ = list(_api.__all__)
+
+def __getattr__(name: str):
+    """``rj.<name>`` (and ``from refusal_jax import *``) read ``refusal_jax.api``, imported on
+    first use, so importing one subpackage (``refusal_jax.text``) does not load them all."""
+    import importlib
+
+    api = importlib.import_module("refusal_jax.api")
+    if name == "__all__":
+        return list(api.__all__)
+    if name in api.__all__:
+        return getattr(api, name)
+    raise AttributeError(f"module 'refusal_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__getattr__("__all__")))
 
 __version__ = "0.1.0"
