@@ -38,7 +38,12 @@ def __getattr__(name: str):
     """``rj.<name>`` (and ``from refusal_jax import *``) read ``refusal_jax.api``, imported on
     first use, so importing one subpackage (``refusal_jax.text``) does not load them all."""
     import importlib
+    import importlib.util
 
+    if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        # A subpackage not imported yet (`from refusal_jax import text`): the import system
+        # imports it after this AttributeError; importing the api here could be circular.
+        raise AttributeError(f"module 'refusal_jax' has no attribute {name!r}")
     api = importlib.import_module("refusal_jax.api")
     if name == "__all__":
         return list(api.__all__)
