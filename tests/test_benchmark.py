@@ -612,3 +612,24 @@ def test_twin_select_on_a_sample_extrapolates_its_time_to_every_candidate():
     assert work["seconds_extrapolated"] > 0
     assert twin.stages["select"].seconds == pytest.approx(
         work["seconds_measured"] + work["seconds_extrapolated"], abs=2e-3)
+
+
+def test_draft_acceptance_is_the_share_of_target_tokens_before_the_first_difference(tmp_path):
+    from bench_lib import drafts
+
+    folder = tmp_path / "infer" / "completions"
+    folder.mkdir(parents=True)
+    texts = {"a": (["1 2 3 4", "5 6"], ["7 8"]), "b": (["1 2 9 9", "6 5"], ["7 8"])}
+    for name, (harmful, harmless) in texts.items():
+        (folder / f"{name}.json").write_text(json.dumps({
+            "name": name, "harmful": [{"completion": text} for text in harmful],
+            "harmless": [{"completion": text} for text in harmless]}))
+
+    def words(text, add_special_tokens):
+        return {"input_ids": text.split()}
+
+    result = drafts.acceptance(tmp_path, words)
+    # b's 8 tokens: 2 + 0 + 2 agree with a's; a's 8 tokens: the same 4.
+    assert result["acceptance"] == {"a": {"b": 0.5}, "b": {"a": 0.5}}
+    assert result["best"][2] == 0.5 and result["mean"] == 0.5
+    assert drafts.acceptance(tmp_path / "none", words) == {}

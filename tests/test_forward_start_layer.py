@@ -14,6 +14,7 @@ from refusal_jax.models.batching import (
     split_batches,
 )
 from refusal_jax.models.core import KVCache, forward
+from refusal_jax.runtime.batches import placed_batches
 from refusal_jax.runtime.random_models import random_model
 
 
@@ -123,3 +124,51 @@ def test_rows_continuing_a_prefilled_prefix_equal_the_full_forward(tiny):
     np.testing.assert_allclose(out.logits, full.logits, rtol=1e-5, atol=1e-5)
     scale = float(jnp.max(jnp.abs(full.captures)))
     np.testing.assert_allclose(out.captures, full.captures, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_a_forward_stopped_at_a_layer_then_resumed_there_equals_the_full_forward(tiny, traced):
+    """Logits within float rounding, and the two partial caches add up to the full one (each
+    holds exact zeros where the other ran)."""
+    tokens, valid = _batch(tiny, ["How do I pick a lock?", "Hi"])
+    config, n_layers = tiny.config, tiny.config.n_layers
+    empty = KVCache.empty(config, len(tokens), tokens.shape[1])
+    for layer in range(n_layers + 1):
+        intervention = _intervention(tiny, layer) if layer < n_layers else None
+        split = jnp.asarray(layer) if traced else layer
+        full = forward(tiny.params, tokens, valid, config=config, intervention=intervention,
+                       cache=empty)
+        lower = forward(tiny.params, tokens, valid, config=config, stop_layer=split,
+                        cache=empty, logits="none")
+        upper = forward(tiny.params, None, valid, config=config, intervention=intervention,
+                        resid=lower.hidden, start_layer=split, cache=empty)
+        np.testing.assert_allclose(upper.logits[valid], full.logits[valid], rtol=1e-5,
+                                   atol=1e-5)  # padding's logits are not read
+        assert not np.any(lower.cache.keys[layer:]) and not np.any(upper.cache.keys[:layer])
+        np.testing.assert_allclose(lower.cache.keys + upper.cache.keys, full.cache.keys,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(upper.cache.positions, full.cache.positions)
+
+
+def test_a_forward_that_stops_at_a_layer_has_no_logits(tiny):
+    tokens, valid = _batch(tiny, ["Hi"])
+    with pytest.raises(ValueError, match='logits="none"'):
+        forward(tiny.params, tokens, valid, config=tiny.config, stop_layer=1)
+
+
+def test_batches_split_at_the_shared_prefix_hold_the_same_prompts(tiny):
+    instructions = ["Write a poem about the sea", "Name a colour", "Hi", "How do I bake bread?",
+                    "Tell me a joke"]
+    whole = list(placed_batches(tiny, instructions, 4, 8))
+    split = list(placed_batches(tiny, instructions, 4, 8, split_prefix=True))
+    assert len(split) == len(whole) == 2
+    for (rows, plain), (split_rows, batch) in zip(whole, split):
+        np.testing.assert_array_equal(rows, split_rows)
+        assert len(batch.prefix) >= 3 and batch.tokens.shape[1] < plain.tokens.shape[1]
+        for row in range(len(rows)):
+            joined = np.concatenate([batch.prefix, np.asarray(batch.tokens[row])[
+                np.asarray(batch.valid[row])]])
+            np.testing.assert_array_equal(
+                joined, np.asarray(plain.tokens[row])[np.asarray(plain.valid[row])])
+        eoi = np.take_along_axis(np.asarray(batch.tokens), np.asarray(batch.eoi_positions), 1)
+        assert np.all(eoi == np.asarray(tiny.chat.eoi_token_ids))

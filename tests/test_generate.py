@@ -112,6 +112,60 @@ def test_generate_each_equals_one_generate_per_intervention():
                                   np.stack([np.asarray(out.tokens) for out in one_by_one]))
 
 
+def _ablation_at(config, layers, seed):
+    direction = jax.random.normal(jax.random.key(seed), (config.d_model,))
+    return interventions.directional_ablation(direction, n_layers=config.n_layers, layers=layers)
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "gemma2_gqa_softcap_sliding"])
+def test_shared_prefill_generates_what_the_plain_prefill_does(name):
+    """The prefix run once for all rows and the layers below the first intervened one run
+    once for all variants: the same tokens as the plain path, whose prefill runs every layer
+    on each row's whole prompt (their logits differ by float rounding only, bounded in
+    test_forward_start_layer)."""
+    config, params = _model(name)
+    n_layers = config.n_layers
+    tokens, valid = ragged_batch(lengths=(9, 5, 2), vocab=config.vocab_size, seed=3)
+    prefix = np.asarray([5, 9, 11, 3], np.int32)
+    free = np.asarray(generate(params, tokens, valid, config=config, max_new_tokens=NEW_TOKENS,
+                               stop_ids=[NEVER], share_prefill=False).tokens)
+    stop_ids = [int(free[0, 2]), int(free[2, 5])]
+    groups = {"none": None, "late": [_ablation_at(config, [n_layers - 1], 0)],
+              "spread": [_ablation_at(config, [n_layers - 1], 0), _ablation_at(config, [1], 1),
+                         _ablation_at(config, None, 2)]}
+    for label, group in groups.items():
+        for rows_prefix in (None, prefix):
+            kwargs = dict(config=config, max_new_tokens=NEW_TOKENS, stop_ids=stop_ids,
+                          prefix=rows_prefix)
+            if group is None:
+                shared = generate(params, tokens, valid, **kwargs)
+                plain = generate(params, tokens, valid, share_prefill=False, **kwargs)
+            else:
+                shared = generate_each(params, tokens, valid, group, **kwargs)
+                plain = generate_each(params, tokens, valid, group, share_prefill=False,
+                                      **kwargs)
+            np.testing.assert_array_equal(shared.tokens, plain.tokens, err_msg=label)
+            np.testing.assert_array_equal(shared.lengths, plain.lengths, err_msg=label)
+
+
+def test_a_prefix_generates_what_the_same_tokens_in_every_row_do():
+    config, params = _model("llama3_gqa_rope_scaling")
+    tokens, valid = ragged_batch(lengths=(9, 5, 2), vocab=config.vocab_size, seed=3)
+    prefix = np.asarray([5, 9, 11, 3], np.int32)
+    joined_tokens = np.concatenate([np.broadcast_to(prefix, (3, 4)), tokens], axis=1)
+    joined_valid = np.concatenate([np.ones((3, 4), bool), valid], axis=1)
+    kwargs = dict(config=config, max_new_tokens=NEW_TOKENS, stop_ids=[NEVER],
+                  intervention=_ablation_at(config, [1], 0))
+    split = generate(params, tokens, valid, prefix=prefix, **kwargs)
+    joined = generate(params, joined_tokens, joined_valid, **kwargs)
+    np.testing.assert_array_equal(split.tokens, joined.tokens)
+    with pytest.raises(ValueError, match="one row of token ids"):
+        generate(params, tokens, valid, prefix=prefix[None], **kwargs)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        generate(params, tokens, valid, prefix=np.zeros(config.max_context, np.int32),
+                 **kwargs)
+
+
 def test_generate_each_needs_an_intervention():
     config, params = _model("llama_mha")
     tokens, valid = ragged_batch(lengths=(6,), vocab=config.vocab_size)

@@ -329,3 +329,21 @@ def test_stack_and_compatibility_checks_name_the_mismatch():
         iv.check_compatible(iv.Compose((small,)), n_layers=4, d_model=D)
     with pytest.raises(ValueError, match="basis has width 32; the model's d_model is 64"):
         iv.check_compatible(small, n_layers=L, d_model=64)
+
+
+def test_first_active_layer_is_the_lowest_layer_a_site_mask_turns_on():
+    direction = np.ones(D, np.float32)
+    late = iv.directional_ablation(direction, n_layers=L, layers=[L - 1])
+    early = iv.activation_addition(direction, 1.0, n_layers=L, layers=[1])
+    assert int(late.first_active_layer()) == L - 1
+    assert int(iv.Compose((late, early)).first_active_layer()) == 1
+    assert int(iv.stack([late, late]).first_active_layer()) == L - 1  # a stacked sweep
+    assert int(iv.zero_form(["ablation"], n_layers=L, width=D).first_active_layer()) == L
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass(frozen=True)
+    class Own:  # a user-defined kind cannot say where it acts: layer 0
+        def apply(self, site, x, ctx):
+            return x
+
+    assert int(iv.Compose((late, Own())).first_active_layer()) == 0

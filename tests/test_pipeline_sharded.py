@@ -197,7 +197,8 @@ def _kv_cache_layouts(model) -> dict:
     stop_ids = sorted(model.chat.stop_token_ids)
     reference = generate(model.params, batch.tokens, batch.valid, config=model.config,
                          max_new_tokens=3, stop_ids=stop_ids).tokens
-    kv_type = f"x{model.config.n_kv_heads}x{model.config.head_dim}xf32>"  # keys and values
+    slots = batch.tokens.shape[1] + 3
+    kv_type = f"x{model.config.n_kv_heads}x{slots}x{model.config.head_dim}xf32>"  # keys, values
     layouts = {}
     for shape in ({"data": 2, "fsdp": 2, "model": 2}, {"data": 2, "model": 4}):
         mesh = sharding.make_mesh(shape)
@@ -206,9 +207,9 @@ def _kv_cache_layouts(model) -> dict:
         shardings = tuple(jax.tree.leaves(sharding.kv_cache_shardings(
             model.config, mesh, 4, tokens.shape[1] + 3, replicate_indivisible=True)))
         lowered = generate_module._generate.lower(
-            params, tokens, valid, None, np.asarray(stop_ids, np.int32),
+            params, np.zeros(0, np.int32), tokens, valid, None, np.asarray(stop_ids, np.int32),
             np.asarray(stop_ids[0], np.int32), None, None, config=model.config,
-            max_new_tokens=3, cache_shardings=shardings).as_text()
+            max_new_tokens=3, cache_shardings=shardings, share_prefill=True).as_text()
         layouts[",".join(f"{k}={v}" for k, v in shape.items())] = {
             "constraints": sorted({line.split("<@mesh, ")[1].split(">")[0]
                                    for line in lowered.splitlines()
@@ -335,11 +336,11 @@ def test_inlp_pairs_are_split_over_every_device(runs):
 
 def test_kv_cache_is_split_over_batch_and_over_kv_heads_where_they_divide(runs):
     layouts = runs["recorded"]["kv_cache"]
-    # keys/values [L, B, S, K=2, head_dim]: two KV heads split over model=2, replicated on 4;
+    # keys/values [L, B, K=2, S, head_dim]: two KV heads split over model=2, replicated on 4;
     # once filled they carry generate's leading variant axis, left open ({?}) to the partitioner.
     assert layouts["data=2,fsdp=2,model=2"]["constraints"] == [
-        '[{?}, {}, {"data", "fsdp"}, {}, {"model"}, {}]',
-        '[{}, {"data", "fsdp"}, {}, {"model"}, {}]']
+        '[{?}, {}, {"data", "fsdp"}, {"model"}, {}, {}]',
+        '[{}, {"data", "fsdp"}, {"model"}, {}, {}]']
     # (On that mesh fsdp has size 1, which the open constraint drops.)
     assert layouts["data=2,model=4"]["constraints"] == [
         '[{?}, {}, {"data"}, {}, {}, {}]', '[{}, {"data", "fsdp"}, {}, {}, {}]']

@@ -29,6 +29,13 @@ class Compose:
             x = intervention.apply(site, x, ctx)
         return x
 
+    def first_active_layer(self) -> jax.Array:
+        """The lowest layer any part acts at (0 when a part cannot tell: it has no
+        ``first_active_layer``; the int32 maximum when there is no part)."""
+        firsts = [part.first_active_layer() if hasattr(part, "first_active_layer")
+                  else jnp.zeros((), jnp.int32) for part in self.interventions]
+        return jnp.min(jnp.asarray([*firsts, jnp.iinfo(jnp.int32).max], jnp.int32))
+
     def check_fits(self, n_layers: int, d_model: int, *,
                    allow_candidate_axis: bool = False) -> None:
         """Every part's :func:`check_compatible`."""

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import ClassVar, Self, TypeVar, dataclass_transform
 
 import jax
+import jax.numpy as jnp
 
 from refusal_jax.interventions.masks import site_weight
 from refusal_jax.models.sites import SITES, SiteContext
@@ -56,6 +57,14 @@ class LayerKind(abc.ABC):
             raise ValueError(f"{kind}: activations have width {x.shape[-1]}, the intervention "
                              f"{width}")
         return weight
+
+    def first_active_layer(self) -> jax.Array:
+        """The lowest layer whose site mask is nonzero (int32; the number of layers when none
+        is): below it the stream is left exactly unchanged. Leading axes (stacked
+        interventions) are reduced over."""
+        mask = self.site_mask
+        active = jnp.any(jnp.reshape(mask != 0, (-1,) + mask.shape[-2:]), axis=(0, 2))  # [L]
+        return jnp.where(jnp.any(active), jnp.argmax(active), mask.shape[-2]).astype(jnp.int32)
 
     def check_fits(self, n_layers: int, d_model: int, *,
                    allow_candidate_axis: bool = False) -> None:

@@ -7,9 +7,12 @@ Conventions fixed here once:
 - Layers are stacked and scanned (`lax.scan`), so compile time does not grow with depth. Per-layer
   differences (Gemma2's alternating sliding windows) are arrays scanned with the weights.
 - The forward may start at any layer: given `resid` (the block input of layer `start_layer`)
-  in place of the tokens, the layers below `start_layer` are skipped. A traced `start_layer`
-  loops from it (`fori_loop`, the layer weights indexed dynamically), so one compiled program
-  serves every start layer; a Python int scans the layers from it (differentiable).
+  in place of the tokens, the layers below `start_layer` are skipped. It may also stop before
+  layer `stop_layer` and return the stream there (`hidden`, the block input of `stop_layer`), so
+  a stream shared by several interventions is computed once up to the first layer any of them
+  acts at. A traced `start_layer` or `stop_layer` loops over the layers (`fori_loop`, the layer
+  weights indexed dynamically), so one compiled program serves every split; Python ints scan
+  the layers between them (differentiable).
 - Interventions (see `refusal_jax.interventions`) are pytrees whose leaves have a leading layer
   axis; they are scanned with the weights and called at the sites `resid_pre` (block input),
   `attn_out`, `mlp_out` and `resid_post` of every layer. Their values are traced arrays, so
@@ -44,9 +47,11 @@ _MASKED = -1e30  # finite, so fully padded query rows stay NaN-free
 class KVCache:
     """Rotated keys and values of every layer, filled left to right.
 
-    keys, values: [L, B, S, K, head_dim]; positions: [B, S] position of each slot's token
-    (-1 for empty slots and padding); next_position: [B] position of the next token of each row;
-    length: number of filled slots (the same for every row, since batches are left padded).
+    keys, values: [L, B, K, S, head_dim] (heads before slots, so a decode step's attention
+    reads each head's keys as one contiguous matrix); positions: [B, S] position of each
+    slot's token (-1 for empty slots and padding); next_position: [B] position of the next
+    token of each row; length: number of filled slots (the same for every row, since batches
+    are left padded).
     """
 
     keys: jax.Array
@@ -57,7 +62,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    positions=jnp.full((batch, max_len), -1, jnp.int32),
                    next_position=jnp.zeros((batch,), jnp.int32),
@@ -81,6 +86,7 @@ class ForwardOutput:
     logits: jax.Array | None  # [B, T, V] float32, or [B, V] with logits="last"
     captures: jax.Array | None  # [B, P, L, D] resid_pre at capture_positions
     cache: KVCache | None
+    hidden: jax.Array | None = None  # [B, T, D] block input of stop_layer, when one is given
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, config: ModelConfig) -> jax.Array:
@@ -101,13 +107,15 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-def _masked_scores(q, k, q_positions, k_positions, window, config: ModelConfig) -> jax.Array:
+def _masked_scores(q, k, q_positions, k_positions, window, config: ModelConfig,
+                   k_layout: str = "bskd") -> jax.Array:
     """[B, K, G, T, S] float32 attention logits, `_MASKED` where a key may not be attended.
 
-    q: [B, T, K, G, Dh]; k: [B, S, K, Dh]; a key is attended when it is filled (position >= 0),
-    not after the query and, with a window (0 = global), less than `window` positions back.
+    q: [B, T, K, G, Dh]; k: [B, S, K, Dh] (`k_layout` "bksd": [B, K, S, Dh]); a key is attended
+    when it is filled (position >= 0), not after the query and, with a window (0 = global),
+    less than `window` positions back.
     """
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgd,{k_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * config.attention_scale
     if config.attn_softcap is not None:
         scores = jnp.tanh(scores / config.attn_softcap) * config.attn_softcap
@@ -122,7 +130,7 @@ def attention(q, k, v, q_positions, k_positions, window, config: ModelConfig, *,
 
     q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; q_positions [B, T], k_positions [B, S] (-1 = empty);
     window: scalar int, 0 for global attention. `past`, when given, is (keys, values
-    [B, S', K, Dh], their positions [B, S']) of earlier tokens, attended as well, in one softmax
+    [B, K, S', Dh], their positions [B, S']) of earlier tokens, attended as well, in one softmax
     with `k`: they are read where they lie (a KV cache is not rewritten to add the new keys).
     Returns [B, T, H * Dh].
     """
@@ -132,14 +140,15 @@ def attention(q, k, v, q_positions, k_positions, window, config: ModelConfig, *,
     scores = _masked_scores(q, k, q_positions, k_positions, window, config)
     if past is not None:
         past_k, past_v, past_positions = past
-        past_scores = _masked_scores(q, past_k, q_positions, past_positions, window, config)
+        past_scores = _masked_scores(q, past_k, q_positions, past_positions, window, config,
+                                     k_layout="bksd")
         scores = jnp.concatenate([past_scores, scores], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if past is None:
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     else:
-        n_past = past_k.shape[1]
-        out = (jnp.einsum("bkgts,bskd->btkgd", probs[..., :n_past], past_v)
+        n_past = past_k.shape[2]
+        out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :n_past], past_v)
                + jnp.einsum("bkgts,bskd->btkgd", probs[..., n_past:], v))
     return out.reshape(B, T, H * Dh)
 
@@ -205,20 +214,22 @@ def unembed(params: Params, x: jax.Array, config: ModelConfig) -> jax.Array:
     return logits
 
 
-def _run_layers(layer, x: jax.Array, xs, start_layer: int | jax.Array, n_layers: int):
-    """Runs ``layer(x, xs_l) -> (x, ys_l)`` on layers ``start_layer..n_layers - 1`` (``xs``:
+def _run_layers(layer, x: jax.Array, xs, start_layer: int | jax.Array,
+                stop_layer: int | jax.Array, n_layers: int):
+    """Runs ``layer(x, xs_l) -> (x, ys_l)`` on layers ``start_layer..stop_layer - 1`` (``xs``:
     leaves with a leading layer axis). Returns (x, ys stacked on a leading axis of
-    ``n_layers``, zero below ``start_layer``).
+    ``n_layers``, zero outside the layers run).
 
-    A Python int ``start_layer`` scans the layers' slices (reverse-differentiable); a traced one
-    loops from it, indexing every layer's leaves (one program for every start layer).
+    Python int bounds scan the layers' slices (reverse-differentiable); a traced one loops
+    over them, indexing every layer's leaves (one program for every start and stop layer).
     """
-    if isinstance(start_layer, int):
-        if not start_layer:
+    if isinstance(start_layer, int) and isinstance(stop_layer, int):
+        if (start_layer, stop_layer) == (0, n_layers):
             return jax.lax.scan(layer, x, xs)
-        x, ys = jax.lax.scan(layer, x, jax.tree.map(lambda leaf: leaf[start_layer:], xs))
-        below = [(start_layer, 0)]
-        return x, jax.tree.map(lambda y: jnp.pad(y, below + [(0, 0)] * (y.ndim - 1)), ys)
+        x, ys = jax.lax.scan(layer, x,
+                             jax.tree.map(lambda leaf: leaf[start_layer:stop_layer], xs))
+        outside = [(start_layer, n_layers - stop_layer)]
+        return x, jax.tree.map(lambda y: jnp.pad(y, outside + [(0, 0)] * (y.ndim - 1)), ys)
 
     def at(index):
         return jax.tree.map(
@@ -234,14 +245,15 @@ def _run_layers(layer, x: jax.Array, xs, start_layer: int | jax.Array, n_layers:
             lambda stack, value: jax.lax.dynamic_update_index_in_dim(stack, value, index, 0),
             ys, y)
 
-    return jax.lax.fori_loop(start_layer, n_layers, step, (x, ys))
+    return jax.lax.fori_loop(start_layer, stop_layer, step, (x, ys))
 
 
 def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, config: ModelConfig,
             intervention: Any = None, capture_positions: jax.Array | None = None,
             cache: KVCache | None = None,
             extend_cache: bool = True, logits: Literal["all", "last", "none"] = "all",
-            resid: jax.Array | None = None, start_layer: int | jax.Array = 0) -> ForwardOutput:
+            resid: jax.Array | None = None, start_layer: int | jax.Array = 0,
+            stop_layer: int | jax.Array | None = None) -> ForwardOutput:
     """Runs the decoder on a left-padded batch.
 
     Args:
@@ -259,9 +271,16 @@ def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, confi
       start_layer: the first layer run (int, or a traced scalar); the default 0 runs them all.
         A cache extended from a start layer holds zero keys and values below it: read it only
         from that layer up.
+      stop_layer: None runs the layers up to the last; a layer index (int, or a traced scalar)
+        stops before it and returns its block input as `hidden` (no logits: pass
+        logits="none"). A cache extended then holds zero keys and values from it up, so the
+        caches of a run to `stop_layer` and of one from it add up to the whole forward's.
     """
     if (tokens is None) == (resid is None):
         raise ValueError("forward needs exactly one of tokens and resid")
+    if stop_layer is not None and logits != "none":
+        raise ValueError(f'a forward that stops at a layer has no logits; pass logits="none", '
+                         f'not {logits!r}')
     B, T = valid.shape
     extend = cache is not None and extend_cache
     if cache is None and T > config.max_context:
@@ -271,8 +290,8 @@ def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, confi
         check_fits = getattr(intervention, "check_fits", None)
         if check_fits is not None:  # the built-in kinds say what does not fit this model
             check_fits(config.n_layers, config.d_model)
-    if extend and T > cache.keys.shape[2]:
-        raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.keys.shape[2]} slots; "
+    if extend and T > cache.keys.shape[3]:
+        raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.keys.shape[3]} slots; "
                          "allocate KVCache.empty with max_len >= prompt + generated tokens")
     if extend and cache.keys.shape[1] != B:
         raise ValueError(f"a KV cache of {cache.keys.shape[1]} rows cannot be extended by {B} "
@@ -291,11 +310,12 @@ def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, confi
                 return (attention(q, k, v, ctx.positions, ctx.positions, window, config),)
             k, v = k.astype(cache.keys.dtype), v.astype(cache.values.dtype)
             if not extend:  # the cached tokens precede each row's own: one set of keys
-                def before(past, new):
+                def before(past, new):  # [1 or B, S, ...] and [B, T, ...]: [B, S + T, ...]
                     past = jnp.broadcast_to(past, (B,) + past.shape[1:])
                     return jnp.concatenate([past, new], axis=1)
 
-                return (attention(q, before(past_kv[0], k), before(past_kv[1], v), ctx.positions,
+                past_k, past_v = (jnp.swapaxes(kv, 1, 2) for kv in past_kv)  # [., S, K, Dh]
+                return (attention(q, before(past_k, k), before(past_v, v), ctx.positions,
                                   before(cache.positions, ctx.positions), window, config),)
             past = (*past_kv, cache.positions)
             out = attention(q, k, v, ctx.positions, ctx.positions, window, config, past=past)
@@ -307,20 +327,21 @@ def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, confi
             captured = jnp.take_along_axis(resid_pre, capture_positions[:, :, None], axis=1)
         return x, (captured, *new_kv)
 
-    # A layer's cached keys and values are read in place; the new tokens' ([L, B, T, K, Dh])
-    # are written into the cache once, after the last layer.
+    # A layer's cached keys and values are read in place; the new tokens' ([L, B, T, K, Dh],
+    # then [L, B, K, T, Dh]) are written into the cache once, after the last layer.
     past_kv = () if cache is None else (cache.keys, cache.values)
     x = embed_tokens(params, tokens, config) if resid is None else resid
     x, (captures, *new_kv) = _run_layers(
-        layer, x, (params.layers, windows, intervention, *past_kv), start_layer, config.n_layers)
+        layer, x, (params.layers, windows, intervention, *past_kv), start_layer,
+        config.n_layers if stop_layer is None else stop_layer, config.n_layers)
     if captures is not None:
         captures = jnp.moveaxis(captures, 0, 2)  # [L, B, P, D] -> [B, P, L, D]
     new_cache = None
     if extend:
-        at = (0, 0, cache.length, 0, 0)
+        at = (0, 0, 0, cache.length, 0)
         new_cache = KVCache(
-            keys=jax.lax.dynamic_update_slice(cache.keys, new_kv[0], at),
-            values=jax.lax.dynamic_update_slice(cache.values, new_kv[1], at),
+            keys=jax.lax.dynamic_update_slice(cache.keys, jnp.swapaxes(new_kv[0], 2, 3), at),
+            values=jax.lax.dynamic_update_slice(cache.values, jnp.swapaxes(new_kv[1], 2, 3), at),
             positions=jax.lax.dynamic_update_slice(cache.positions, ctx.positions,
                                                    (0, cache.length)),
             next_position=start + jnp.sum(valid, axis=1, dtype=jnp.int32),
@@ -330,4 +351,5 @@ def forward(params: Params, tokens: jax.Array | None, valid: jax.Array, *, confi
         out_logits = unembed(params, x, config)
     elif logits == "last":
         out_logits = unembed(params, x[:, -1], config)
-    return ForwardOutput(logits=out_logits, captures=captures, cache=new_cache)
+    return ForwardOutput(logits=out_logits, captures=captures, cache=new_cache,
+                         hidden=None if stop_layer is None else x)

@@ -82,35 +82,93 @@ def _count(interventions: Any) -> int:
     return 1 if not leaves else leaves[0].shape[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_shardings"))
-def _generate(params, tokens, valid, interventions, stop_ids, pad_id, sampling, key, *,
-              config: ModelConfig, max_new_tokens: int,
-              cache_shardings: tuple | None) -> Generation:
+def _first_active_layer(interventions: Any, n_layers: int) -> jax.Array:
+    """The lowest layer any of the stacked ``interventions`` acts at (int32): every variant runs
+    the unsteered model below it. ``n_layers`` for None; 0 when the interventions cannot tell
+    (no ``first_active_layer`` method, e.g. a user-defined kind)."""
+    if interventions is None:
+        return jnp.asarray(n_layers, jnp.int32)
+    first = getattr(interventions, "first_active_layer", None)
+    if first is None:
+        return jnp.zeros((), jnp.int32)
+    return jnp.minimum(first(), n_layers).astype(jnp.int32)
+
+
+def _add_caches(lower: KVCache, upper: KVCache) -> KVCache:
+    """One cache from a run up to a layer and one from it (each holds zeros where the other
+    holds keys and values, so their sum is exact)."""
+    return dataclasses.replace(upper, keys=lower.keys + upper.keys,
+                               values=lower.values + upper.values)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_shardings",
+                                             "share_prefill"))
+def _generate(params, prefix, tokens, valid, interventions, stop_ids, pad_id, sampling, key, *,
+              config: ModelConfig, max_new_tokens: int, cache_shardings: tuple | None,
+              share_prefill: bool) -> Generation:
     """Generation under each of `interventions` (leaves with a leading variant axis [V, ...];
-    None for V = 1 without intervention): tokens [V, B, max_new_tokens], lengths [V, B].
+    None for V = 1 without intervention) of rows that start with `prefix` [P] followed by their
+    own left-padded `tokens` [B, T]: tokens [V, B, max_new_tokens], lengths [V, B].
 
-    The forward passes are vmapped over the variants inside one loop, so a decode step reads
-    each weight once for all V x B rows, and the loop ends once every row of every variant
-    has stopped (a vmapped `while_loop` would instead carry, and copy, every variant's KV
-    cache through a select at each step).
+    With `share_prefill`, the prefill is shared where it can be: the prefix runs once for all
+    rows, and the layers below the first one any variant acts at run once for all variants
+    (no variant changes the stream there); each variant then runs from that layer. Without
+    it (the plain path, kept as the reference), each variant's prefill runs every layer on
+    the prefix and the rows together. The decode steps are vmapped over the variants inside
+    one loop, so a step reads each weight once for all V x B rows, and the loop ends once
+    every row of every variant has stopped (a vmapped `while_loop` would instead carry, and
+    copy, every variant's KV cache through a select at each step).
     """
+    if not share_prefill and prefix.shape[0]:
+        rows = tokens.shape[0]
+        tokens = jnp.concatenate([jnp.broadcast_to(prefix, (rows,) + prefix.shape), tokens], 1)
+        valid = jnp.concatenate([jnp.ones((rows,) + prefix.shape, bool), valid], 1)
+        prefix = prefix[:0]
     B, T = tokens.shape
+    P = prefix.shape[0]
     V = _count(interventions)
+    prefix_valid = jnp.ones((1, P), bool)
 
-    def prefill(intervention):
-        cache = _constrain(KVCache.empty(config, B, T + max_new_tokens, params.embed.dtype),
-                           cache_shardings)
+    def empty(rows):
+        return KVCache.empty(config, rows, P + T + max_new_tokens, params.embed.dtype)
+
+    def rows_cache(prefix_cache):
+        """The cache the rows' own tokens extend: the prefix's, shared by every row."""
+        return empty(B) if prefix_cache is None else prefix_cache.repeat_rows(B)
+
+    def plain_prefill(intervention):
         out = forward(params, tokens, valid, config=config, intervention=intervention,
-                      cache=cache, logits="last")
+                      cache=empty(B), logits="last")
         return out.logits, _constrain(out.cache, cache_shardings)
+
+    if share_prefill:  # below `split` no variant acts: those layers run once for all
+        split = _first_active_layer(interventions, config.n_layers)
+        lower_prefix = (forward(params, prefix[None], prefix_valid, config=config,
+                                cache=empty(1), logits="none", stop_layer=split) if P else None)
+        lower = forward(params, tokens, valid, config=config, logits="none", stop_layer=split,
+                        cache=rows_cache(lower_prefix.cache if P else None))
+
+    def shared_prefill(intervention):
+        """The first token's logits and the KV cache of one variant, from `split` up."""
+        prefix_cache = None
+        if P:
+            prefix_cache = forward(params, None, prefix_valid, config=config,
+                                   resid=lower_prefix.hidden, start_layer=split,
+                                   intervention=intervention, cache=empty(1),
+                                   logits="none").cache
+        out = forward(params, None, valid, config=config, resid=lower.hidden,
+                      start_layer=split, intervention=intervention,
+                      cache=rows_cache(prefix_cache), logits="last")
+        return out.logits, _constrain(_add_caches(lower.cache, out.cache), cache_shardings)
 
     def decode(intervention, last, cache):
         out = forward(params, last[:, None], jnp.ones((B, 1), bool), config=config,
                       intervention=intervention, cache=cache, logits="last")
         return out.logits, _constrain(out.cache, cache_shardings)
 
-    # The prefills run one variant after another: they are compute-bound already, and on the
+    # The variants' prefills run one after another: they are compute-bound already, and on the
     # CPU one matmul over every variant's prompt tokens ran at half the speed of V smaller ones.
+    prefill = shared_prefill if share_prefill else plain_prefill
     logits, cache = (jax.vmap(prefill, axis_size=1)(None) if interventions is None
                      else jax.lax.map(prefill, interventions))
     first = _choose(logits, sampling, None if key is None else jax.random.fold_in(key, 0))
@@ -137,12 +195,15 @@ def _generate(params, tokens, valid, interventions, stop_ids, pad_id, sampling, 
     return Generation(tokens=generated, lengths=lengths)
 
 
-def _settings(tokens, config: ModelConfig, max_new_tokens: int, stop_ids, pad_id, sampling,
-              key) -> tuple[jax.Array, jax.Array]:
-    """Checks the request; returns (stop ids, pad id)."""
-    total = tokens.shape[1] + max_new_tokens
-    if total > config.max_context:
-        raise ValueError(f"prompt of {tokens.shape[1]} tokens + {max_new_tokens} new tokens exceeds"
+def _settings(tokens, prefix, config: ModelConfig, max_new_tokens: int, stop_ids, pad_id,
+              sampling, key) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Checks the request; returns (prefix [P] int32, stop ids, pad id)."""
+    prefix = jnp.zeros((0,), jnp.int32) if prefix is None else jnp.asarray(prefix, jnp.int32)
+    if prefix.ndim != 1:
+        raise ValueError(f"prefix must be one row of token ids [P], got shape {prefix.shape}")
+    prompt = prefix.shape[0] + tokens.shape[1]
+    if prompt + max_new_tokens > config.max_context:
+        raise ValueError(f"prompt of {prompt} tokens + {max_new_tokens} new tokens exceeds"
                          f" the model's context of {config.max_context}; shorten the prompts or "
                          "generate fewer tokens")
     if max_new_tokens < 1:
@@ -153,7 +214,7 @@ def _settings(tokens, config: ModelConfig, max_new_tokens: int, stop_ids, pad_id
     if not stop_ids:
         raise ValueError("no stop token: pass stop_ids or use a config with eos_token_ids")
     pad_id = stop_ids[0] if pad_id is None else pad_id
-    return jnp.asarray(stop_ids, jnp.int32), jnp.asarray(pad_id, jnp.int32)
+    return prefix, jnp.asarray(stop_ids, jnp.int32), jnp.asarray(pad_id, jnp.int32)
 
 
 def _leaves(cache_shardings: KVCache | None) -> tuple | None:
@@ -162,41 +223,49 @@ def _leaves(cache_shardings: KVCache | None) -> tuple | None:
 
 
 def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: ModelConfig,
-             max_new_tokens: int, intervention: Any = None,
+             max_new_tokens: int, intervention: Any = None, prefix: jax.Array | None = None,
              stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
              sampling: Sampling | None = None, key: jax.Array | None = None,
-             cache_shardings: KVCache | None = None) -> Generation:
+             cache_shardings: KVCache | None = None, share_prefill: bool = True) -> Generation:
     """Generates up to `max_new_tokens` for a left-padded batch (greedy unless `sampling`).
 
-    Rows stop at the first token in `stop_ids` (default: the config's EOS ids); the loop ends
-    early once every row has stopped. `cache_shardings`, on a mesh, lays out the KV cache of B
-    rows and prompt + `max_new_tokens` slots (see the module docstring).
+    `prefix` [P]: token ids every row starts with, before its own `tokens` (e.g. the chat
+    template's opening); they run once for all rows. Rows stop at the first token in
+    `stop_ids` (default: the config's EOS ids); the loop ends early once every row has
+    stopped. `cache_shardings`, on a mesh, lays out the KV cache of B rows and P + T +
+    `max_new_tokens` slots (see the module docstring). `share_prefill=False` runs the plain
+    prefill (every layer, the prefix with each row), the reference for the shared one.
     """
-    stop, pad = _settings(tokens, config, max_new_tokens, stop_ids, pad_id, sampling, key)
+    prefix, stop, pad = _settings(tokens, prefix, config, max_new_tokens, stop_ids, pad_id,
+                                  sampling, key)
     one = jax.tree.map(lambda leaf: leaf[None], intervention)
-    out = _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), one,
-                    stop, pad, sampling, key, config=config, max_new_tokens=max_new_tokens,
-                    cache_shardings=_leaves(cache_shardings))
+    out = _generate(params, prefix, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool),
+                    one, stop, pad, sampling, key, config=config, max_new_tokens=max_new_tokens,
+                    cache_shardings=_leaves(cache_shardings), share_prefill=share_prefill)
     return Generation(tokens=out.tokens[0], lengths=out.lengths[0])
 
 
 def generate_each(params: Params, tokens: jax.Array, valid: jax.Array,
                   interventions: Sequence[Any], *, config: ModelConfig, max_new_tokens: int,
-                  stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                  sampling: Sampling | None = None, key: jax.Array | None = None,
-                  cache_shardings: KVCache | None = None) -> Generation:
+                  prefix: jax.Array | None = None, stop_ids: Sequence[int] | None = None,
+                  pad_id: int | None = None, sampling: Sampling | None = None,
+                  key: jax.Array | None = None, cache_shardings: KVCache | None = None,
+                  share_prefill: bool = True) -> Generation:
     """`generate` of the same batch under each of `interventions` (one kind and shape, e.g.
     a sweep of directions or coefficients), in one pass: tokens [V, B, max_new_tokens] and
     lengths [V, B] for V interventions.
 
-    Row for row the same tokens as V calls of `generate`, but a decode step reads the weights
-    once for all V x B rows; the KV caches of all V variants are held at once. Sampling uses
-    the same random numbers for every variant.
+    Row for row the same tokens as V calls of `generate` (up to float rounding), but the
+    layers below the first one any of them acts at run once for all, a decode step reads the
+    weights once for all V x B rows, and the KV caches of all V variants are held at once.
+    Sampling uses the same random numbers for every variant.
     """
     if not interventions:
         raise ValueError("generate_each needs at least one intervention")
-    stop, pad = _settings(tokens, config, max_new_tokens, stop_ids, pad_id, sampling, key)
+    prefix, stop, pad = _settings(tokens, prefix, config, max_new_tokens, stop_ids, pad_id,
+                                  sampling, key)
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *interventions)
-    return _generate(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool), stacked,
-                     stop, pad, sampling, key, config=config, max_new_tokens=max_new_tokens,
-                     cache_shardings=_leaves(cache_shardings))
+    return _generate(params, prefix, jnp.asarray(tokens, jnp.int32), jnp.asarray(valid, bool),
+                     stacked, stop, pad, sampling, key, config=config,
+                     max_new_tokens=max_new_tokens, cache_shardings=_leaves(cache_shardings),
+                     share_prefill=share_prefill)

@@ -54,8 +54,8 @@ DEFAULT_RULES: Rules = types.MappingProxyType({
     "pairs": ("data", "fsdp", "model"),
 })
 
-# Logical axes of the KV cache's keys/values [L, B, S, K, head_dim] and of captures [B, P, L, D].
-KV_CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", None, "kv_heads", None)
+# Logical axes of the KV cache's keys/values [L, B, K, S, head_dim] and of captures [B, P, L, D].
+KV_CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", "kv_heads", None, None)
 CAPTURE_AXES: tuple[str | None, ...] = ("batch", None, None, None)
 
 T = TypeVar("T")
@@ -245,7 +245,7 @@ def kv_cache_shardings(config: ModelConfig, mesh: Mesh | AbstractMesh, batch: in
         sizes = {"batch": batch, "kv_heads": config.n_kv_heads}
         rules = {**rules, **{axis: None for axis, size in sizes.items()
                              if size % axis_size(mesh, axis, rules)}}
-    kv_shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    kv_shape = (config.n_layers, batch, config.n_kv_heads, length, config.head_dim)
     kv = named_sharding(mesh, kv_shape, KV_CACHE_AXES, rules, "KV cache")
     row = named_sharding(mesh, (batch, length), ("batch", None), rules, "KV cache positions")
     vector = named_sharding(mesh, (batch,), ("batch",), rules, "KV cache next positions")

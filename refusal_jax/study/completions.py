@@ -2,13 +2,15 @@
 
 Prompts are generated in fixed-size batches grouped by length (``runtime.batches.
 placed_batches``), so each (batch size, length bucket, number of variants) compiles once;
-changing directions between variants does not recompile. Variants that run on the model's own
-weights share one intervention form (``interventions.forms`` of ``study.variants.FORM_KINDS``),
-so up to ``runtime.generation_variants`` of them are generated together (``models.generate.
-generate_each``): each decode step reads the weights once for all of them, and their KV caches
-are held at once. Completions are decoded up to the first stop token. On a mesh, each process
-encodes only its own rows, the KV cache is split like the batch, and the generated tokens are
-gathered to every process.
+changing directions between variants does not recompile. The chat template's opening, which
+every prompt shares, is each batch's prefix: it runs once for all rows, and the layers below
+the first one a variant acts at run once for all the variants generated together. Variants
+that run on the model's own weights share one intervention form (``interventions.forms`` of
+``study.variants.FORM_KINDS``), so up to ``runtime.generation_variants`` of them are generated
+together (``models.generate.generate_each``): each decode step reads the weights once for all
+of them, and their KV caches are held at once. Completions are decoded up to the first stop
+token. On a mesh, each process encodes only its own rows, the KV cache is split like the
+batch, and the generated tokens are gathered to every process.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ def generate_batches(model: Model, instructions: Sequence[str], interventions: S
     config = model.config if config is None else config
     stop_ids = sorted(model.chat.stop_token_ids)
     total = -(-len(instructions) // batch_size)
-    batches = placed_batches(model, instructions, batch_size, length_bucket, placement)
+    batches = placed_batches(model, instructions, batch_size, length_bucket, placement,
+                             split_prefix=True)
     for rows, batch in progress(batches, total, f"generate {name}"):
+        slots = len(batch.prefix) + batch.tokens.shape[1] + max_new_tokens
         out = generate_each(params, batch.tokens, batch.valid, interventions, config=config,
-                            max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                            cache_shardings=placement.kv_cache(
-                                config, len(batch.tokens), batch.tokens.shape[1] + max_new_tokens))
+                            max_new_tokens=max_new_tokens, prefix=batch.prefix,
+                            stop_ids=stop_ids,
+                            cache_shardings=placement.kv_cache(config, len(batch.tokens), slots))
         yield rows, distributed.gather(out)
 
 

@@ -101,7 +101,9 @@ def _check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _bucketed_length(length: int, length_bucket: LengthBucket) -> int:
+def bucketed_length(length: int, length_bucket: LengthBucket) -> int:
+    """``length`` rounded up to a multiple of ``length_bucket`` (an int), or with "pow2" to
+    the next power of two."""
     if length_bucket == "pow2":
         return 1 << (length - 1).bit_length()
     multiple = _check_positive_int("length_bucket (an int or 'pow2')", length_bucket)
@@ -267,7 +269,7 @@ class ChatFormat:
                              f"(context_length={context_length}, max_length={max_length}); "
                              f"shorten or drop them:\n{_list_prompts(too_long)}")
 
-        length = min(_bucketed_length(max(map(len, token_lists)), length_bucket), limit)
+        length = min(bucketed_length(max(map(len, token_lists)), length_bucket), limit)
         batch = left_pad(token_lists, length=length, pad_id=pad_token_id(self.tokenizer))
         tokens = batch.tokens
 

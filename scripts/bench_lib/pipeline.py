@@ -95,13 +95,14 @@ def run(module: str, flags: str, timeout_s: float, *, twin: bool = False,
                                f"{shlex.join(command)}\n{child.stderr[-3000:]}")
         finished = sorted((path.stat().st_mtime, path.parent.name, _recorded_wall(path))
                           for path in Path(workdir).glob(f"*/{DONE_FILE}"))
+        drafts = _draft_acceptance(Path(workdir))
     # Logged before the twin starts (it can take hours), with the walls each stage recorded.
     logging.info("the pipeline took %.1f s; its stages (wall s): %s", total,
                  {stage: wall for _, stage, wall in finished})
     peaks = re.findall(rf"{_PEAK_MARK}(\d+)", child.stderr)
     memory = {"ours": PeakRSS(peak_mb=int(peaks[-1]) / 1024.0)} if peaks else {}
     info = {"status": "ok", "command": shlex.join(command),
-            "stages": [stage for _, stage, _ in finished]}
+            "stages": [stage for _, stage, _ in finished], "draft_acceptance": drafts}
     if config is None:
         rows, previous = [], start
         for finished_at, stage, _ in finished:
@@ -114,6 +115,20 @@ def run(module: str, flags: str, timeout_s: float, *, twin: bool = False,
     rows.append(Row(section=SECTION, step="whole pipeline (one run)", ours=Stats.of([total]),
                     memory=memory))
     return rows, info
+
+
+def _draft_acceptance(workdir: Path) -> dict[str, Any]:
+    """`drafts.acceptance` of the run's variants (its model's tokenizer), {} without a run
+    config or completions."""
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+        return {}
+    from bench_lib import drafts
+    from refusal_jax.runtime.loading import load_study_model
+
+    model_config = json.loads(config_file.read_text())["config"]["model"]
+    model = load_study_model(model_config["source"], dtype=model_config["dtype"])
+    return drafts.acceptance(workdir, model.tokenizer)
 
 
 def _recorded_wall(done_file: Path) -> float | None:
