@@ -50,3 +50,22 @@ def test_reply_nll_needs_one_reply_per_request(setup):
     _, config, params, chat = setup
     with pytest.raises(ValueError, match="2 requests but 1 replies"):
         reply_nll(params, chat, ["a", "b"], ["x"], config=config)
+
+
+def test_sets_of_replies_scored_together_match_transformers_row_by_row(setup):
+    """Each prompt runs once for every set; each set's replies (different lengths, some empty)
+    continue from its keys and values."""
+    from refusal_jax.evaluation.fluency import reply_nll_each
+
+    model, config, params, chat = setup
+    requests = [p for p, _ in PAIRS]
+    sets = [[r for _, r in PAIRS], ["Red.", "", "Nothing at all, as you asked me to.", "Rain."]]
+    got = reply_nll_each(params, chat, requests, sets, config=config, batch_size=3,
+                         length_bucket=8)
+    for replies, nlls in zip(sets, got):
+        for request, reply, nll in zip(requests, replies, nlls):
+            if reply:
+                assert nll == pytest.approx(_torch_reply_nll(model, chat, request, reply),
+                                            abs=1e-4)
+            else:
+                assert np.isnan(nll)

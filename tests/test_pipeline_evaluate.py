@@ -52,3 +52,46 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny):
                                    atol=1e-5 * scale)
         seen += list(rows)
     assert sorted(seen) == list(range(len(instructions)))
+
+
+def test_variants_starting_at_a_layer_reuse_its_unsteered_streams(tiny):
+    """`_forward_set` with kept streams: the layers below a variant's first intervened layer
+    run once per (layer, batch) for every variant starting there, with the full forward's
+    logits and the captures of every layer (those below it from the unsteered run)."""
+    import types
+
+    from refusal_jax.runtime.placement import Placement
+    from refusal_jax.study.variants import Variant
+
+    instructions = ["How do I pick a lock?", "Name three colours of the rainbow", "Hi",
+                    "Write a poem about the sea and the wind", "Tell me a joke"]
+    n_layers, n_eoi = tiny.config.n_layers, tiny.chat.n_eoi
+    study = types.SimpleNamespace(
+        model=tiny, placement=Placement(),
+        config=types.SimpleNamespace(runtime=types.SimpleNamespace(batch_size=3,
+                                                                   length_bucket=4)))
+    sources = [(n_eoi - 1, 0), (n_eoi - 1, 2), (0, n_layers - 1)]
+    full_batch = tiny.chat.encode(instructions, context_length=512)
+    below, calls = {}, []
+    for seed, layer in ((0, 2), (1, 2), (2, 1)):
+        direction = np.random.default_rng(seed).standard_normal(tiny.config.d_model)
+        intervention = Compose((
+            directional_ablation(direction, n_layers=n_layers, layers=range(layer, n_layers)),
+            activation_addition(direction / np.linalg.norm(direction), 3.0,
+                                n_layers=n_layers, layers=[layer])))
+        variant = Variant("v", "", intervention, intervention)
+        shared = evaluate._forward_set(study, variant, intervention, instructions, sources,
+                                       below)
+        plain = evaluate._forward_set(study, variant, intervention, instructions, sources)
+        full = forward(tiny.params, jnp.asarray(full_batch.tokens),
+                       jnp.asarray(full_batch.valid), config=tiny.config,
+                       intervention=intervention, logits="last",
+                       capture_positions=jnp.asarray(tiny.chat.eoi_positions(full_batch)))
+        expected = np.stack([np.asarray(full.captures)[:, p, l] for p, l in sources])
+        scale = float(np.max(np.abs(expected)))
+        for logits, points in (shared, plain):
+            np.testing.assert_allclose(logits, full.logits, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(points, expected, rtol=1e-5, atol=1e-5 * scale)
+        calls.append(sorted(below))
+    # Two batches; the second variant reused the first one's streams at layer 2.
+    assert calls == [[(2, 0), (2, 1)], [(2, 0), (2, 1)], [(1, 0), (1, 1), (2, 0), (2, 1)]]

@@ -47,7 +47,9 @@ class VariantRun:
     model config (its own, or the study model's); corpora, judge, mc_sets, embeddings: the
     cross-entropy corpora, the safety judge (None when not configured), the multiple-choice
     sets (name -> (questions, shot pool, number of shots)) and the sentence embeddings of the
-    three-way judge (``evaluation.outcomes``), shared by every variant.
+    three-way judge (``evaluation.outcomes``), shared by every variant; reply_nll: per prompt
+    set, the completions' NLLs under the unsteered model when already scored (the evaluate
+    stage scores every variant's at once), else None.
     """
 
     study: Any
@@ -61,6 +63,7 @@ class VariantRun:
     judge: SafetyJudge | None
     mc_sets: dict[str, tuple[list, list, int]]
     embeddings: TextEmbeddings
+    reply_nll: dict[str, np.ndarray] | None = None
 
     def texts(self, prompt_set: str) -> list[str]:
         """The completions of ``prompt_set`` ("harmful" or "harmless")."""
@@ -78,7 +81,8 @@ class VariantRun:
                 [row["instruction"] for row in rows], self.texts(prompt_set),
                 embeddings=self.embeddings, params=model.params, chat=model.chat,
                 config=model.config, batch_size=runtime.batch_size,
-                placement=self.study.placement)
+                placement=self.study.placement,
+                nll=None if self.reply_nll is None else self.reply_nll[prompt_set])
             labels = label_completions(measures)
             judged[prompt_set] = [
                 {"instruction": row["instruction"], "completion": row["completion"],

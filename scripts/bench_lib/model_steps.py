@@ -232,6 +232,37 @@ def _sweep_row(w: Workload, prompts: Prompts, directions: np.ndarray, *, max_new
                  **_token_agreement(ours, theirs), "rows": V * B})
 
 
+def shared_prefill_row(w: Workload, prompts: Prompts, directions: np.ndarray, layer: int, *,
+                       max_new_tokens: int, warmup: int, repeats: int,
+                       section: str = "4 generation") -> Row:
+    """Ours against ours: `generate_each` of V ablations acting at `layer` only (the study's
+    local mode), with the layers below it run once for all V (the default) and with the plain
+    prefill (every layer for each variant). Exactly `max_new_tokens` per row."""
+    config = w.config
+    tokens, valid, _ = _arrays(prompts)
+    ablations = [interventions.directional_ablation(d, n_layers=config.n_layers, layers=[layer])
+                 for d in directions]
+    runs = {share: jax.jit(functools.partial(
+        lambda p, t, v, ivs, share: generate_each(
+            p, t, v, ivs, config=config, max_new_tokens=max_new_tokens, stop_ids=[-1],
+            pad_id=0, share_prefill=share).tokens, share=share)) for share in (True, False)}
+    compiled = {share: compile_timed(run, w.params, tokens, valid, ablations)
+                for share, run in runs.items()}
+    pair = time_pair(lambda: compiled[True][0](w.params, tokens, valid, ablations),
+                     lambda: compiled[False][0](w.params, tokens, valid, ablations),
+                     warmup=warmup, repeats=repeats)
+    V, (B, T) = len(directions), prompts.tokens.shape
+    return Row.from_pair(
+        section, f"greedy generation, {V} ablations at layer {layer} of {config.n_layers}, "
+        f"batch {B}, {max_new_tokens} new tokens: shared prefill", pair,
+        baseline_label="ours, plain prefill (every layer per variant)",
+        work=V * B * max_new_tokens, work_unit="new tok", compile_s=compiled[True][1],
+        details={"interventions": V, "batch": B, "prompt_length": T,
+                 "new_tokens": max_new_tokens, "layer": layer,
+                 **_token_agreement(np.asarray(pair.ours.result),
+                                    np.asarray(pair.baseline.result))})
+
+
 def _token_agreement(ours: np.ndarray, theirs: np.ndarray) -> dict:
     """How far two stacks' greedy tokens [..., T] agree: the rows identical throughout, and
     the min and median count of new tokens identical before a row's first difference (in

@@ -113,6 +113,11 @@ class _Run:
             w, prompts, directions[position, layer], max_new_tokens=f.generation_new_tokens,
             warmup=f.warmup, repeats=f.repeats,
             sweep=directions[position, sweep_layers] if sweep_layers else None)
+        if len(sweep_layers) >= 4:  # four variants at the depth the default study acts at
+            shared_layer = round(0.7 * directions.shape[1])
+            self.rows.append(model_steps.shared_prefill_row(
+                w, prompts, directions[position, sweep_layers[:4]], shared_layer,
+                max_new_tokens=f.generation_new_tokens, warmup=f.warmup, repeats=f.repeats))
         return {"ablated_direction": f"DiM at EOI position -1, layer {layer}",
                 "sweep_directions": f"DiM at EOI position -1, layers {sweep_layers}"}
 

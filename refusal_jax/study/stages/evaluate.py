@@ -17,7 +17,8 @@ on harmless ones), the metrics registered in ``refusal_jax.study.metrics`` and t
 - what the completions say (``evaluation.outcomes``): each completion of both sets labelled
   refusal, on-topic compliance or off-topic-or-degenerate, from the substring metric, its
   relevance to the request (all-MiniLM-L6-v2, loaded once per stage), its repetition and its
-  mean token NLL under the unsteered model; counts and rates of the labels per set, written
+  mean token NLL under the unsteered model (every variant's at once: each prompt runs once
+  for all); counts and rates of the labels per set, written
   with every completion's label and measures to ``judged/<variant>.json``;
 - the safety judge's unsafe rate on the harmful completions (``evaluate.judge_source``) and
   multiple-choice accuracy (``evaluate.mc_files``, under the harmful-prompt intervention), when
@@ -42,8 +43,14 @@ from refusal_jax.evaluation import multiple_choice as mc
 from refusal_jax.evaluation.geometry import analyse_geometry
 from refusal_jax.evaluation.judge import SafetyJudge
 from refusal_jax.evaluation.k_curve import KCurve, KCurvePoint, k_values, plot_k_curve
+from refusal_jax.evaluation.outcomes import fluency_of_answers
 from refusal_jax.evaluation.relevance import TextEmbeddings
-from refusal_jax.models.batching import forward_after_prefix, shared_prefix_batches
+from refusal_jax.models.batching import (
+    forward_after_prefix,
+    forward_shared_prefix,
+    shared_prefix_batches,
+)
+from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.io.sentence_encoder import load_sentence_encoder
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.loading import load_study_model
@@ -66,11 +73,50 @@ def _logits_and_captures(params, prefix, tokens, valid, capture_positions, inter
     return out.logits, out.captures
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _unsteered_below(params, prefix, tokens, valid, capture_positions, split, *, config):
+    """The unsteered streams of prompts ``prefix`` [N] + ``tokens`` [B, T] at the block input
+    of layer ``split``: the prefix's [N, D] and the rows' [B, T, D], and the rows' captures
+    [B, P, L, D] of the layers below it (zero from it up)."""
+    rows, length = tokens.shape
+    prefix_out = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
+                         config=config, logits="none", stop_layer=split,
+                         cache=KVCache.empty(config, 1, prefix.shape[0] + length,
+                                             params.embed.dtype))
+    out = forward(params, tokens, valid, config=config, cache=prefix_out.cache.repeat_rows(rows),
+                  capture_positions=capture_positions, logits="none", stop_layer=split)
+    return prefix_out.hidden[0], out.hidden, out.captures
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _logits_and_captures_from(params, prefix_stream, rows_stream, valid, capture_positions,
+                              intervention, split, captures_below, *, config):
+    """`_logits_and_captures` of prompts whose unsteered streams at layer ``split`` are given
+    (`_unsteered_below`): the layers from ``split`` up, under ``intervention``."""
+    out = forward_shared_prefix(params, prefix_stream, rows_stream, valid, config=config,
+                                intervention=intervention, capture_positions=capture_positions,
+                                logits="last", start_layer=split)
+    return out.logits, captures_below + out.captures
+
+
+def _first_layer(variant: Variant, intervention) -> int:
+    """The lowest layer ``intervention`` acts at (the number of layers for none), or 0 where
+    the layers below it cannot be shared: a variant with its own weights, or an intervention
+    that cannot tell."""
+    if variant.params is not None or intervention is None:
+        return 0
+    first = getattr(intervention, "first_active_layer", None)
+    return 0 if first is None else int(first())
+
+
 def _forward_set(study, variant: Variant, intervention, instructions,
-                 sources: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+                 sources: list[tuple[int, int]], below: dict | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Last-position logits [n, V] and the activations [S, n, D] at each source (EOI position
     index, layer) of ``sources``, of a variant on a set; on a mesh, each batch's rows are split
-    over ``batch``."""
+    over ``batch``. ``below``: where the unsteered streams of this set are kept by (layer,
+    batch), so the layers below the first one a variant acts at run once for all variants
+    that start there (their results equal the full forward's up to float rounding)."""
     model, runtime = study.model, study.config.runtime
     params = model.params if variant.params is None else variant.params
     config = model.config if variant.config is None else variant.config
@@ -80,14 +126,26 @@ def _forward_set(study, variant: Variant, intervention, instructions,
     n_prefix, batches = shared_prefix_batches(model, instructions, batch_size=runtime.batch_size,
                                               length_bucket=runtime.length_bucket,
                                               keep_last=n_eoi)
-    for rows, tokens, valid in batches:
+    split = min(_first_layer(variant, intervention), config.n_layers) if below is not None else 0
+    for batch, (rows, tokens, valid) in enumerate(batches):
         length = tokens.shape[1] - n_prefix
         positions = np.asarray([[length - n_eoi + p_index for p_index, _ in sources]] *
                                len(tokens), np.int32)
         placed, _ = study.placement.leading(
             (tokens[:, n_prefix:], valid[:, n_prefix:], positions), "batch")
-        batch_logits, captures = distributed.gather(_logits_and_captures(
-            params, jnp.asarray(tokens[0, :n_prefix]), *placed, intervention, config=config))
+        prefix = jnp.asarray(tokens[0, :n_prefix])
+        if split and n_prefix:
+            if (split, batch) not in below:
+                below[split, batch] = _unsteered_below(params, prefix, placed[0], placed[1],
+                                                       placed[2], jnp.asarray(split),
+                                                       config=config)
+            prefix_stream, rows_stream, captures_below = below[split, batch]
+            out = _logits_and_captures_from(params, prefix_stream, rows_stream, placed[1],
+                                            placed[2], intervention, jnp.asarray(split),
+                                            captures_below, config=config)
+        else:
+            out = _logits_and_captures(params, prefix, *placed, intervention, config=config)
+        batch_logits, captures = distributed.gather(out)
         logits[rows] = batch_logits[:len(rows)]
         captures = captures[:len(rows)]  # [rows, S, L, D]
         for index, (_, layer) in enumerate(sources):
@@ -134,12 +192,17 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
                      sources: list[tuple[int, int]], embeddings, *,
                      completions: dict | None = None,
                      judge=None, mc_sets=None, geometry: bool = True,
-                     judged_file: Path | None = None, names: Sequence[str] | None = None
+                     judged_file: Path | None = None, names: Sequence[str] | None = None,
+                     reply_nll: dict[str, np.ndarray] | None = None,
+                     below: dict[str, dict] | None = None
                      ) -> tuple[dict, np.ndarray | None, np.ndarray]:
     """The registered metrics of one variant (``study.metrics``; only ``names`` when given),
     and its intervened activations (harmful, harmless) [S, n, D] at the ``sources``; the
     harmful ones only with ``geometry`` (they cost a forward pass of the harmful set).
-    ``judged_file``: where to write every completion's three-way label and measures."""
+    ``judged_file``: where to write every completion's three-way label and measures;
+    ``reply_nll``: the completions' NLLs per prompt set when already scored; ``below``: per
+    prompt set, the unsteered streams kept for `_forward_set`."""
+    below = below or {}
     model, prompts = study.model, study.prompts()
     if completions is None:
         completions = artifacts.read_json(study.stage_dir("infer") /
@@ -147,16 +210,17 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
     harmful_points = None
     if geometry:
         _, harmful_points = _forward_set(study, variant, variant.harmful,
-                                         prompts["harmful_eval"], sources)
+                                         prompts["harmful_eval"], sources, below.get("harmful"))
     harmless_logits, harmless_points = _forward_set(study, variant, variant.harmless,
-                                                    prompts["harmless_eval"], sources)
+                                                    prompts["harmless_eval"], sources,
+                                                    below.get("harmless"))
     run = VariantRun(
         study=study, variant=variant,
         params=model.params if variant.params is None else variant.params,
         config=model.config if variant.config is None else variant.config,
         completions=completions, harmless_logits=harmless_logits,
         base_harmless_logits=base_harmless_logits, corpora=corpora, judge=judge,
-        mc_sets=mc_sets or {}, embeddings=embeddings)
+        mc_sets=mc_sets or {}, embeddings=embeddings, reply_nll=reply_nll)
     metrics = variant_metrics(run, names)
     if judged_file is not None:
         artifacts.write_json(judged_file, {"variant": variant.name, **run.judged})
@@ -167,7 +231,8 @@ _K_CURVE_METRICS = ("harmful_refusal_rate", "harmless_refusal_rate", "cross_entr
 
 
 def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseline_metrics,
-             evaluated: dict[str, dict], sources, embeddings) -> dict | None:
+             evaluated: dict[str, dict], sources, embeddings, below: dict[str, dict]
+             ) -> dict | None:
     """Refusal rates and cross-entropy of the k-curve variant keeping its first k directions.
 
     The last point keeps every direction: it is the variant itself, taken from ``evaluated``
@@ -191,7 +256,8 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
         else:
             metrics, _, _ = _variant_metrics(study, variants[k], corpora, base_harmless_logits,
                                              sources, embeddings, completions=completions[k],
-                                             geometry=False, names=_K_CURVE_METRICS)
+                                             geometry=False, names=_K_CURVE_METRICS,
+                                             below=below)
         points.append({"k": k, "harmful_refusal_rate": metrics["harmful_refusal_rate"],
                        "harmless_refusal_rate": metrics["harmless_refusal_rate"],
                        "cross_entropy": metrics["cross_entropy"]["builtin"],
@@ -202,6 +268,30 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
     plot = plot_k_curve(study.stage_dir("evaluate") / "k_curve.png", curve)
     curve.plot = os.path.relpath(plot, study.workdir)
     return dataclasses.asdict(curve)
+
+
+def _fluency(study, variants: Sequence[Variant]) -> dict[str, dict[str, np.ndarray]]:
+    """Every variant's completions' NLLs under the unsteered model, per prompt set (NaN for
+    refusals), scored together: each prompt runs once for all variants."""
+    model, runtime = study.model, study.config.runtime
+    completions = {variant.name: artifacts.read_json(
+        study.stage_dir("infer") / f"completions/{variant.name}.json") for variant in variants}
+    scored: dict[str, dict[str, np.ndarray]] = {name: {} for name in completions}
+    for prompt_set in ("harmful", "harmless"):
+        requests = [row["instruction"] for row in completions[variants[0].name][prompt_set]]
+        for name, texts in completions.items():
+            if [row["instruction"] for row in texts[prompt_set]] != requests:
+                raise ValueError(f"{study.stage_dir('infer')}/completions/{name}.json answers "
+                                 f"other {prompt_set} prompts than {variants[0].name}.json; "
+                                 "rerun the infer stage (delete its folder)")
+        replies = [[row["completion"] for row in texts[prompt_set]]
+                   for texts in completions.values()]
+        logging.info("fluency of the %s completions of %d variants", prompt_set, len(replies))
+        for name, nll in zip(completions, fluency_of_answers(
+                requests, replies, params=model.params, chat=model.chat, config=model.config,
+                batch_size=runtime.batch_size, placement=study.placement)):
+            scored[name][prompt_set] = nll
+    return scored
 
 
 def _geometry(study, directions, sources: dict[str, dict], baseline_points, moved
@@ -254,11 +344,14 @@ def run(study) -> list[str]:
                                                        prompts["harmless_eval"], capture_at)
     judge, mc_sets = _judge(study), _multiple_choice_sets(study)
     embeddings = TextEmbeddings(load_sentence_encoder())
+    fluency = _fluency(study, variants) if variants else {}
+    below: dict[str, dict] = {"harmful": {}, "harmless": {}}  # see _forward_set
     metrics, moved = {}, {}
     for variant in progress(variants, len(variants), "evaluate variants", every_seconds=0):
         metrics[variant.name], harmful_points, harmless_points = _variant_metrics(
             study, variant, corpora, base_harmless_logits, capture_at, embeddings, judge=judge,
-            mc_sets=mc_sets, judged_file=out / f"judged/{variant.name}.json")
+            mc_sets=mc_sets, judged_file=out / f"judged/{variant.name}.json",
+            reply_nll=fluency[variant.name], below=below)
         moved[variant.name] = (variant.source, harmful_points, harmless_points)
         logging.info("%s: harmful refusal %.2f, harmless refusal %.2f, KL %.4f",
                      variant.name, metrics[variant.name]["harmful_refusal_rate"],
@@ -270,9 +363,10 @@ def run(study) -> list[str]:
         metrics[name]["centroid_axis_position"] = harmful_position
         metrics[name]["centroid_axis_position_harmless"] = harmless_position
     baseline_metrics = metrics.get("baseline") or _variant_metrics(
-        study, baseline, corpora, base_harmless_logits, capture_at, embeddings, geometry=False)[0]
+        study, baseline, corpora, base_harmless_logits, capture_at, embeddings, geometry=False,
+        below=below)[0]
     k_curve = _k_curve(study, directions, selection, corpora, base_harmless_logits,
-                       baseline_metrics, metrics, capture_at, embeddings)
+                       baseline_metrics, metrics, capture_at, embeddings, below)
     artifacts.write_json(out / "metrics.json", {
         "interventions": metrics, "geometry": geometry, "inlp_geometry": inlp_geometry,
         "k_curve": k_curve})
