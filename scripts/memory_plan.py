@@ -13,8 +13,9 @@ because FSDP re-gathers every weight on every forward pass. A mesh fits when wei
 temporaries); the model axis must divide the number of KV heads (heads are never split), and
 the global batch must divide over data x fsdp. `--variants` is the number of KV caches held at
 once: generation under V interventions together (`generate_each`, the pipeline's
-`runtime.generation_variants`) keeps one cache per intervention. The model configs below are
-the published config.json values.
+`runtime.generation_variants`) keeps one cache per intervention, and one more (the layers
+below the first intervened one, shared) during the prefill, which the plan leaves out. The
+model configs below are the published config.json values.
 """
 
 from __future__ import annotations

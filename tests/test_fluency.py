@@ -69,3 +69,18 @@ def test_sets_of_replies_scored_together_match_transformers_row_by_row(setup):
                                             abs=1e-4)
             else:
                 assert np.isnan(nll)
+
+
+def test_prompts_with_no_common_opening_are_scored_from_their_own_keys(setup, monkeypatch):
+    """No shared prefix (a template without a common opening): each whole prompt runs as a
+    row, and the replies still read its keys and values."""
+    from refusal_jax.evaluation import fluency
+
+    model, config, params, chat = setup
+    monkeypatch.setattr(fluency, "shared_prefix_length", lambda token_lists, keep_last: 0)
+    got = fluency.reply_nll(params, chat, [p for p, _ in PAIRS], [r for _, r in PAIRS],
+                            config=config, batch_size=3, length_bucket=8)
+    for (request, reply), nll in zip(PAIRS, got):
+        if reply:
+            assert nll == pytest.approx(_torch_reply_nll(model, chat, request, reply), abs=1e-4)
+    assert fluency.reply_nll(params, chat, [], [], config=config).shape == (0,)

@@ -92,6 +92,6 @@ def test_variants_starting_at_a_layer_reuse_its_unsteered_streams(tiny):
         for logits, points in (shared, plain):
             np.testing.assert_allclose(logits, full.logits, rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(points, expected, rtol=1e-5, atol=1e-5 * scale)
-        calls.append(sorted(below))
+        calls.append(sorted(key[:2] for key in below))
     # Two batches; the second variant reused the first one's streams at layer 2.
     assert calls == [[(2, 0), (2, 1)], [(2, 0), (2, 1)], [(1, 0), (1, 1), (2, 0), (2, 1)]]

@@ -36,8 +36,13 @@ from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
 @functools.partial(jax.jit, static_argnames="config")
 def _prompt_pass(params: Params, prefix: jax.Array, tokens: jax.Array, valid: jax.Array, *,
                  config: ModelConfig) -> tuple[jax.Array, KVCache]:
-    """The last logits [B, V] and the KV cache of ``prefix`` [P] + each row's ``tokens``."""
-    out = forward_after_prefix(params, prefix, tokens, valid, config=config, logits="last")
+    """The last logits [B, V] and the KV cache of ``prefix`` [P] (P may be 0) + each row's
+    ``tokens``."""
+    if not prefix.shape[0]:
+        out = forward(params, tokens, valid, config=config, logits="last",
+                      cache=KVCache.empty(config, *tokens.shape, params.embed.dtype))
+    else:
+        out = forward_after_prefix(params, prefix, tokens, valid, config=config, logits="last")
     return out.logits, out.cache
 
 
@@ -71,6 +76,8 @@ def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
                    placement: Placement | None = None) -> list[np.ndarray]:
     """:func:`reply_nll` of each set of ``replies_each`` (one reply per request in each; an
     empty reply is not scored), with each request's prompt run once for all sets."""
+    if not len(requests):
+        return [np.zeros(0) for _ in replies_each]
     for replies in replies_each:
         if len(requests) != len(replies):
             raise ValueError(f"{len(requests)} requests but {len(replies)} replies; pass one "
@@ -94,6 +101,8 @@ def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
     order = np.argsort([len(rest) for rest in rests], kind="stable")
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
+        if not any(len(replies[i]) for replies in reply_ids for i in chunk):
+            continue  # nothing to score (e.g. every reply a refusal)
         longest = max(len(rests[i]) for i in chunk)
         length = min(-(-longest // length_bucket) * length_bucket, config.max_context - n_prefix)
         batch = left_pad([rests[i] for i in chunk], length=length, rows=batch_size,
@@ -122,7 +131,7 @@ def reply_nll(params: Params, chat: ChatFormat, requests: Sequence[str], replies
               *, config: ModelConfig, batch_size: int = 16, length_bucket: int = 32,
               placement: Placement | None = None) -> np.ndarray:
     """Mean NLL per reply token [N] (nats; NaN for an empty reply) of each reply given its
-    request. Rows longer than the model's context keep their first `config.max_context` tokens."""
+    request. A reply is cut to fit the model's context after its prompt."""
     return reply_nll_each(params, chat, requests, [replies], config=config,
                           batch_size=batch_size, length_bucket=length_bucket,
                           placement=placement)[0]

@@ -35,7 +35,11 @@ _KINDS: dict[str, type[LayerKind]] = {}
 
 
 class LayerKind(abc.ABC):
-    """An intervention whose leaves have a leading layer axis and a ``site_mask`` [L, 4]."""
+    """An intervention whose leaves have a leading layer axis and a ``site_mask`` [L, 4].
+
+    ``apply`` must leave ``x`` exactly unchanged where the site mask is 0 (``weight_at``
+    gives the mask's value): generation runs the layers below ``first_active_layer`` once for
+    several interventions, trusting it."""
 
     WIDTH_FIELDS: ClassVar[tuple[str, ...]] = ()
 

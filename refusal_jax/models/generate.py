@@ -1,10 +1,14 @@
-"""Jitted generation with a KV cache: one prefill, then a `lax.while_loop` of single-token steps.
+"""Jitted generation with a KV cache: a prefill, then a `lax.while_loop` of single-token steps.
 
-Shapes are static (the cache holds prompt + `max_new_tokens` slots), so a batch compiles once per
-(batch size, prompt bucket, max_new_tokens, number of interventions). The same intervention is
-active during prefill and every decode step. `generate_each` runs one batch under several
-interventions of one kind at once (the forward passes vmapped over them inside one decode loop),
-so a decode step reads each weight once for all of them; their prefills run one after another.
+Shapes are static (the cache holds prefix + prompt + `max_new_tokens` slots), so a batch
+compiles once per (batch size, prefix length, prompt bucket, max_new_tokens, number of
+interventions). The same intervention is active during prefill and every decode step.
+`generate_each` runs one batch under several interventions of one kind at once (the forward
+passes vmapped over them inside one decode loop), so a decode step reads each weight once for
+all of them. The prefill is shared: a prefix every row starts with (the chat template's
+opening) runs once for all rows, and the layers below the first one any of the interventions
+acts at (``first_active_layer``) run once for all of them; each then runs from there, one
+after another.
 Greedy decoding is the default; temperature and top-p sampling take an explicit PRNG key, and
 their values are traced arrays (changing them does not recompile).
 
@@ -110,16 +114,17 @@ def _generate(params, prefix, tokens, valid, interventions, stop_ids, pad_id, sa
     None for V = 1 without intervention) of rows that start with `prefix` [P] followed by their
     own left-padded `tokens` [B, T]: tokens [V, B, max_new_tokens], lengths [V, B].
 
-    With `share_prefill`, the prefill is shared where it can be: the prefix runs once for all
-    rows, and the layers below the first one any variant acts at run once for all variants
-    (no variant changes the stream there); each variant then runs from that layer. Without
-    it (the plain path, kept as the reference), each variant's prefill runs every layer on
-    the prefix and the rows together. The decode steps are vmapped over the variants inside
-    one loop, so a step reads each weight once for all V x B rows, and the loop ends once
-    every row of every variant has stopped (a vmapped `while_loop` would instead carry, and
-    copy, every variant's KV cache through a select at each step).
+    With `share_prefill`, the prefill is shared where it can be: the prefix runs once (one
+    row) for all rows, and with several variants the layers below the first one any of them
+    acts at run once for all (no variant changes the stream there); each variant then runs
+    from that layer. Without it (the plain path, kept as the reference), each variant's
+    prefill runs every layer on the prefix and the rows together. The decode steps are
+    vmapped over the variants inside one loop, so a step reads each weight once for all V x B
+    rows, and the loop ends once every row of every variant has stopped (a vmapped
+    `while_loop` would instead carry, and copy, every variant's KV cache through a select at
+    each step).
     """
-    if not share_prefill and prefix.shape[0]:
+    if not share_prefill and prefix.shape[0]:  # the plain path: the prefix in every row
         rows = tokens.shape[0]
         tokens = jnp.concatenate([jnp.broadcast_to(prefix, (rows,) + prefix.shape), tokens], 1)
         valid = jnp.concatenate([jnp.ones((rows,) + prefix.shape, bool), valid], 1)
@@ -130,36 +135,41 @@ def _generate(params, prefix, tokens, valid, interventions, stop_ids, pad_id, sa
     prefix_valid = jnp.ones((1, P), bool)
 
     def empty(rows):
-        return KVCache.empty(config, rows, P + T + max_new_tokens, params.embed.dtype)
+        cache = KVCache.empty(config, rows, P + T + max_new_tokens, params.embed.dtype)
+        return _constrain(cache, cache_shardings) if rows == B else cache
 
     def rows_cache(prefix_cache):
         """The cache the rows' own tokens extend: the prefix's, shared by every row."""
-        return empty(B) if prefix_cache is None else prefix_cache.repeat_rows(B)
+        if prefix_cache is None:
+            return empty(B)
+        return _constrain(prefix_cache.repeat_rows(B), cache_shardings)
 
-    def plain_prefill(intervention):
-        out = forward(params, tokens, valid, config=config, intervention=intervention,
-                      cache=empty(B), logits="last")
-        return out.logits, _constrain(out.cache, cache_shardings)
-
-    if share_prefill:  # below `split` no variant acts: those layers run once for all
-        split = _first_active_layer(interventions, config.n_layers)
+    # Below `split` no variant acts: with several variants, those layers run once for all (the
+    # prefill then holds one cache more than the V it returns).
+    share_layers = share_prefill and V > 1
+    split = _first_active_layer(interventions, config.n_layers) if share_layers else 0
+    if share_layers:
         lower_prefix = (forward(params, prefix[None], prefix_valid, config=config,
                                 cache=empty(1), logits="none", stop_layer=split) if P else None)
         lower = forward(params, tokens, valid, config=config, logits="none", stop_layer=split,
                         cache=rows_cache(lower_prefix.cache if P else None))
+        lower_cache = _constrain(lower.cache, cache_shardings)
 
-    def shared_prefill(intervention):
-        """The first token's logits and the KV cache of one variant, from `split` up."""
+    def prefill(intervention):
+        """The first token's logits and the KV cache of one variant (from `split` up)."""
+        def run(inputs, resid, valid, cache, logits):
+            return forward(params, inputs if resid is None else None, valid, config=config,
+                           resid=resid, start_layer=split, intervention=intervention,
+                           cache=cache, logits=logits)
+
         prefix_cache = None
         if P:
-            prefix_cache = forward(params, None, prefix_valid, config=config,
-                                   resid=lower_prefix.hidden, start_layer=split,
-                                   intervention=intervention, cache=empty(1),
-                                   logits="none").cache
-        out = forward(params, None, valid, config=config, resid=lower.hidden,
-                      start_layer=split, intervention=intervention,
-                      cache=rows_cache(prefix_cache), logits="last")
-        return out.logits, _constrain(_add_caches(lower.cache, out.cache), cache_shardings)
+            prefix_cache = run(prefix[None], lower_prefix.hidden if share_layers else None,
+                               prefix_valid, empty(1), "none").cache
+        out = run(tokens, lower.hidden if share_layers else None, valid,
+                  rows_cache(prefix_cache), "last")
+        cache = _add_caches(lower_cache, out.cache) if share_layers else out.cache
+        return out.logits, _constrain(cache, cache_shardings)
 
     def decode(intervention, last, cache):
         out = forward(params, last[:, None], jnp.ones((B, 1), bool), config=config,
@@ -168,7 +178,6 @@ def _generate(params, prefix, tokens, valid, interventions, stop_ids, pad_id, sa
 
     # The variants' prefills run one after another: they are compute-bound already, and on the
     # CPU one matmul over every variant's prompt tokens ran at half the speed of V smaller ones.
-    prefill = shared_prefill if share_prefill else plain_prefill
     logits, cache = (jax.vmap(prefill, axis_size=1)(None) if interventions is None
                      else jax.lax.map(prefill, interventions))
     first = _choose(logits, sampling, None if key is None else jax.random.fold_in(key, 0))
@@ -230,7 +239,8 @@ def generate(params: Params, tokens: jax.Array, valid: jax.Array, *, config: Mod
     """Generates up to `max_new_tokens` for a left-padded batch (greedy unless `sampling`).
 
     `prefix` [P]: token ids every row starts with, before its own `tokens` (e.g. the chat
-    template's opening); they run once for all rows. Rows stop at the first token in
+    template's opening); they run once for all rows, so the intervention must not depend on
+    the row (no per-row position windows). Rows stop at the first token in
     `stop_ids` (default: the config's EOS ids); the loop ends early once every row has
     stopped. `cache_shardings`, on a mesh, lays out the KV cache of B rows and P + T +
     `max_new_tokens` slots (see the module docstring). `share_prefill=False` runs the plain

@@ -69,8 +69,9 @@ def placed_batches(model: Model, instructions: Sequence[str], batch_size: int,
                                   length_bucket=length_bucket)
         if n_prefix:
             rests = [ids[mask][n_prefix:] for ids, mask in zip(local.tokens, local.valid)]
-            local = left_pad(rests, length=bucketed_length(max(map(len, rests)), length_bucket),
-                             pad_id=pad_id)
+            length = min(bucketed_length(max(map(len, rests)), length_bucket),
+                         model.config.max_context - n_prefix)
+            local = left_pad(rests, length=length, pad_id=pad_id)
         extra = distributed.agree_on_max(local.tokens.shape[1]) - local.tokens.shape[1]
         local = Batch(tokens=np.pad(local.tokens, ((0, 0), (extra, 0)), constant_values=pad_id),
                       valid=np.pad(local.valid, ((0, 0), (extra, 0))))

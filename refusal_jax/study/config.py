@@ -23,8 +23,10 @@ runtime.*             batch sizes, chunking and the device mesh; left out of the
                       (they change speed, not results)
 runtime.generation_variants  how many variants of the infer stage (and of the k-curve) are
                       generated together (``models.generate.generate_each``): a decode step then
-                      reads the weights once for all of them, and the KV cache is this many
-                      times larger. 1 (one at a time) everywhere (docs/benchmarks.md)
+                      reads the weights once for all of them, the layers below the first
+                      one any of them acts at are prefilled once, and the KV cache is this
+                      many times larger (one more during the prefill). 1 in the base
+                      config, 4 in configs/default.py (docs/benchmarks.md)
 runtime.mesh          "" (one device, no mesh) or the (data, fsdp, model) mesh sizes as
                       ``"data=-1,model=4"`` (missing axes 1, one may be -1: the devices left
                       over; see ``refusal_jax.runtime.sharding``). Batch sizes must be multiples of

@@ -100,10 +100,10 @@ def _logits_and_captures_from(params, prefix_stream, rows_stream, valid, capture
 
 
 def _first_layer(variant: Variant, intervention) -> int:
-    """The lowest layer ``intervention`` acts at (the number of layers for none), or 0 where
-    the layers below it cannot be shared: a variant with its own weights, or an intervention
-    that cannot tell."""
-    if variant.params is not None or intervention is None:
+    """The lowest layer ``intervention`` acts at (the number of layers for one active at no
+    layer), or 0 where the layers below it cannot be shared: a variant with its own weights or
+    config, or an intervention that cannot tell (None included)."""
+    if variant.params is not None or variant.config is not None or intervention is None:
         return 0
     first = getattr(intervention, "first_active_layer", None)
     return 0 if first is None else int(first())
@@ -115,7 +115,7 @@ def _forward_set(study, variant: Variant, intervention, instructions,
     """Last-position logits [n, V] and the activations [S, n, D] at each source (EOI position
     index, layer) of ``sources``, of a variant on a set; on a mesh, each batch's rows are split
     over ``batch``. ``below``: where the unsteered streams of this set are kept by (layer,
-    batch), so the layers below the first one a variant acts at run once for all variants
+    batch, sources), so the layers below the first one a variant acts at run once for all variants
     that start there (their results equal the full forward's up to float rounding)."""
     model, runtime = study.model, study.config.runtime
     params = model.params if variant.params is None else variant.params
@@ -135,11 +135,11 @@ def _forward_set(study, variant: Variant, intervention, instructions,
             (tokens[:, n_prefix:], valid[:, n_prefix:], positions), "batch")
         prefix = jnp.asarray(tokens[0, :n_prefix])
         if split and n_prefix:
-            if (split, batch) not in below:
-                below[split, batch] = _unsteered_below(params, prefix, placed[0], placed[1],
-                                                       placed[2], jnp.asarray(split),
-                                                       config=config)
-            prefix_stream, rows_stream, captures_below = below[split, batch]
+            key = (split, batch, tuple(sources))
+            if key not in below:
+                below[key] = _unsteered_below(params, prefix, placed[0], placed[1], placed[2],
+                                              jnp.asarray(split), config=config)
+            prefix_stream, rows_stream, captures_below = below[key]
             out = _logits_and_captures_from(params, prefix_stream, rows_stream, placed[1],
                                             placed[2], intervention, jnp.asarray(split),
                                             captures_below, config=config)
