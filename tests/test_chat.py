@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from refusal_jax.text.chat import ChatFormat, refusal_token_ids
+from refusal_jax.text.chat import ChatFormat, left_pad, refusal_token_ids, right_pad
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATML_EOI = "<|im_end|>\n<|im_start|>assistant\n"
@@ -303,3 +303,16 @@ def test_refusal_token_ids_without_whole_word_tokens():
         refusal_token_ids(tokenizer)
     with pytest.raises(ValueError, match="single string"):
         refusal_token_ids(tokenizer, "I")
+
+
+def test_left_and_right_padding_place_each_row_at_its_end_and_start():
+    """Fillers beyond the lists are all padding; an empty list is an all-padding row."""
+    lists = [[5, 6, 7], [], [8]]
+    left = left_pad(lists, length=4, rows=4, pad_id=0)
+    right = right_pad(lists, length=4, rows=4, pad_id=0)
+    np.testing.assert_array_equal(left.tokens, [[0, 5, 6, 7], [0, 0, 0, 0], [0, 0, 0, 8],
+                                                [0, 0, 0, 0]])
+    np.testing.assert_array_equal(right.tokens, [[5, 6, 7, 0], [0, 0, 0, 0], [8, 0, 0, 0],
+                                                 [0, 0, 0, 0]])
+    np.testing.assert_array_equal(left.valid, left.tokens > 0)
+    np.testing.assert_array_equal(right.valid, right.tokens > 0)

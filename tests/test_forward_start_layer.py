@@ -115,12 +115,12 @@ def test_rows_continuing_a_prefilled_prefix_equal_the_full_forward(tiny):
     full = forward(tiny.params, jnp.asarray(split_tokens), jnp.asarray(split_valid),
                    config=tiny.config, intervention=intervention, logits="last",
                    capture_positions=jnp.full((len(rows), 1), split_tokens.shape[1] - 1))
-    out = forward_after_prefix(tiny.params, jnp.asarray(split_tokens[0, :n_prefix]),
-                               jnp.asarray(split_tokens[:, n_prefix:]),
-                               jnp.asarray(split_valid[:, n_prefix:]), config=tiny.config,
-                               intervention=intervention,
-                               capture_positions=jnp.full((len(rows), 1),
-                                                          split_tokens.shape[1] - n_prefix - 1))
+    _, out = forward_after_prefix(tiny.params, jnp.asarray(split_tokens[0, :n_prefix]),
+                                  jnp.asarray(split_tokens[:, n_prefix:]),
+                                  jnp.asarray(split_valid[:, n_prefix:]), config=tiny.config,
+                                  intervention=intervention,
+                                  capture_positions=jnp.full(
+                                      (len(rows), 1), split_tokens.shape[1] - n_prefix - 1))
     np.testing.assert_allclose(out.logits, full.logits, rtol=1e-5, atol=1e-5)
     scale = float(jnp.max(jnp.abs(full.captures)))
     np.testing.assert_allclose(out.captures, full.captures, rtol=1e-5, atol=1e-5 * scale)

@@ -30,7 +30,7 @@ from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.params import Params
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.placement import Placement
-from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
+from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id, right_pad
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -38,11 +38,8 @@ def _prompt_pass(params: Params, prefix: jax.Array, tokens: jax.Array, valid: ja
                  config: ModelConfig) -> tuple[jax.Array, KVCache]:
     """The last logits [B, V] and the KV cache of ``prefix`` [P] (P may be 0) + each row's
     ``tokens``."""
-    if not prefix.shape[0]:
-        out = forward(params, tokens, valid, config=config, logits="last",
-                      cache=KVCache.empty(config, *tokens.shape, params.embed.dtype))
-    else:
-        out = forward_after_prefix(params, prefix, tokens, valid, config=config, logits="last")
+    _, out = forward_after_prefix(params, prefix, tokens, valid, config=config, logits="last",
+                                  cache_length=prefix.shape[0] + tokens.shape[1])
     return out.logits, out.cache
 
 
@@ -58,16 +55,6 @@ def _reply_nll_sums(params: Params, cache: KVCache, prompt_logits: jax.Array, to
     target_logit = jnp.take_along_axis(predictors, tokens[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(predictors, axis=-1) - target_logit
     return jnp.sum(jnp.where(valid, nll, 0.0), axis=-1)
-
-
-def _right_pad(token_lists: Sequence[Sequence[int]], length: int, rows: int,
-               pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((rows, length), pad_id, np.int32)
-    valid = np.zeros((rows, length), bool)
-    for row, ids in enumerate(token_lists):
-        tokens[row, :len(ids)] = ids
-        valid[row, :len(ids)] = True
-    return tokens, valid
 
 
 def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
@@ -113,10 +100,10 @@ def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
             longest = max(len(replies[i]) for i in chunk)
             if not longest:
                 continue
-            tokens, valid = _right_pad([replies[i] for i in chunk],
-                                       -(-longest // length_bucket) * length_bucket,
-                                       batch_size, pad_id)
-            placed, _ = placement.leading((tokens, valid), "batch")
+            batch = right_pad([replies[i] for i in chunk],
+                              length=-(-longest // length_bucket) * length_bucket,
+                              rows=batch_size, pad_id=pad_id)
+            placed, _ = placement.leading((batch.tokens, batch.valid), "batch")
             sums[index, chunk] = np.asarray(distributed.gather(_reply_nll_sums(
                 params, cache, prompt_logits, *placed, config=config)))[:len(chunk)]
     results = []

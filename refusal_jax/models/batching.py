@@ -2,11 +2,12 @@
 once, each prompt's remaining tokens are left padded to a length bucket, and the forward runs the
 prefix once and shares its keys and values with every prompt (:func:`forward_shared_prefix`,
 which also resumes at a layer, for selection; :func:`forward_after_prefix`, a KV-cache prefill
-that rows continue, for evaluation)."""
+that rows continue, for evaluation and generation)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -106,23 +107,43 @@ def forward_shared_prefix(params: Params, prefix: jax.Array, rows: jax.Array, va
                    logits=logits, start_layer=start_layer, **_tokens_or_resid(rows))
 
 
-def forward_after_prefix(params: Params, prefix: jax.Array, tokens: jax.Array, valid: jax.Array,
+def forward_after_prefix(params: Params, prefix: jax.Array, rows: jax.Array, valid: jax.Array,
                          *, config: ModelConfig, intervention: Any = None,
                          capture_positions: jax.Array | None = None,
-                         logits: Literal["all", "last", "none"] = "last") -> ForwardOutput:
-    """The forward of prompts that all start with the tokens ``prefix`` [P] followed by their own
-    left-padded ``tokens`` [B, T] (capture positions index into T): the prefix is prefilled once,
-    under the same intervention, into a KV cache that every row then continues, as generation
-    does. Each prompt's full forward up to float rounding; unlike :func:`forward_shared_prefix`
-    it starts at layer 0 and sums attention over the cache and the row's own keys separately.
+                         logits: Literal["all", "last", "none"] = "last",
+                         start_layer: int | jax.Array = 0,
+                         stop_layer: int | jax.Array | None = None,
+                         cache_length: int | None = None,
+                         constrain: Callable[[KVCache], KVCache] | None = None
+                         ) -> tuple[ForwardOutput | None, ForwardOutput]:
+    """The KV-cache prefill of prompts that all start with ``prefix`` followed by their own
+    left-padded ``rows`` (``valid`` [B, T]; capture positions index into T), as generation
+    does it: the prefix runs once, under the same intervention, into a one-row cache that every
+    row then continues. Returns the prefix's output (None when P = 0) and the rows'; each
+    prompt's full forward up to float rounding. Unlike :func:`forward_shared_prefix`, attention
+    sums over the cache and the row's own keys separately.
+
+    ``prefix`` is [P] token ids or the [P, D] block input of layer ``start_layer`` (P may be 0);
+    ``rows`` is [B, T] token ids or [B, T, D] block inputs. ``stop_layer`` stops both runs
+    there (`forward`; pass logits="none"). The caches have ``cache_length`` slots (default
+    P + T; with neither a prefix nor ``cache_length`` the rows run without a cache), and a
+    B-row cache passes through ``constrain`` (e.g. a sharding constraint) before the rows
+    extend it.
     """
-    rows, length = tokens.shape
-    cache = None
-    if prefix.shape[0]:
-        cache = KVCache.empty(config, 1, prefix.shape[0] + length, params.embed.dtype)
-        cache = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
-                        config=config, intervention=intervention, cache=cache,
-                        logits="none").cache
-        cache = cache.repeat_rows(rows)
-    return forward(params, tokens, valid, config=config, intervention=intervention,
-                   capture_positions=capture_positions, cache=cache, logits=logits)
+    constrain = constrain or (lambda cache: cache)
+    n_rows, length = valid.shape
+    n_prefix = prefix.shape[0]
+    slots = n_prefix + length if cache_length is None else cache_length
+    run = functools.partial(forward, params, config=config, intervention=intervention,
+                            start_layer=start_layer, stop_layer=stop_layer)
+    prefix_out, cache = None, None
+    if n_prefix:
+        prefix_out = run(valid=jnp.ones((1, n_prefix), bool), logits="none",
+                         cache=KVCache.empty(config, 1, slots, params.embed.dtype),
+                         **_tokens_or_resid(prefix[None]))
+        cache = constrain(prefix_out.cache.repeat_rows(n_rows))
+    elif cache_length is not None:
+        cache = constrain(KVCache.empty(config, n_rows, slots, params.embed.dtype))
+    out = run(valid=valid, capture_positions=capture_positions, cache=cache, logits=logits,
+              **_tokens_or_resid(rows))
+    return prefix_out, out

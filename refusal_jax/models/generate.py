@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from refusal_jax.models.batching import forward_after_prefix
 from refusal_jax.models.config import ModelConfig
 from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.params import Params
@@ -130,51 +131,34 @@ def _generate(params, prefix, tokens, valid, interventions, stop_ids, pad_id, sa
         valid = jnp.concatenate([jnp.ones((rows,) + prefix.shape, bool), valid], 1)
         prefix = prefix[:0]
     B, T = tokens.shape
-    P = prefix.shape[0]
     V = _count(interventions)
-    prefix_valid = jnp.ones((1, P), bool)
-
-    def empty(rows):
-        cache = KVCache.empty(config, rows, P + T + max_new_tokens, params.embed.dtype)
-        return _constrain(cache, cache_shardings) if rows == B else cache
-
-    def rows_cache(prefix_cache):
-        """The cache the rows' own tokens extend: the prefix's, shared by every row."""
-        if prefix_cache is None:
-            return empty(B)
-        return _constrain(prefix_cache.repeat_rows(B), cache_shardings)
-
+    constrain = functools.partial(_constrain, cache_shardings=cache_shardings)
+    # The prefix runs once, in one row, and every row's own tokens extend its cache.
+    prefill_rows = functools.partial(forward_after_prefix, params, valid=valid, config=config,
+                                     cache_length=prefix.shape[0] + T + max_new_tokens,
+                                     constrain=constrain)
     # Below `split` no variant acts: with several variants, those layers run once for all (the
     # prefill then holds one cache more than the V it returns).
     share_layers = share_prefill and V > 1
     split = _first_active_layer(interventions, config.n_layers) if share_layers else 0
+    prefix_in, rows_in = prefix, tokens
     if share_layers:
-        lower_prefix = (forward(params, prefix[None], prefix_valid, config=config,
-                                cache=empty(1), logits="none", stop_layer=split) if P else None)
-        lower = forward(params, tokens, valid, config=config, logits="none", stop_layer=split,
-                        cache=rows_cache(lower_prefix.cache if P else None))
-        lower_cache = _constrain(lower.cache, cache_shardings)
+        lower_prefix, lower = prefill_rows(prefix, tokens, logits="none", stop_layer=split)
+        lower_cache = constrain(lower.cache)
+        prefix_in = prefix if lower_prefix is None else lower_prefix.hidden[0]
+        rows_in = lower.hidden
 
     def prefill(intervention):
         """The first token's logits and the KV cache of one variant (from `split` up)."""
-        def run(inputs, resid, valid, cache, logits):
-            return forward(params, inputs if resid is None else None, valid, config=config,
-                           resid=resid, start_layer=split, intervention=intervention,
-                           cache=cache, logits=logits)
-
-        prefix_cache = None
-        if P:
-            prefix_cache = run(prefix[None], lower_prefix.hidden if share_layers else None,
-                               prefix_valid, empty(1), "none").cache
-        out = run(tokens, lower.hidden if share_layers else None, valid,
-                  rows_cache(prefix_cache), "last")
+        _, out = prefill_rows(prefix_in, rows_in, intervention=intervention, start_layer=split,
+                              logits="last")
         cache = _add_caches(lower_cache, out.cache) if share_layers else out.cache
-        return out.logits, _constrain(cache, cache_shardings)
+        return out.logits, constrain(cache)
 
     def decode(intervention, last, cache):
         out = forward(params, last[:, None], jnp.ones((B, 1), bool), config=config,
                       intervention=intervention, cache=cache, logits="last")
-        return out.logits, _constrain(out.cache, cache_shardings)
+        return out.logits, constrain(out.cache)
 
     # The variants' prefills run one after another: they are compute-bound already, and on the
     # CPU one matmul over every variant's prompt tokens ran at half the speed of V smaller ones.

@@ -122,14 +122,25 @@ def left_pad(token_lists: Sequence[Sequence[int]], *, length: int | None = None,
     Rows beyond `token_lists` (fillers that keep a batch shape fixed) are entirely padding; the
     forward pass keeps such rows finite, and callers ignore their outputs.
     """
+    return _pad(token_lists, length, rows, pad_id, left=True)
+
+
+def right_pad(token_lists: Sequence[Sequence[int]], *, length: int | None = None,
+              rows: int | None = None, pad_id: int = 0) -> Batch:
+    """`left_pad` with the padding after each row's tokens (for rows that continue a cache)."""
+    return _pad(token_lists, length, rows, pad_id, left=False)
+
+
+def _pad(token_lists: Sequence[Sequence[int]], length: int | None, rows: int | None,
+         pad_id: int, *, left: bool) -> Batch:
     length = max(map(len, token_lists)) if length is None else length
     rows = len(token_lists) if rows is None else rows
     tokens = np.full((rows, length), pad_id, np.int32)
     valid = np.zeros((rows, length), bool)
     for row, ids in enumerate(token_lists):
-        if len(ids):
-            tokens[row, length - len(ids):] = ids
-            valid[row, length - len(ids):] = True
+        span = slice(length - len(ids), length) if left else slice(0, len(ids))
+        tokens[row, span] = ids
+        valid[row, span] = True
     return Batch(tokens=tokens, valid=valid)
 
 

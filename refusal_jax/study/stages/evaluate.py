@@ -50,7 +50,6 @@ from refusal_jax.models.batching import (
     forward_shared_prefix,
     shared_prefix_batches,
 )
-from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.io.sentence_encoder import load_sentence_encoder
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.loading import load_study_model
@@ -68,23 +67,19 @@ def _logits_and_captures(params, prefix, tokens, valid, capture_positions, inter
     """Last-position logits [B, V] and captures [B, P, L, D] of prompts that all start with the
     tokens ``prefix`` [N] followed by their own left-padded ``tokens`` [B, T]
     (``models.batching.forward_after_prefix``)."""
-    out = forward_after_prefix(params, prefix, tokens, valid, config=config,
-                               intervention=intervention, capture_positions=capture_positions)
+    _, out = forward_after_prefix(params, prefix, tokens, valid, config=config,
+                                  intervention=intervention, capture_positions=capture_positions)
     return out.logits, out.captures
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _unsteered_below(params, prefix, tokens, valid, capture_positions, split, *, config):
-    """The unsteered streams of prompts ``prefix`` [N] + ``tokens`` [B, T] at the block input
-    of layer ``split``: the prefix's [N, D] and the rows' [B, T, D], and the rows' captures
-    [B, P, L, D] of the layers below it (zero from it up)."""
-    rows, length = tokens.shape
-    prefix_out = forward(params, prefix[None], jnp.ones((1, prefix.shape[0]), bool),
-                         config=config, logits="none", stop_layer=split,
-                         cache=KVCache.empty(config, 1, prefix.shape[0] + length,
-                                             params.embed.dtype))
-    out = forward(params, tokens, valid, config=config, cache=prefix_out.cache.repeat_rows(rows),
-                  capture_positions=capture_positions, logits="none", stop_layer=split)
+    """The unsteered streams of prompts ``prefix`` [N] (N > 0) + ``tokens`` [B, T] at the block
+    input of layer ``split``: the prefix's [N, D] and the rows' [B, T, D], and the rows'
+    captures [B, P, L, D] of the layers below it (zero from it up)."""
+    prefix_out, out = forward_after_prefix(params, prefix, tokens, valid, config=config,
+                                           capture_positions=capture_positions, logits="none",
+                                           stop_layer=split)
     return prefix_out.hidden[0], out.hidden, out.captures
 
 
