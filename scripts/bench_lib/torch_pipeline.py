@@ -664,7 +664,11 @@ class _Twin:
         corpora = {name: ce.truncate_corpus(corpus, settings.cross_entropy_max_tokens)
                    for name, corpus in corpora.items()}
         sources = [self.selection[m]["components"][0]["position_index"] for m in ("dim", "inlp")]
+        # The judge's sentence embeddings of every request and completion, each text once.
         self.embeddings = torch_judge.SentenceEmbeddings(device=self.device)
+        self.embeddings([*self.prompts["harmful_eval"], *self.prompts["harmless_eval"],
+                         *(text for name in config.infer.interventions
+                           for texts in self.completions[name].values() for text in texts)])
         self.judged = {}
         self.capture(self.prompts["harmful_eval"], sources)
         _, base_logits = self.capture(self.prompts["harmless_eval"], sources)
