@@ -555,6 +555,64 @@ def test_evaluate_metrics_of_every_variant_match_the_twin(evaluated_and_twin_on_
                    - baseline["cross_entropy"]["builtin"]) > 20 * CROSS_ENTROPY_TOLERANCE, name
 
 
+# The offline judge's two model measures, ours against the twin's on the same completions. Reply
+# NLL: a mean of logsumexp(z) - z_target over reply tokens, which moves by at most 2 max|dz| when
+# the logits z move by dz, as the refusal score above: float32 logits of the same weights agree
+# within 1e-4 (tests/test_model_parity.py), so SCORE_TOLERANCE. Relevance: for unit vectors,
+# |cos(a, b) - cos(a', b')| <= |a - a'| + |b - b'|; float32 all-MiniLM-L6-v2 embeddings agree
+# with transformers' within 3.1e-7 per component (issue 23's parity run), so within
+# sqrt(384) * 3.1e-7 = 6.1e-6 each, and the cosine within 1.2e-5: tolerance 2e-5.
+REPLY_NLL_TOLERANCE, RELEVANCE_TOLERANCE = SCORE_TOLERANCE, 2e-5
+JUDGE_METRICS = [f"{cls}_{name}" for cls in ("harmful", "harmless") for name in (
+    "on_topic_compliance_rate", "degenerate_rate", "mean_relevance", "mean_reply_nll")]
+
+
+def test_twin_judges_every_completion_as_our_evaluate_stage(evaluated_and_twin_on_our_artefacts,
+                                                            tiny_pipeline_and_twin):
+    """Labels, reply NLLs and relevances of every completion (our `judged/<variant>.json`)
+    against the twin's transformers fluency forward and sentence encoder, and the judge's
+    metrics; the k-curve's points are not judged, as in ours."""
+    config, study, metrics, twin, _ = evaluated_and_twin_on_our_artefacts
+    assert set(twin.judged) == set(config.infer.interventions)
+    nlls, relevances = [], []
+    for name in config.infer.interventions:
+        ours_judged = artifacts.read_json(study.stage_dir("evaluate") / f"judged/{name}.json")
+        for cls in ("harmful", "harmless"):
+            ours, theirs = ours_judged[cls], twin.judged[name][cls]
+            assert theirs["label"] == [row["label"] for row in ours], (name, cls)
+            for column in ("refusal", "repeated_ngram_fraction", "n_words"):
+                assert list(theirs[column]) == [row[column] for row in ours], (name, column)
+            ours_nll = np.asarray([np.nan if row["reply_nll"] is None else row["reply_nll"]
+                                   for row in ours])
+            np.testing.assert_array_equal(np.isnan(theirs["reply_nll"]), np.isnan(ours_nll))
+            np.testing.assert_allclose(theirs["reply_nll"], ours_nll, rtol=0,
+                                       atol=REPLY_NLL_TOLERANCE, err_msg=f"{name} {cls}")
+            np.testing.assert_allclose(theirs["relevance"], [row["relevance"] for row in ours],
+                                       rtol=0, atol=RELEVANCE_TOLERANCE, err_msg=f"{name} {cls}")
+            nlls += list(ours_nll[np.isfinite(ours_nll)])
+            relevances += [row["relevance"] for row in ours]
+        for key in JUDGE_METRICS:
+            assert (key in metrics[name]) == (key in twin.metrics[name]), (name, key)
+            if key.endswith("_rate"):
+                assert twin.metrics[name][key] == metrics[name][key], (name, key)
+            elif key in metrics[name]:
+                tolerance = (REPLY_NLL_TOLERANCE if key.endswith("nll") else RELEVANCE_TOLERANCE)
+                assert abs(twin.metrics[name][key] - metrics[name][key]) <= tolerance, (name, key)
+    # Not vacuous: most tiny-model replies are gibberish (labelled degenerate whatever their
+    # NLL), so the NLLs and relevances themselves are compared above; they spread far more than
+    # the tolerances across the completions.
+    assert len(nlls) >= 20 and np.ptp(nlls) > 100 * REPLY_NLL_TOLERANCE
+    assert np.ptp(relevances) > 100 * RELEVANCE_TOLERANCE
+    # The twin's own run judges its variants too, counting the fluency forwards and encodings.
+    own = tiny_pipeline_and_twin[2]
+    assert set(own.judged) == set(config.infer.interventions)
+    work = own.stages["evaluate"].work
+    assert work["fluency_rows"] == sum(int(np.isfinite(judged[cls]["reply_nll"]).sum())
+                                       for judged in own.judged.values()
+                                       for cls in ("harmful", "harmless"))
+    assert work["encoded_texts"] > 0 and work["encoder_batches"] >= 1
+
+
 def test_section_rows_pair_each_mirrored_stage_with_the_twin(tiny_pipeline_and_twin):
     _, _, twin = tiny_pipeline_and_twin
     ours = {"extract": 2.0, "select": 1.0, "infer": 0.5, "evaluate": 0.25, "report": 0.5}

@@ -47,9 +47,14 @@ evaluate  per variant: substring refusal rates of its completions (`evaluation.r
           .refusal_rate`), a hooked forward of harmful eval and of harmless eval capturing every
           layer at the EOI positions of the components' sources, KL(baseline || variant) on
           harmless eval (`torch_stack.kl_divergence`), cross-entropy on the built-in text (and
-          `evaluate.cross_entropy_files`) under the harmful-prompt hooks; the two baseline
-          forwards first; the tunable-k curve (completions, harmless forward and cross-entropy
-          per k below the full basis).
+          `evaluate.cross_entropy_files`) under the harmful-prompt hooks; the offline judge of
+          every completion of both sets (`evaluation.outcomes`): fluency, one forward of the
+          unsteered transformers model per batch of `runtime.batch_size` non-refusal rows
+          (prompt + reply), and relevance, all-MiniLM-L6-v2 in transformers, each distinct
+          text embedded once (`bench_lib.torch_judge`), with our text-only measures
+          (degeneration, word counts) and labelling rule; the two baseline forwards first; the
+          tunable-k curve (completions, harmless forward and cross-entropy per k below the full
+          basis; no judge, as ours).
 
 Not mirrored (recorded in `TwinResult.not_mirrored`): the report stage and the geometry
 analysis and plots (small; their inputs, the captures, are computed), the safety judge and
@@ -76,12 +81,14 @@ from absl import flags as absl_flags
 from absl import logging
 from ml_collections import config_flags
 
-from bench_lib import inlp_bench, selection, torch_stack
+from bench_lib import inlp_bench, selection, torch_judge, torch_stack
 from bench_lib.activations import spread
 from refusal_jax.directions import train_dev_split
 from refusal_jax.evaluation import cross_entropy as ce
+from refusal_jax.evaluation.degeneration import degeneration_measures, words
 from refusal_jax.evaluation.k_curve import k_values
-from refusal_jax.evaluation.refusal import refusal_rate
+from refusal_jax.evaluation.outcomes import label_completions
+from refusal_jax.evaluation.refusal import is_refusal, refusal_rate
 from refusal_jax.models.loading import Model
 from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.selection import components
@@ -137,6 +144,8 @@ class TwinResult:
     selection: dict[str, Any]
     completions: dict[str, dict[str, list[str]]]
     metrics: dict[str, dict[str, Any]]
+    # variant -> prompt set -> the offline judge's measures [n] per completion and "label"
+    judged: dict[str, dict[str, dict[str, Any]]]
     not_mirrored: list[str]
 
 
@@ -599,8 +608,34 @@ class _Twin:
             self.count("forward_passes")
         return total / corpus.n_targets
 
+    def judge(self, completions: dict[str, list[str]]) -> dict[str, Any]:
+        """The offline judge of each prompt set's completions (`evaluation.outcomes`): the
+        measures of `outcomes.MEASURES` per completion, fluency from the unsteered transformers
+        model (refusals not scored: NaN) and relevance from `self.embeddings`, and the labels."""
+        runtime = self.config.runtime
+        judged = {}
+        for cls, replies in completions.items():
+            requests = self.prompts[f"{cls}_eval"]
+            refusal = np.asarray([is_refusal(reply) for reply in replies], bool)
+            nll, forwards = torch_judge.reply_nll(
+                self.torch, self.model.chat, requests,
+                [None if refused else reply for reply, refused in zip(replies, refusal)],
+                batch_size=runtime.batch_size, max_context=self.model.config.max_context,
+                device=self.device)
+            self.count("forward_passes", forwards)
+            self.count("fluency_rows", int(np.isfinite(nll).sum()))
+            measures = {"refusal": refusal,
+                        "relevance": self.embeddings.relevance(requests, replies),
+                        "reply_nll": nll, **degeneration_measures(replies),
+                        "n_words": np.asarray([len(words(reply)) for reply in replies])}
+            judged[cls] = {**measures, "label": label_completions(measures)}
+        return judged
+
     def variant_metrics(self, name: str, completions, base_logits, sources, corpora, *,
-                        geometry: bool = True, inlp_k: int | None = None) -> dict[str, Any]:
+                        geometry: bool = True, judge: bool = True,
+                        inlp_k: int | None = None) -> dict[str, Any]:
+        """Our evaluate stage's metrics of a variant; the judge's (and `self.judged[name]`)
+        only with `judge`, as ours leaves them out of the k-curve's points."""
         harmful_hooks, harmless_hooks, model = self.variant(name, inlp_k)
         if geometry:
             with harmful_hooks():
@@ -608,13 +643,17 @@ class _Twin:
         with harmless_hooks():
             _, logits = self.capture(self.prompts["harmless_eval"], sources, model)
         base = torch.log_softmax(base_logits.double(), dim=-1)
-        return {
+        metrics = {
             "harmful_refusal_rate": refusal_rate(completions["harmful"]),
             "harmless_refusal_rate": refusal_rate(completions["harmless"]),
             "kl": float(torch_stack.kl_divergence(base, logits).mean()),
             "cross_entropy": {corpus_name: self.cross_entropy(corpus, harmful_hooks, model)
                               for corpus_name, corpus in corpora.items()},
         }
+        if judge:
+            self.judged[name] = self.judge(completions)
+            metrics.update(_judge_metrics(self.judged[name]))
+        return metrics
 
     def evaluate(self) -> None:
         config, settings = self.config, self.config.evaluate
@@ -625,6 +664,12 @@ class _Twin:
         corpora = {name: ce.truncate_corpus(corpus, settings.cross_entropy_max_tokens)
                    for name, corpus in corpora.items()}
         sources = [self.selection[m]["components"][0]["position_index"] for m in ("dim", "inlp")]
+        # The judge's sentence embeddings of every request and completion, each text once.
+        self.embeddings = torch_judge.SentenceEmbeddings(device=self.device)
+        self.embeddings([*self.prompts["harmful_eval"], *self.prompts["harmless_eval"],
+                         *(text for name in config.infer.interventions
+                           for texts in self.completions[name].values() for text in texts)])
+        self.judged = {}
         self.capture(self.prompts["harmful_eval"], sources)
         _, base_logits = self.capture(self.prompts["harmless_eval"], sources)
         self.metrics = {name: self.variant_metrics(name, self.completions[name], base_logits,
@@ -639,8 +684,11 @@ class _Twin:
                     continue
                 completions = self.complete_variant(curve, inlp_k=k)
                 self.metrics[f"{curve}_k{k}"] = self.variant_metrics(
-                    curve, completions, base_logits, sources, corpora, geometry=False, inlp_k=k)
+                    curve, completions, base_logits, sources, corpora, geometry=False,
+                    judge=False, inlp_k=k)
                 self.count("k_curve_points")
+        self.work["encoded_texts"] = len(self.embeddings.cache)
+        self.work["encoder_batches"] = self.embeddings.batches
 
 
 def leace(harmful: torch.Tensor, harmless: torch.Tensor) -> dict[str, np.ndarray]:
@@ -684,6 +732,23 @@ def _candidate_scores(scored: selection.BaselineResult, pairs, shape, n_multipli
             scores.kl[p, l], scores.steering[p, l] = scored.kl[index], scored.steering[index]
             scores.filtered[p, l] = True
     return scores
+
+
+def _judge_metrics(judged: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Per prompt set, the judge's metrics under our names (`study.metrics`): the on-topic and
+    degenerate rates, and the mean relevance and reply NLL of the completions that are not
+    refusals (left out when every one is; an empty reply's NaN NLL is not counted)."""
+    metrics = {}
+    for cls, measures in judged.items():
+        labels = np.asarray(measures["label"])
+        metrics[f"{cls}_on_topic_compliance_rate"] = float(np.mean(labels == "on_topic"))
+        metrics[f"{cls}_degenerate_rate"] = float(np.mean(labels == "degenerate"))
+        for measure in ("relevance", "reply_nll"):
+            values = measures[measure][~measures["refusal"]]
+            values = values[np.isfinite(values)]
+            if len(values):
+                metrics[f"{cls}_mean_{measure}"] = float(values.mean())
+    return metrics
 
 
 def _tokens_before_stop(tokens: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
@@ -739,4 +804,5 @@ def run_twin(config, *, torch_options: dict[str, str] | None = None,
     return TwinResult(
         stages=results, load_s=twin.load_s, prompts=twin.prompts, directions=twin.directions,
         selection=getattr(twin, "selection", {}), completions=getattr(twin, "completions", {}),
-        metrics=getattr(twin, "metrics", {}), not_mirrored=_not_mirrored(config))
+        metrics=getattr(twin, "metrics", {}), judged=getattr(twin, "judged", {}),
+        not_mirrored=_not_mirrored(config))
