@@ -9,8 +9,9 @@ first 1024 tokens of the built-in text. 48 tokens give the offline judge replies
 read; 32 eval prompts per class (95% intervals of about +-0.17 on a rate near 0.5) are as many as
 keep the whole job within ten minutes on an idle 2-core CPU: at 50 per class it took 14 minutes,
 most of it generation and the judge's fluency pass (docs/benchmarks.md). The variants are
-generated four at a time in one decode loop (`runtime.generation_variants`). `inlp_reflection_a1` is left out of the interventions:
-P_a with a = 1 is the nullspace projection, so it would repeat the `inlp_nullspace` row.
+generated four at a time in one decode loop (`runtime.generation_variants`).
+`inlp_reflection_a1` is left out of the interventions: P_a with a = 1 is the nullspace
+projection, so it would repeat the `inlp_nullspace` row.
 
 Different from the reference because the model is small: `select.kl_threshold = 0.5` (0.1).
 Ablating a candidate that induces refusal on harmless prompts (steering score >= 0, layer < 24)

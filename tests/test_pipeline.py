@@ -213,6 +213,15 @@ def test_unknown_config_key():
         base_config().select.nope = 1
 
 
+def test_a_k_curve_without_the_baseline_is_refused_before_any_stage_runs():
+    config = tiny_config()
+    config.infer.interventions = ("dim_ablation", "inlp_reflection")
+    with pytest.raises(ValueError, match="add 'baseline' to infer.interventions"):
+        check_config(config)
+    config.evaluate.k_curve_intervention = ""
+    check_config(config)
+
+
 def test_workdir_of_a_different_config(tmp_path):
     study = runner.Study(tiny_config(), tmp_path)
     artifacts.mark_done(study.stage_dir("extract"), study.digest, [])

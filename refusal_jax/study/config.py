@@ -227,6 +227,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     need(not unknown, f"infer.interventions has unknown names {unknown}; choose from "
          f"{INTERVENTIONS}")
     evaluate = config.evaluate
+    need(not evaluate.k_curve_intervention or "baseline" in config.infer.interventions,
+         f"evaluate.k_curve_intervention={evaluate.k_curve_intervention!r} is drawn against the "
+         "baseline's completions: add 'baseline' to infer.interventions, or set "
+         "evaluate.k_curve_intervention='' to skip the curve")
     need(not evaluate.mc_shot_files or len(evaluate.mc_shot_files) == len(evaluate.mc_files),
          "evaluate.mc_shot_files must be empty or give one pool per evaluate.mc_files entry")
     need(not evaluate.mc_files or evaluate.mc_shot_files or evaluate.mc_n_shots == 0,

@@ -231,7 +231,8 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
     """Refusal rates and cross-entropy of the k-curve variant keeping its first k directions.
 
     The last point keeps every direction: it is the variant itself, taken from ``evaluated``
-    (the metrics of the variants of the table) when it is there."""
+    (the metrics of the variants of the table) when it is there. ``baseline_metrics``: the
+    baseline's, among them (`check_config` requires it when there is a curve)."""
     name = study.config.evaluate.k_curve_intervention
     if not name:
         return None
@@ -357,11 +358,8 @@ def run(study) -> list[str]:
         harmful_position, harmless_position = positions[name]
         metrics[name]["centroid_axis_position"] = harmful_position
         metrics[name]["centroid_axis_position_harmless"] = harmless_position
-    baseline_metrics = metrics.get("baseline") or _variant_metrics(
-        study, baseline, corpora, base_harmless_logits, capture_at, embeddings, geometry=False,
-        below=below)[0]
     k_curve = _k_curve(study, directions, selection, corpora, base_harmless_logits,
-                       baseline_metrics, metrics, capture_at, embeddings, below)
+                       metrics.get("baseline"), metrics, capture_at, embeddings, below)
     artifacts.write_json(out / "metrics.json", {
         "interventions": metrics, "geometry": geometry, "inlp_geometry": inlp_geometry,
         "k_curve": k_curve})
