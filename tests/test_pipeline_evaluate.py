@@ -1,10 +1,15 @@
 """The evaluate stage's forward of a prompt set: the template's shared start is computed once
 and its keys and values shared by every prompt, which must give the full forward's logits and
-captures."""
+captures; and the cross-entropy corpora it scores, cut to the model's context."""
+
+import dataclasses
+import json
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_pipeline import shrunk_tiny_config
 
 from refusal_jax.interventions import Compose, activation_addition, directional_ablation
 from refusal_jax.models.batching import shared_prefix_batches
@@ -95,3 +100,22 @@ def test_variants_starting_at_a_layer_reuse_its_unsteered_streams(tiny):
         calls.append(sorted(key[:2] for key in below))
     # Two batches; the second variant reused the first one's streams at layer 2.
     assert calls == [[(2, 0), (2, 1)], [(2, 0), (2, 1)], [(1, 0), (1, 1), (2, 0), (2, 1)]]
+
+
+def test_cross_entropy_rows_fit_a_context_shorter_than_the_windows(tiny, tmp_path):
+    """A model whose context is shorter than the corpora's windows (256 tokens of text, 512 of
+    an instruction and its output) scores rows cut to its context instead of failing."""
+    short = dataclasses.replace(tiny, config=dataclasses.replace(tiny.config, max_context=64))
+    text = tmp_path / "prose.txt"
+    text.write_text("The river bends twice before it reaches the sea. " * 80)
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps([{"instruction": "Describe the river.",
+                                    "output": "It bends twice and widens. " * 60}]))
+    config = shrunk_tiny_config()
+    config.evaluate.cross_entropy_files = (str(text), str(answers))
+    corpora = evaluate._corpora(types.SimpleNamespace(model=short, config=config))
+    assert set(corpora) == {"builtin", "prose", "answers"}
+    for corpus in corpora.values():
+        assert 2 <= corpus.tokens.shape[1] <= 64
+    full = evaluate._corpora(types.SimpleNamespace(model=tiny, config=config))
+    assert max(corpus.tokens.shape[1] for corpus in full.values()) > 64  # the cut is real

@@ -50,6 +50,8 @@ from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id
 
 BUILTIN_TEXT_FILE = "general_text.txt"
 BUILTIN_CORPUS_NAME = "builtin"
+WINDOW = 256  # tokens per window of a text corpus
+MAX_LENGTH = 512  # tokens per row of an instruction corpus (prompt and output)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +105,7 @@ def builtin_text() -> str:
     return importlib.resources.files(__package__).joinpath(BUILTIN_TEXT_FILE).read_text("utf-8")
 
 
-def text_corpus(tokenizer: Any, text: str, *, window: int = 256,
+def text_corpus(tokenizer: Any, text: str, *, window: int = WINDOW,
                 name: str = "text") -> ScoredTokens:
     """Windows of `text` for next-token scoring (see the module docstring)."""
     if not isinstance(text, str) or not text.strip():
@@ -124,7 +126,7 @@ def text_corpus(tokenizer: Any, text: str, *, window: int = 256,
     return _scored_tokens(rows, tokenizer, name)
 
 
-def builtin_corpus(tokenizer: Any, *, window: int = 256) -> ScoredTokens:
+def builtin_corpus(tokenizer: Any, *, window: int = WINDOW) -> ScoredTokens:
     """The built-in general-text sample as a corpus named `BUILTIN_CORPUS_NAME`."""
     return text_corpus(tokenizer, builtin_text(), window=window, name=BUILTIN_CORPUS_NAME)
 
@@ -147,7 +149,8 @@ def _instruction_text(entry: Any, index: int) -> tuple[str, str]:
 
 
 def instruction_corpus(chat: ChatFormat, pairs: Sequence[Mapping[str, str]], *,
-                       max_length: int = 512, name: str = "instructions") -> ScoredTokens:
+                       max_length: int = MAX_LENGTH, name: str = "instructions"
+                       ) -> ScoredTokens:
     """Outputs scored given their chat-formatted instructions (see the module docstring).
 
     Rows longer than `max_length` keep their first `max_length` tokens (the output is cut).
@@ -172,8 +175,8 @@ def instruction_corpus(chat: ChatFormat, pairs: Sequence[Mapping[str, str]], *,
     return _scored_tokens(rows, tokenizer, name)
 
 
-def load_corpus(path: str | os.PathLike, *, chat: ChatFormat, window: int = 256,
-                max_length: int = 512) -> ScoredTokens:
+def load_corpus(path: str | os.PathLike, *, chat: ChatFormat, window: int = WINDOW,
+                max_length: int = MAX_LENGTH) -> ScoredTokens:
     """A corpus from a file: .txt (general text) or .json (Alpaca-style list), named by its stem."""
     path = Path(path)
     if not path.is_file():

@@ -149,10 +149,13 @@ def _forward_set(study, variant: Variant, intervention, instructions,
 
 
 def _corpora(study) -> dict[str, ce.ScoredTokens]:
+    """The cross-entropy corpora, their rows cut to fit the model's context."""
     model, settings = study.model, study.config.evaluate
-    corpora = {"builtin": ce.builtin_corpus(model.tokenizer)}
+    context = model.config.max_context
+    corpora = {"builtin": ce.builtin_corpus(model.tokenizer, window=min(ce.WINDOW, context))}
     for path in settings.cross_entropy_files:
-        corpus = ce.load_corpus(path, chat=model.chat)
+        corpus = ce.load_corpus(path, chat=model.chat, window=min(ce.WINDOW, context),
+                                max_length=min(ce.MAX_LENGTH, context))
         corpora[corpus.name] = corpus
     return {name: ce.truncate_corpus(corpus, settings.cross_entropy_max_tokens)
             for name, corpus in corpora.items()}
