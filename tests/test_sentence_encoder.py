@@ -85,8 +85,8 @@ def test_embeddings_match_transformers(ours, reference_embeddings):
 
 
 def test_embeddings_do_not_depend_on_padding(encoder, ours):
-    # Alone, three short texts are padded to 16 tokens and 13 empty rows; beside the long text
-    # (first test) to over 128 tokens.
+    # Alone, three short texts are padded to 16 tokens and 13 empty rows; among all the texts
+    # (first test), sorted by length, to the longest of the shortest 16.
     short = embed_texts(encoder, SENTENCES[:3], batch_size=16)
     np.testing.assert_allclose(short, ours[:3], atol=1e-5)
 

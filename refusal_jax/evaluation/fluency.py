@@ -11,8 +11,11 @@ Several sets of replies to the same requests (one per variant of a study) are sc
 token, and each set's replies continue from the prompt's keys and values. The chat template's
 opening, shared by every prompt, is prefilled once per batch
 (`models.batching.forward_after_prefix`); prompts are sorted by length and batched as in
-`cross_entropy` (left padded to `length_bucket`, the last batch with empty rows), replies right
-padded to `length_bucket`.
+`cross_entropy` (left padded to `length_bucket`, the last batch with empty rows). The replies
+to a batch's prompts, of every set, are then scored shortest first, `batch_size` at a time,
+each row reading its own prompt's cache; they are right padded to `reply_bucket` (finer than
+the prompts' bucket: sorted, a batch's replies are of nearly one length), and empty replies
+(refusals, in a study) take no row.
 """
 
 from __future__ import annotations
@@ -44,14 +47,15 @@ def _prompt_pass(params: Params, prefix: jax.Array, tokens: jax.Array, valid: ja
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _reply_nll_sums(params: Params, cache: KVCache, prompt_logits: jax.Array, tokens: jax.Array,
-                    valid: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """Per row, the sum of -log p(token) over its right-padded reply ``tokens`` [B, R]
-    (``valid`` marks them), read after the prompt in ``cache``, whose last logits
-    ``prompt_logits`` [B, V] predict the first reply token (float32 [B])."""
-    logits = forward(params, tokens, valid, config=config, cache=cache, extend_cache=False,
-                     logits="all").logits
-    predictors = jnp.concatenate([prompt_logits[:, None], logits[:, :-1]], axis=1)
+def _reply_nll_sums(params: Params, cache: KVCache, prompt_logits: jax.Array, owners: jax.Array,
+                    tokens: jax.Array, valid: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """Per row, the sum of -log p(token) over its right-padded reply ``tokens`` [R, T]
+    (``valid`` marks them), read after the prompt ``owners`` [R] indexes in ``cache``, whose last
+    logits ``prompt_logits`` [B, V] predict the first reply token (float32 [R])."""
+    logits = forward(params, tokens, valid, config=config, cache=cache.take_rows(owners),
+                     extend_cache=False, logits="all").logits
+    first = jnp.take(prompt_logits, owners, axis=0)
+    predictors = jnp.concatenate([first[:, None], logits[:, :-1]], axis=1)
     target_logit = jnp.take_along_axis(predictors, tokens[..., None], axis=-1)[..., 0]
     nll = jax.nn.logsumexp(predictors, axis=-1) - target_logit
     return jnp.sum(jnp.where(valid, nll, 0.0), axis=-1)
@@ -59,7 +63,7 @@ def _reply_nll_sums(params: Params, cache: KVCache, prompt_logits: jax.Array, to
 
 def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
                    replies_each: Sequence[Sequence[str]], *, config: ModelConfig,
-                   batch_size: int = 16, length_bucket: int = 32,
+                   batch_size: int = 16, length_bucket: int = 32, reply_bucket: int = 16,
                    placement: Placement | None = None) -> list[np.ndarray]:
     """:func:`reply_nll` of each set of ``replies_each`` (one reply per request in each; an
     empty reply is not scored), with each request's prompt run once for all sets."""
@@ -88,7 +92,10 @@ def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
     order = np.argsort([len(rest) for rest in rests], kind="stable")
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        if not any(len(replies[i]) for replies in reply_ids for i in chunk):
+        # (length, set, row of the chunk) of every reply to score, shortest first.
+        rows = sorted((len(replies[i]), index, slot) for index, replies in enumerate(reply_ids)
+                      for slot, i in enumerate(chunk) if replies[i])
+        if not rows:
             continue  # nothing to score (e.g. every reply a refusal)
         longest = max(len(rests[i]) for i in chunk)
         length = min(-(-longest // length_bucket) * length_bucket, config.max_context - n_prefix)
@@ -96,16 +103,18 @@ def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
                          pad_id=pad_id)
         placed, _ = placement.leading((batch.tokens, batch.valid), "batch")
         prompt_logits, cache = _prompt_pass(params, prefix, *placed, config=config)
-        for index, replies in enumerate(reply_ids):
-            longest = max(len(replies[i]) for i in chunk)
-            if not longest:
-                continue
-            batch = right_pad([replies[i] for i in chunk],
-                              length=-(-longest // length_bucket) * length_bucket,
+        for first in range(0, len(rows), batch_size):
+            scored = rows[first:first + batch_size]
+            batch = right_pad([reply_ids[index][chunk[slot]] for _, index, slot in scored],
+                              length=-(-scored[-1][0] // reply_bucket) * reply_bucket,
                               rows=batch_size, pad_id=pad_id)
-            placed, _ = placement.leading((batch.tokens, batch.valid), "batch")
-            sums[index, chunk] = np.asarray(distributed.gather(_reply_nll_sums(
-                params, cache, prompt_logits, *placed, config=config)))[:len(chunk)]
+            owners = np.zeros(batch_size, np.int32)  # padding rows read the first prompt
+            owners[:len(scored)] = [slot for _, _, slot in scored]
+            placed, _ = placement.leading((owners, batch.tokens, batch.valid), "batch")
+            nll = np.asarray(distributed.gather(_reply_nll_sums(
+                params, cache, prompt_logits, *placed, config=config)))
+            for (_, index, slot), value in zip(scored, nll):
+                sums[index, chunk[slot]] = value
     results = []
     for index, replies in enumerate(reply_ids):
         n_scored = np.asarray([len(ids) for ids in replies])

@@ -23,12 +23,17 @@ class TextEmbeddings:
         self.encoder, self.batch_size = encoder, batch_size
         self._cache: dict[str, np.ndarray] = {}
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-norm embeddings [N, D] of `texts`."""
+    def add(self, texts: Sequence[str]) -> None:
+        """Embeds those of `texts` not embedded yet, all in one call (fuller batches than one
+        call per set of replies: pass every text a stage will ask for first)."""
         new = list(dict.fromkeys(text for text in texts if text not in self._cache))
         if new:
             self._cache.update(zip(new, embed_texts(self.encoder, new,
                                                     batch_size=self.batch_size)))
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-norm embeddings [N, D] of `texts`."""
+        self.add(texts)
         return np.stack([self._cache[text] for text in texts]) if len(texts) else np.zeros(
             (0, self.encoder.config.d_model), np.float32)
 

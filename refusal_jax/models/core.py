@@ -79,6 +79,14 @@ class KVCache:
                        positions=spread(self.positions, 0),
                        next_position=spread(self.next_position, 0), length=self.length)
 
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The cache of the rows ``rows`` [R] (indices, repeats allowed) of this one."""
+        return KVCache(keys=jnp.take(self.keys, rows, axis=1),
+                       values=jnp.take(self.values, rows, axis=1),
+                       positions=jnp.take(self.positions, rows, axis=0),
+                       next_position=jnp.take(self.next_position, rows, axis=0),
+                       length=self.length)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

@@ -166,15 +166,15 @@ def pad_right(ids: Sequence[Sequence[int]], *, rows: int | None = None,
 
 def embed_texts(encoder: SentenceEncoder, texts: Sequence[str], *, batch_size: int = 64
                 ) -> np.ndarray:
-    """Unit-norm embeddings [N, D] (float32) of `texts`, encoded `batch_size` at a time (the last
-    batch padded to `batch_size` rows, so that every batch has one of few shapes)."""
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        chunk = list(texts[start:start + batch_size])
-        tokens, valid = pad_right([e.ids for e in encoder.tokenizer.encode_batch(chunk)],
-                                  rows=batch_size)
-        embeddings = sentence_embeddings(encoder.params, tokens, valid, config=encoder.config)
-        chunks.append(np.asarray(embeddings[:len(chunk)]))
-    if not chunks:
-        return np.zeros((0, encoder.config.d_model), np.float32)
-    return np.concatenate(chunks)
+    """Unit-norm embeddings [N, D] (float32) of `texts`, in their order. They are encoded
+    shortest first, `batch_size` at a time (the last batch padded to `batch_size` rows, so that
+    every batch has one of few shapes), which keeps the padding within each batch small."""
+    ids = [encoding.ids for encoding in encoder.tokenizer.encode_batch(list(texts))]
+    order = np.argsort([len(row) for row in ids], kind="stable")
+    embeddings = np.zeros((len(texts), encoder.config.d_model), np.float32)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        tokens, valid = pad_right([ids[i] for i in chunk], rows=batch_size)
+        batch = sentence_embeddings(encoder.params, tokens, valid, config=encoder.config)
+        embeddings[chunk] = np.asarray(batch[:len(chunk)])
+    return embeddings

@@ -57,6 +57,7 @@ from refusal_jax.runtime.progress import progress
 from refusal_jax.selection.components import inlp_basis
 from refusal_jax.study import artifacts
 from refusal_jax.study.completions import complete_variants
+from refusal_jax.study.data import CLASSES
 from refusal_jax.study.metrics import VariantRun, variant_metrics
 from refusal_jax.study.variants import Variant, build_variants
 
@@ -187,8 +188,7 @@ def _judge(study):
 
 
 def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
-                     sources: list[tuple[int, int]], embeddings, *,
-                     completions: dict | None = None,
+                     sources: list[tuple[int, int]], embeddings, *, completions: dict,
                      judge=None, mc_sets=None, geometry: bool = True,
                      judged_file: Path | None = None, names: Sequence[str] | None = None,
                      reply_nll: dict[str, np.ndarray] | None = None,
@@ -197,14 +197,12 @@ def _variant_metrics(study, variant: Variant, corpora, base_harmless_logits,
     """The registered metrics of one variant (``study.metrics``; only ``names`` when given),
     and its intervened activations (harmful, harmless) [S, n, D] at the ``sources``; the
     harmful ones only with ``geometry`` (they cost a forward pass of the harmful set).
-    ``judged_file``: where to write every completion's three-way label and measures;
-    ``reply_nll``: the completions' NLLs per prompt set when already scored; ``below``: per
-    prompt set, the unsteered streams kept for `_forward_set`."""
+    ``completions``: the variant's, as the infer stage writes them; ``judged_file``: where to
+    write every completion's three-way label and measures; ``reply_nll``: the completions' NLLs
+    per prompt set when already scored; ``below``: per prompt set, the unsteered streams kept
+    for `_forward_set`."""
     below = below or {}
     model, prompts = study.model, study.prompts()
-    if completions is None:
-        completions = artifacts.read_json(study.stage_dir("infer") /
-                                          f"completions/{variant.name}.json")
     harmful_points = None
     if geometry:
         _, harmful_points = _forward_set(study, variant, variant.harmful,
@@ -269,19 +267,19 @@ def _k_curve(study, directions, selection, corpora, base_harmless_logits, baseli
     return dataclasses.asdict(curve)
 
 
-def _fluency(study, variants: Sequence[Variant]) -> dict[str, dict[str, np.ndarray]]:
+def _fluency(study, completions: dict[str, dict]) -> dict[str, dict[str, np.ndarray]]:
     """Every variant's completions' NLLs under the unsteered model, per prompt set (NaN for
-    refusals), scored together: each prompt runs once for all variants."""
+    refusals), scored together: each prompt runs once for all variants. ``completions``:
+    variant name -> what the infer stage wrote for it."""
     model, runtime = study.model, study.config.runtime
-    completions = {variant.name: artifacts.read_json(
-        study.stage_dir("infer") / f"completions/{variant.name}.json") for variant in variants}
     scored: dict[str, dict[str, np.ndarray]] = {name: {} for name in completions}
-    for prompt_set in ("harmful", "harmless"):
-        requests = [row["instruction"] for row in completions[variants[0].name][prompt_set]]
+    first = next(iter(completions))
+    for prompt_set in CLASSES:
+        requests = [row["instruction"] for row in completions[first][prompt_set]]
         for name, texts in completions.items():
             if [row["instruction"] for row in texts[prompt_set]] != requests:
                 raise ValueError(f"{study.stage_dir('infer')}/completions/{name}.json answers "
-                                 f"other {prompt_set} prompts than {variants[0].name}.json; "
+                                 f"other {prompt_set} prompts than {first}.json; "
                                  "rerun the infer stage (delete its folder)")
         replies = [[row["completion"] for row in texts[prompt_set]]
                    for texts in completions.values()]
@@ -342,13 +340,20 @@ def run(study) -> list[str]:
     base_harmless_logits, base_harmless = _forward_set(study, baseline, baseline.harmless,
                                                        prompts["harmless_eval"], capture_at)
     judge, mc_sets = _judge(study), _multiple_choice_sets(study)
+    completions = {variant.name: artifacts.read_json(
+        study.stage_dir("infer") / f"completions/{variant.name}.json") for variant in variants}
     embeddings = TextEmbeddings(load_sentence_encoder())
-    fluency = _fluency(study, variants) if variants else {}
+    # Every request and completion the variants' metrics will ask for, embedded at once.
+    embeddings.add([text for texts in completions.values() for prompt_set in CLASSES
+                    for row in texts[prompt_set] for text in (row["instruction"],
+                                                              row["completion"])])
+    fluency = _fluency(study, completions) if variants else {}
     below: dict[str, dict] = {"harmful": {}, "harmless": {}}  # see _forward_set
     metrics, moved = {}, {}
     for variant in progress(variants, len(variants), "evaluate variants", every_seconds=0):
         metrics[variant.name], harmful_points, harmless_points = _variant_metrics(
-            study, variant, corpora, base_harmless_logits, capture_at, embeddings, judge=judge,
+            study, variant, corpora, base_harmless_logits, capture_at, embeddings,
+            completions=completions[variant.name], judge=judge,
             mc_sets=mc_sets, judged_file=out / f"judged/{variant.name}.json",
             reply_nll=fluency[variant.name], below=below)
         moved[variant.name] = (variant.source, harmful_points, harmless_points)
