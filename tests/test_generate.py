@@ -10,7 +10,8 @@ import pytest
 from hf_reference import ragged_batch, tiny_hf_model, to_ours
 
 from refusal_jax import interventions
-from refusal_jax.models.core import forward
+from refusal_jax.models import core
+from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.generate import Sampling, generate, generate_each
 
 NEW_TOKENS = 8
@@ -58,6 +59,29 @@ def test_cached_greedy_generation_equals_full_recompute(name, with_intervention)
     assert not np.any(expected == NEVER), "pick another never-generated stop id"
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_array_equal(out.lengths, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", ["llama3_gqa_rope_scaling", "gemma2_gqa_softcap_sliding"])
+def test_a_decode_step_is_the_same_through_either_attention_kernel(name, monkeypatch):
+    """On the CPU a decode step attends through its own kernels (`core._one_query_kernels`);
+    the grouped products that other backends run give the same logits and new keys."""
+    config, params = _model(name)
+    tokens, valid = ragged_batch(lengths=(9, 5, 2), vocab=config.vocab_size, seed=3)
+    cache = forward(params, tokens, valid, config=config, logits="none",
+                    cache=KVCache.empty(config, len(tokens), tokens.shape[1] + 1)).cache
+
+    def step():  # not jitted: each call traces the kernel choice anew
+        out = forward(params, tokens[:, -1:], np.ones((len(tokens), 1), bool), config=config,
+                      cache=cache, logits="last")
+        return out.logits, out.cache.keys
+
+    assert core._one_query_kernels(1) and not core._one_query_kernels(2)
+    one_query = step()
+    monkeypatch.setattr(core, "_one_query_kernels", lambda n_queries: False)
+    grouped = step()
+    # Equal up to float32 rounding: the kernels sum in other orders.
+    for ours, theirs in zip(one_query, grouped):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_intervention_changes_generation():

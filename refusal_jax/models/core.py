@@ -115,6 +115,24 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
+def _one_query_kernels(n_queries: int) -> bool:
+    """Whether attention with ``n_queries`` per row takes the decode step's CPU kernels: on the
+    CPU, XLA runs a product of each key head's G-query matrix with its keys (a batch of tiny
+    matrix products) several times slower than G matrix-vector products, and the weighted sum
+    of the values as elementwise products summed over the slots. Elsewhere the grouped products
+    read each key and value once."""
+    return n_queries == 1 and jax.default_backend() == "cpu"
+
+
+def _dot_scores(q, k, k_layout: str) -> jax.Array:
+    """q . k [B, K, G, T, S] in float32 (q, k and `k_layout` as in `_masked_scores`)."""
+    if _one_query_kernels(q.shape[1]):
+        heads = [jnp.einsum(f"bkd,{k_layout}->bks", q[:, 0, :, g], k,
+                            preferred_element_type=jnp.float32) for g in range(q.shape[3])]
+        return jnp.stack(heads, axis=2)[:, :, :, None]
+    return jnp.einsum(f"btkgd,{k_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
+
+
 def _masked_scores(q, k, q_positions, k_positions, window, config: ModelConfig,
                    k_layout: str = "bskd") -> jax.Array:
     """[B, K, G, T, S] float32 attention logits, `_MASKED` where a key may not be attended.
@@ -123,8 +141,7 @@ def _masked_scores(q, k, q_positions, k_positions, window, config: ModelConfig,
     when it is filled (position >= 0), not after the query and, with a window (0 = global),
     less than `window` positions back.
     """
-    scores = jnp.einsum(f"btkgd,{k_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * config.attention_scale
+    scores = _dot_scores(q, k, k_layout) * config.attention_scale
     if config.attn_softcap is not None:
         scores = jnp.tanh(scores / config.attn_softcap) * config.attn_softcap
     qp, kp = q_positions[:, :, None], k_positions[:, None, :]  # [B, T, 1], [B, 1, S]
@@ -153,12 +170,21 @@ def attention(q, k, v, q_positions, k_positions, window, config: ModelConfig, *,
         scores = jnp.concatenate([past_scores, scores], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     if past is None:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = _weighted_values(probs, v, "bskd")
     else:
         n_past = past_k.shape[2]
-        out = (jnp.einsum("bkgts,bksd->btkgd", probs[..., :n_past], past_v)
-               + jnp.einsum("bkgts,bskd->btkgd", probs[..., n_past:], v))
+        out = (_weighted_values(probs[..., :n_past], past_v, "bksd")
+               + _weighted_values(probs[..., n_past:], v, "bskd"))
     return out.reshape(B, T, H * Dh)
+
+
+def _weighted_values(probs: jax.Array, v: jax.Array, v_layout: str) -> jax.Array:
+    """probs [B, K, G, T, S] times v (`v_layout` "bskd": [B, S, K, Dh]; "bksd": [B, K, S, Dh]):
+    [B, T, K, G, Dh]."""
+    if _one_query_kernels(probs.shape[3]):
+        v = v if v_layout == "bksd" else jnp.swapaxes(v, 1, 2)
+        return jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)[:, None]
+    return jnp.einsum(f"bkgts,{v_layout}->btkgd", probs, v)
 
 
 def _activation(x: jax.Array, config: ModelConfig) -> jax.Array:
