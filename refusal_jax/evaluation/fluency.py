@@ -33,7 +33,8 @@ from refusal_jax.models.core import KVCache, forward
 from refusal_jax.models.params import Params
 from refusal_jax.runtime import distributed
 from refusal_jax.runtime.placement import Placement
-from refusal_jax.text.chat import ChatFormat, left_pad, pad_token_id, right_pad
+from refusal_jax.text.chat import (ChatFormat, bucketed_length, left_pad, pad_token_id,
+                                   right_pad)
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -98,15 +99,15 @@ def reply_nll_each(params: Params, chat: ChatFormat, requests: Sequence[str],
         if not rows:
             continue  # nothing to score (e.g. every reply a refusal)
         longest = max(len(rests[i]) for i in chunk)
-        length = min(-(-longest // length_bucket) * length_bucket, config.max_context - n_prefix)
+        length = min(bucketed_length(longest, length_bucket), config.max_context - n_prefix)
         batch = left_pad([rests[i] for i in chunk], length=length, rows=batch_size,
                          pad_id=pad_id)
         placed, _ = placement.leading((batch.tokens, batch.valid), "batch")
         prompt_logits, cache = _prompt_pass(params, prefix, *placed, config=config)
-        for first in range(0, len(rows), batch_size):
-            scored = rows[first:first + batch_size]
+        for offset in range(0, len(rows), batch_size):
+            scored = rows[offset:offset + batch_size]
             batch = right_pad([reply_ids[index][chunk[slot]] for _, index, slot in scored],
-                              length=-(-scored[-1][0] // reply_bucket) * reply_bucket,
+                              length=bucketed_length(scored[-1][0], reply_bucket),
                               rows=batch_size, pad_id=pad_id)
             owners = np.zeros(batch_size, np.int32)  # padding rows read the first prompt
             owners[:len(scored)] = [slot for _, _, slot in scored]
