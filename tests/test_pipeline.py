@@ -20,7 +20,9 @@ from refusal_jax.runtime.loading import load_study_model
 from refusal_jax.study import artifacts, fingerprints, runner
 from refusal_jax.study.config import base_config, check_config
 from refusal_jax.study.data import sample_sets
-from refusal_jax.study.stages import extract, select
+from refusal_jax.study.completions import complete_variants
+from refusal_jax.study.stages import evaluate, extract, infer, select
+from refusal_jax.study.variants import build_variants, first_equal
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -161,6 +163,70 @@ def test_variants_generated_together_complete_as_one_at_a_time(resumed_run, tmp_
         together = json.loads((tmp_path / f"run/infer/completions/{name}.json").read_text())
         one_at_a_time = json.loads((workdir / f"infer/completions/{name}.json").read_text())
         assert one_at_a_time == together, name
+
+
+def test_a_variant_running_an_earlier_ones_intervention_is_run_once_and_takes_its_results(
+        resumed_run, tmp_path, monkeypatch):
+    """inlp_reflection_a1 is inlp_nullspace's map under another name: the infer stage generates
+    it once, giving it the completions it gets generated alone; the evaluate stage gives it the
+    other's metrics and labels, with its own description."""
+    workdir, _ = resumed_run
+    config = tiny_config()
+    config.infer.interventions = ("baseline", "inlp_nullspace", "inlp_reflection",
+                                  "inlp_reflection_a1")
+    config.evaluate.k_curve_intervention = ""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("config.json", "infer",
+                                                                "evaluate", "report"))
+    study = runner.Study(config, run)
+    variants = build_variants(study.model, study.directions(), study.selection(), config)
+    assert first_equal(variants) == [0, 1, 2, 1]
+    folded = build_variants(study.model, study.directions(), study.selection(), config,
+                            names=["dim_folded", "dim_folded"])
+    assert first_equal(folded) == [0, 1], "a variant with its own weights is never merged"
+
+    generated = []
+
+    def counting(params, tokens, valid, interventions, **kwargs):
+        generated.append(len(interventions))
+        return generate_each(params, tokens, valid, interventions, **kwargs)
+
+    monkeypatch.setattr("refusal_jax.study.completions.generate_each", counting)
+    infer.run(study)
+    assert generated == [1] * 6  # three distinct variants, harmful and harmless prompts each
+    completions = {name: json.loads((run / f"infer/completions/{name}.json").read_text())
+                   for name in ("inlp_nullspace", "inlp_reflection_a1")}
+    ((_, alone),) = complete_variants(study.model, variants[3:], study.prompts(), config.infer,
+                                      config.runtime)
+    for cls in ("harmful", "harmless"):
+        assert completions["inlp_reflection_a1"][cls] == alone[cls]
+        assert completions["inlp_reflection_a1"][cls] == completions["inlp_nullspace"][cls]
+
+    evaluated, scored = [], []
+
+    def counting_metrics(study, variant, *args, **kwargs):
+        evaluated.append(variant.name)
+        return variant_metrics(study, variant, *args, **kwargs)
+
+    def counting_fluency(requests, replies, **kwargs):
+        scored.append(len(replies))
+        return fluency_of_answers(requests, replies, **kwargs)
+
+    variant_metrics, fluency_of_answers = evaluate._variant_metrics, evaluate.fluency_of_answers
+    monkeypatch.setattr(evaluate, "_variant_metrics", counting_metrics)
+    monkeypatch.setattr(evaluate, "fluency_of_answers", counting_fluency)
+    evaluate.run(study)
+    assert evaluated == ["baseline", "inlp_nullspace", "inlp_reflection"]
+    assert scored == [3, 3]  # the replies of the three distinct variants, per prompt set
+    metrics = json.loads((run / "evaluate/metrics.json").read_text())["interventions"]
+    copied, original = metrics["inlp_reflection_a1"], metrics["inlp_nullspace"]
+    assert copied.pop("description") == variants[3].description != original.pop("description")
+    assert copied == original
+    judged = {name: json.loads((run / f"evaluate/judged/{name}.json").read_text())
+              for name in ("inlp_nullspace", "inlp_reflection_a1")}
+    assert judged["inlp_reflection_a1"].pop("variant") == "inlp_reflection_a1"
+    assert judged["inlp_nullspace"].pop("variant") == "inlp_nullspace"
+    assert judged["inlp_reflection_a1"] == judged["inlp_nullspace"]
 
 
 def test_report_notes_say_when_a_selection_took_the_lowest_bypass_candidate(tmp_path):

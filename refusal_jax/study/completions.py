@@ -9,8 +9,9 @@ that run on the model's own weights share one intervention form (``interventions
 ``study.variants.FORM_KINDS``), so up to ``runtime.generation_variants`` of them are generated
 together (``models.generate.generate_each``): each decode step reads the weights once for all
 of them, and their KV caches are held at once. Completions are decoded up to the first stop
-token. On a mesh, each process encodes only its own rows, the KV cache is split like the
-batch, and the generated tokens are gathered to every process.
+token. A variant running the same intervention as an earlier one is generated once. On a mesh,
+each process encodes only its own rows, the KV cache is split like the batch, and the generated
+tokens are gathered to every process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from refusal_jax.models.generate import Generation, generate_each
 from refusal_jax.models.loading import Model
@@ -28,7 +30,7 @@ from refusal_jax.runtime.batches import placed_batches
 from refusal_jax.runtime.placement import Placement
 from refusal_jax.runtime.progress import progress
 from refusal_jax.study.data import CLASSES
-from refusal_jax.study.variants import Variant
+from refusal_jax.study.variants import Variant, first_equal
 
 
 def generate_batches(model: Model, instructions: Sequence[str], interventions: Sequence[Any], *,
@@ -95,8 +97,18 @@ def complete_variants(model: Model, variants: Sequence[Variant], prompts, infer_
                       runtime, *, placement: Placement | None = None
                       ) -> Iterator[tuple[Variant, dict[str, list[dict[str, str]]]]]:
     """``(variant, {"harmful": [{"instruction", "completion"}], "harmless": [...]})`` of each
-    variant, yielded as each group of variants generated together is done."""
-    for group in _groups(variants, runtime.generation_variants):
+    variant, yielded as each group of variants generated together is done. A variant that runs
+    the same intervention as an earlier one (`study.variants.first_equal`) is not generated
+    again: it is yielded with that one's completions."""
+    firsts = first_equal(variants)
+    copies: dict[int, list[Variant]] = {}
+    for index, first in enumerate(firsts):
+        if first != index:
+            copies.setdefault(id(variants[first]), []).append(variants[index])
+            logging.info("%s runs the same intervention as %s: its completions are copied",
+                         variants[index].name, variants[first].name)
+    distinct = [variant for index, variant in enumerate(variants) if firsts[index] == index]
+    for group in _groups(distinct, runtime.generation_variants):
         first = group[0]
         result: list[dict] = [{} for _ in group]
         for cls in CLASSES:
@@ -111,4 +123,6 @@ def complete_variants(model: Model, variants: Sequence[Variant], prompts, infer_
             for completions, variant_texts in zip(result, texts):
                 completions[cls] = [{"instruction": instruction, "completion": text}
                                     for instruction, text in zip(instructions, variant_texts)]
-        yield from zip(group, result)
+        for variant, completions in zip(group, result):
+            for same in [variant, *copies.get(id(variant), [])]:
+                yield same, completions

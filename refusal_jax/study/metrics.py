@@ -11,7 +11,9 @@ The stage reports every registered metric of every variant in ``metrics.json``, 
 order; a function returning None leaves its metric out for that run (e.g. no judge configured).
 A function returning an `Estimate` (``refusal_jax.evaluation.intervals``: `rate_estimate` for a
 fraction of completions, `mean_estimate` for a mean over prompts) reports its value under its name
-and its 95% interval under ``intervals[name]``.
+and its 95% interval under ``intervals[name]``. A metric depends on the run's intervention,
+weights and completions, not on the variant's name: a variant running the same intervention as an
+earlier one takes that one's metrics (only ``description`` is its own).
 """
 
 from __future__ import annotations

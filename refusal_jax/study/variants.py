@@ -23,9 +23,10 @@ takes the valid ``infer.interventions`` names from it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -240,6 +241,37 @@ def _where(parts: list[dict]) -> str:
 
 def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / np.linalg.norm(vector)
+
+
+def first_equal(variants: Sequence[Variant]) -> list[int]:
+    """For each variant, the index of the first one in ``variants`` that runs the same
+    intervention on the model's own weights: equal trees and leaves (shapes, dtypes, values) on
+    both prompt classes, so the same completions and metrics (e.g. ``inlp_nullspace`` and
+    ``inlp_reflection_a1``, one map under two names). Its own index when none earlier does; a
+    variant with its own weights or config is never merged."""
+    firsts: list[int] = []
+    for index, variant in enumerate(variants):
+        firsts.append(next((j for j in range(index) if firsts[j] == j
+                            and _same_intervention(variants[j], variant)), index))
+    return firsts
+
+
+def _same_intervention(a: Variant, b: Variant) -> bool:
+    if any(v.params is not None or v.config is not None for v in (a, b)):
+        return False
+    return all(_equal_trees(getattr(a, cls), getattr(b, cls)) for cls in ("harmful", "harmless"))
+
+
+def _equal_trees(a: Any, b: Any) -> bool:
+    leaves_a, structure_a = jax.tree.flatten(a)
+    leaves_b, structure_b = jax.tree.flatten(b)
+    if structure_a != structure_b:
+        return False
+    for x, y in zip(leaves_a, leaves_b):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype != y.dtype or not np.array_equal(x, y):
+            return False
+    return True
 
 
 def global_ablation(model: Model, direction: np.ndarray):

@@ -23,10 +23,15 @@ on harmless ones), the metrics registered in ``refusal_jax.study.metrics`` and t
 - the safety judge's unsafe rate on the harmful completions (``evaluate.judge_source``) and
   multiple-choice accuracy (``evaluate.mc_files``, under the harmful-prompt intervention), when
   configured.
+
+A variant that runs the same intervention as an earlier one (``study.variants.first_equal``, e.g.
+``inlp_reflection_a1`` and ``inlp_nullspace``) takes that one's metrics and labels, with its own
+description.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -59,7 +64,7 @@ from refusal_jax.study import artifacts
 from refusal_jax.study.completions import complete_variants
 from refusal_jax.study.data import CLASSES
 from refusal_jax.study.metrics import VariantRun, variant_metrics
-from refusal_jax.study.variants import Variant, build_variants
+from refusal_jax.study.variants import Variant, build_variants, first_equal
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -325,6 +330,19 @@ def _geometry(study, directions, sources: dict[str, dict], baseline_points, move
     return summaries.get("dim"), summaries.get("inlp"), positions
 
 
+def _take_results(first: Variant, variant: Variant, metrics: dict, moved: dict, out: Path
+                  ) -> None:
+    """Gives ``variant``, which runs the same intervention as ``first``, that one's metrics
+    (with its own description), intervened activations and judged labels."""
+    metrics[variant.name] = {**copy.deepcopy(metrics[first.name]),
+                             "description": variant.description}
+    moved[variant.name] = moved[first.name]
+    judged = artifacts.read_json(out / f"judged/{first.name}.json")
+    artifacts.write_json(out / f"judged/{variant.name}.json", {**judged, "variant": variant.name})
+    logging.info("%s runs the same intervention as %s: its results are copied", variant.name,
+                 first.name)
+
+
 def run(study) -> list[str]:
     config, model, out = study.config, study.model, study.stage_dir("evaluate")
     prompts, directions, selection = study.prompts(), study.directions(), study.selection()
@@ -347,10 +365,19 @@ def run(study) -> list[str]:
     embeddings.add([text for texts in completions.values() for prompt_set in CLASSES
                     for row in texts[prompt_set] for text in (row["instruction"],
                                                               row["completion"])])
-    fluency = _fluency(study, completions) if variants else {}
+    # A variant running the same intervention as an earlier one takes its results (below).
+    firsts = first_equal(variants)
+    fluency = _fluency(study, {variant.name: completions[variant.name]
+                               for index, variant in enumerate(variants)
+                               if firsts[index] == index}) if variants else {}
     below: dict[str, dict] = {"harmful": {}, "harmless": {}}  # see _forward_set
     metrics, moved = {}, {}
-    for variant in progress(variants, len(variants), "evaluate variants", every_seconds=0):
+    for index, variant in progress(enumerate(variants), len(variants), "evaluate variants",
+                                   every_seconds=0):
+        first = variants[firsts[index]]
+        if first is not variant:
+            _take_results(first, variant, metrics, moved, out)
+            continue
         metrics[variant.name], harmful_points, harmless_points = _variant_metrics(
             study, variant, corpora, base_harmless_logits, capture_at, embeddings,
             completions=completions[variant.name], judge=judge,
